@@ -1,0 +1,393 @@
+"""Prefill -> compress -> greedy decode, with explicit position ids, batches and two compression modes.
+
+    from dapq import load_model, DapQ, generate
+    model, tok = load_model()
+    out = generate(model, tok, context, question, method=DapQ(budget=128))
+    print(out.text, out.stats)
+
+Query-aware mode (the paper): the whole prompt (context, question, chat template) is prefilled and compressed.
+Question-agnostic mode: only the context part is compressed; the question part is appended after the compressed
+cache at the positions following the context; `answer_many` answers several questions against one compressed
+context, restoring the cache between them. Batches are left-padded: each row has its own prompt length, pseudo
+positions and kept set, and pad keys are never kept or attended.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import DapqError
+from .hf.attention import EngineState, Step, activate, model_attn_implementation
+from .hf.cache import kv_bytes, make_cache, restore, snapshot
+from .methods.base import Method, get_method
+from .methods.full import FullKV
+
+MODES = ("query_aware", "question_agnostic")
+_QUESTION_MARK = "\x00DAPQ-QUESTION\x00"
+
+
+@dataclass
+class GenerationOutput:
+    """`text` (str for a single prompt, list for a batch), `token_ids` per row, and `stats`."""
+
+    text: str | list[str]
+    token_ids: list[list[int]]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------- prompts
+def build_prompt(
+    tokenizer: Any, context: str, question: str, *, chat_template: bool | None = None, answer_prefix: str = ""
+) -> tuple[list[int], list[int]]:
+    """Token ids of the context part and of the question part; concatenated they are the full prompt.
+
+    With a chat template (default when the tokenizer has one), the user message is `context + "\\n\\n" + question`
+    and the question part runs to the end of the generation prompt, followed by `answer_prefix`.
+    """
+    if not isinstance(context, str) or not isinstance(question, str):
+        raise DapqError("context and question must be strings")
+    if not context.strip() and not question.strip():
+        raise DapqError("The prompt is empty: pass a non-empty context or question.")
+    use_chat = tokenizer.chat_template is not None if chat_template is None else chat_template
+    if use_chat:
+        if tokenizer.chat_template is None:
+            raise DapqError("This tokenizer has no chat template: pass chat_template=False (CLI: --no-chat-template).")
+        messages = [{"role": "user", "content": f"{context}\n\n{_QUESTION_MARK}" if context else _QUESTION_MARK}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        before, after = text.split(_QUESTION_MARK)
+        ctx_ids = tokenizer.encode(before, add_special_tokens=False)
+        q_ids = tokenizer.encode(question + after + answer_prefix, add_special_tokens=False)
+    else:
+        ctx_ids = tokenizer.encode(f"{context}\n\n" if context else "", add_special_tokens=True)
+        q_ids = tokenizer.encode(question + answer_prefix, add_special_tokens=False)
+    return ctx_ids, q_ids
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+def check_model(model: Any) -> None:
+    """Refuse models the hook cannot serve, with a message that says why."""
+    if not getattr(model, "_supports_attention_backend", False):
+        raise DapqError(
+            f"{type(model).__name__} does not route attention through transformers' AttentionInterface, which dapq "
+            "hooks. Use a model class that supports attn_implementation (Llama, Mistral, Qwen2/3, Phi3, Gemma, ...)."
+        )
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    has_rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_theta", None)
+    has_rope = has_rope or any(name.endswith("rotary_emb") for name, _ in model.named_modules())
+    if not has_rope:
+        raise DapqError(
+            f"{type(model).__name__} has no rotary position embeddings. dapq's methods keep the original RoPE "
+            "positions of kept tokens (and DapQ places pseudo queries by position): use a RoPE model."
+        )
+
+
+def _max_positions(model: Any) -> int | None:
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    return getattr(cfg, "max_position_embeddings", None)
+
+
+def _n_layers(model: Any) -> int:
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    return int(cfg.num_hidden_layers)
+
+
+def _sliding_layers(model: Any) -> list[bool]:
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    types = getattr(cfg, "layer_types", None) or ["full_attention"] * _n_layers(model)
+    return [t == "sliding_attention" for t in types]
+
+
+def resolve_method(method: Method | str | None, **params: Any) -> Method:
+    if method is None:
+        return FullKV()
+    if isinstance(method, str):
+        return get_method(method, **params)
+    if not isinstance(method, Method):
+        raise DapqError(f"method must be a dapq Method or a method name; got {type(method).__name__}")
+    return method
+
+
+# ---------------------------------------------------------------------------------------------------- engine
+@dataclass
+class CompressedCache:
+    """A compressed prompt cache, ready to decode from: `next_pos` [B] is where each row's next token goes."""
+
+    model: Any
+    cache: Any
+    state: EngineState
+    first_logits: torch.Tensor  # [B, V] logits of the last prompt token (computed with the full KV)
+    next_pos: torch.Tensor  # [B] long
+    prompt_lengths: list[int]
+    stats: dict[str, Any]
+
+
+def _device(model: Any) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def compress(model: Any, tokenizer: Any, prompts: list[list[int]], method: Method) -> CompressedCache:
+    """Prefill `prompts` (token id lists, one per row) with the method's pseudo suffix and compress layer by layer."""
+    check_model(model)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise DapqError("Empty prompt: every row needs at least one token.")
+    device = _device(model)
+    n_rows, n = len(prompts), method.n_pseudo
+    lengths = [len(p) for p in prompts]
+    t = max(lengths)
+    max_pos = _max_positions(model)
+    ids = torch.full((n_rows, t + n), int(tokenizer.pad_token_id or 0), dtype=torch.long)
+    pos = torch.zeros((n_rows, t + n), dtype=torch.long)
+    valid = torch.zeros((n_rows, t + n), dtype=torch.bool)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    for b, prompt in enumerate(prompts):
+        pad = t - len(prompt)
+        ids[b, pad:t] = torch.tensor(prompt)
+        pos[b, pad:t] = torch.arange(len(prompt))
+        valid[b, pad:] = True
+        if n:
+            ids[b, t:] = torch.tensor(method.pseudo_ids(list(prompt), vocab, tokenizer))
+            pos[b, t:] = torch.tensor(method.pseudo_positions(len(prompt)))
+    if max_pos is not None and int(pos.max()) >= max_pos:
+        raise DapqError(
+            f"The prompt ({t} tokens{f' + {n} pseudo tokens' if n else ''}) reaches position {int(pos.max())}, beyond "
+            f"the model's maximum of {max_pos} positions. Shorten the context or use a long-context model."
+        )
+    groups = model.config.num_attention_heads // getattr(model.config, "num_key_value_heads", None) if hasattr(
+        model.config, "num_attention_heads"
+    ) and getattr(model.config, "num_key_value_heads", None) else 1
+    cache = make_cache(_n_layers(model), method.layout, groups)
+    state = EngineState(
+        cache=cache,
+        method=method,
+        n_layers=_n_layers(model),
+        inner=model_attn_implementation(model),
+        row_budgets=torch.tensor([method.token_budget(length) for length in lengths], device=device),
+        row_lengths=torch.tensor(lengths, device=device),
+        sliding=_sliding_layers(model),
+    )
+    ids, pos, valid = ids.to(device), pos.to(device), valid.to(device)
+    state.set_step(Step(pos=pos, valid=valid, prompt_len=t))
+    _sync(device)
+    start = time.perf_counter()
+    with activate(model, state), torch.inference_mode():
+        out = model(
+            input_ids=ids,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=torch.tensor([t - 1], device=device),
+        )
+    _sync(device)
+    prefill_s = time.perf_counter() - start
+    state.step = None
+    state.prefill_mask = None
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    itemsize = cache.layers[0].keys.element_size()
+    stats = {
+        "method": method.describe(),
+        "prompt_tokens": lengths,
+        "pseudo_tokens": n,
+        "budget_tokens": [int(b) for b in state.row_budgets],
+        "kept_per_layer": [round(k, 2) for k in state.kept],
+        "kv_bytes_full": 2 * _n_layers(model) * n_rows * t * n_kv * head_dim * itemsize,
+        "kv_bytes_compressed": kv_bytes(cache),
+        "prefill_s": prefill_s,
+    }
+    return CompressedCache(
+        model=model,
+        cache=cache,
+        state=state,
+        first_logits=out.logits[:, -1].float(),
+        next_pos=torch.tensor(lengths, device=device),
+        prompt_lengths=lengths,
+        stats=stats,
+    )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _forward(cc: CompressedCache, ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Feed a chunk [B, q] after the cache; returns the last column's logits [B, V]."""
+    cc.state.set_step(Step(pos=pos, valid=valid))
+    with activate(cc.model, cc.state), torch.inference_mode():
+        out = cc.model(input_ids=ids, position_ids=pos, past_key_values=cc.cache, use_cache=True, logits_to_keep=1)
+    cc.state.step = None
+    return out.logits[:, -1].float()
+
+
+def append(cc: CompressedCache, rows: list[list[int]], pad_id: int = 0) -> torch.Tensor:
+    """Append token ids (one list per row, left-padded into one chunk) at each row's next positions.
+
+    Returns the logits of each row's last appended token [B, V]; advances `cc.next_pos`.
+    """
+    device = cc.next_pos.device
+    q = max(len(r) for r in rows)
+    if q == 0:
+        return cc.first_logits
+    ids = torch.full((len(rows), q), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), q), dtype=torch.long)
+    valid = torch.zeros((len(rows), q), dtype=torch.bool)
+    for b, r in enumerate(rows):
+        pad = q - len(r)
+        if r:
+            ids[b, pad:] = torch.tensor(r)
+            pos[b, pad:] = int(cc.next_pos[b]) + torch.arange(len(r))
+            valid[b, pad:] = True
+        pos[b, :pad] = int(cc.next_pos[b])  # masked anyway
+    logits = _forward(cc, ids.to(device), pos.to(device), valid.to(device))
+    cc.next_pos = cc.next_pos + torch.tensor([len(r) for r in rows], device=device)
+    return logits
+
+
+def greedy_decode(
+    cc: CompressedCache, logits: torch.Tensor, max_new_tokens: int, stop_ids: set[int]
+) -> list[list[int]]:
+    """Greedy decoding from `logits` [B, V]; token i of row b goes to position next_pos[b] + i."""
+    n_rows = logits.shape[0]
+    device = cc.next_pos.device
+    out: list[list[int]] = [[] for _ in range(n_rows)]
+    done = [False] * n_rows
+    pos = cc.next_pos.clone()
+    for step in range(max_new_tokens):
+        tokens = logits.argmax(-1)  # [B]
+        for b, tok in enumerate(tokens.tolist()):
+            if not done[b]:
+                if tok in stop_ids:
+                    done[b] = True
+                else:
+                    out[b].append(tok)
+        if all(done) or step == max_new_tokens - 1:
+            break
+        ones = torch.ones((n_rows, 1), dtype=torch.bool, device=device)
+        logits = _forward(cc, tokens[:, None], pos[:, None], ones)
+        pos = pos + 1
+    return out
+
+
+def stop_token_ids(tokenizer: Any, extra: list[str] | None = None) -> set[int]:
+    """EOS plus the chat end-of-turn tokens the tokenizer knows, plus `extra` strings (single tokens)."""
+    ids = set()
+    for tok_id in [tokenizer.eos_token_id, getattr(tokenizer, "pad_token_id", None)]:
+        if isinstance(tok_id, int):
+            ids.add(tok_id)
+    vocab = tokenizer.get_vocab()
+    for name in ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", *(extra or [])]:
+        if name in vocab:
+            ids.add(vocab[name])
+    return ids
+
+
+def _as_rows(context: str | list[str], question: str | list[str]) -> tuple[list[str], list[str], bool]:
+    single = isinstance(context, str)
+    contexts = [context] if single else list(context)
+    if isinstance(question, str):
+        questions = [question] * len(contexts)
+    else:
+        questions = list(question)
+    if len(questions) != len(contexts):
+        raise DapqError(f"{len(contexts)} contexts but {len(questions)} questions: pass one question per context.")
+    if not contexts:
+        raise DapqError("No prompt given.")
+    return contexts, questions, single
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    context: str | list[str],
+    question: str | list[str],
+    method: Method | str | None = None,
+    *,
+    mode: str = "query_aware",
+    max_new_tokens: int = 64,
+    chat_template: bool | None = None,
+    answer_prefix: str = "",
+    stop: list[str] | None = None,
+) -> GenerationOutput:
+    """Answer `question` about `context` with the KV cache compressed by `method` (default: FullKV).
+
+    A list of contexts (and one question each) runs as a left-padded batch. `mode` is "query_aware" (compress the
+    whole prompt, as in the paper) or "question_agnostic" (compress the context only, then append the question).
+    Returns text, token ids and stats (prompt length, kept tokens per layer, KV bytes before/after, timings).
+    """
+    method = resolve_method(method)
+    if mode not in MODES:
+        raise DapqError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise DapqError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
+    contexts, questions, single = _as_rows(context, question)
+    parts = [build_prompt(tokenizer, c, q, chat_template=chat_template, answer_prefix=answer_prefix) for c, q in zip(contexts, questions)]
+    _check_length(model, max(len(c) + len(q) for c, q in parts) + method.n_pseudo + max_new_tokens)
+    if mode == "query_aware":
+        cc = compress(model, tokenizer, [c + q for c, q in parts], method)
+        logits = cc.first_logits
+    else:
+        if any(not c for c, _ in parts):
+            raise DapqError("question_agnostic mode needs a non-empty context to compress.")
+        cc = compress(model, tokenizer, [c for c, _ in parts], method)
+        logits = append(cc, [q for _, q in parts], int(tokenizer.pad_token_id or 0))
+    start = time.perf_counter()
+    tokens = greedy_decode(cc, logits, max_new_tokens, stop_token_ids(tokenizer, stop))
+    _sync(_device(model))
+    stats = dict(cc.stats, mode=mode, decode_s=time.perf_counter() - start, new_tokens=[len(t) for t in tokens])
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+    return GenerationOutput(text=texts[0] if single else texts, token_ids=tokens, stats=stats)
+
+
+def answer_many(
+    model: Any,
+    tokenizer: Any,
+    context: str,
+    questions: list[str],
+    method: Method | str | None = None,
+    *,
+    max_new_tokens: int = 64,
+    chat_template: bool | None = None,
+    answer_prefix: str = "",
+    stop: list[str] | None = None,
+) -> list[GenerationOutput]:
+    """Question-agnostic serving: compress `context` once, answer every question against it.
+
+    Each question is appended after the compressed context (positions L, L+1, ...), answered greedily, and the cache
+    is restored to its compressed state before the next question.
+    """
+    method = resolve_method(method)
+    if not questions:
+        raise DapqError("answer_many needs at least one question.")
+    parts = [build_prompt(tokenizer, context, q, chat_template=chat_template, answer_prefix=answer_prefix) for q in questions]
+    ctx_ids = parts[0][0]
+    if not ctx_ids:
+        raise DapqError("answer_many needs a non-empty context to compress.")
+    _check_length(model, len(ctx_ids) + max(len(q) for _, q in parts) + method.n_pseudo + max_new_tokens)
+    cc = compress(model, tokenizer, [ctx_ids], method)
+    snap = snapshot(cc.cache, cc.state.tracks)
+    base_pos = cc.next_pos.clone()
+    stops = stop_token_ids(tokenizer, stop)
+    outputs = []
+    for _, q_ids in parts:
+        start = time.perf_counter()
+        logits = append(cc, [q_ids], int(tokenizer.pad_token_id or 0))
+        tokens = greedy_decode(cc, logits, max_new_tokens, stops)
+        stats = dict(cc.stats, mode="question_agnostic", decode_s=time.perf_counter() - start, new_tokens=[len(tokens[0])])
+        outputs.append(GenerationOutput(text=tokenizer.decode(tokens[0], skip_special_tokens=True), token_ids=tokens, stats=stats))
+        restore(cc.cache, cc.state.tracks, snap)
+        cc.next_pos = base_pos.clone()
+    return outputs
+
+
+def _check_length(model: Any, needed: int) -> None:
+    max_pos = _max_positions(model)
+    if max_pos is not None and needed > max_pos:
+        raise DapqError(
+            f"Prompt + pseudo tokens + max_new_tokens need {needed} positions but the model supports {max_pos}. "
+            "Shorten the context, lower max_new_tokens, or use a model with a longer context."
+        )

@@ -1,0 +1,272 @@
+"""The attention hook: an attention function registered with transformers' AttentionInterface under "dapq".
+
+Nothing is patched at import time. `enable()` registers the function (idempotent); `activate(model, state)` switches
+a model to it for the duration of a `with` block and restores the model's own implementation afterwards. Inside,
+every attention call of every layer comes here with rotated queries [B, H_q, q, D] and the layer's full keys/values
+[B, H_c, T, D] (cache included). We build the mask ourselves from the tracked positions and validity of the cached
+entries (no mask function is registered for "dapq", so transformers hands us `attention_mask=None` and builds none),
+delegate the attention itself to the model's own backend (sdpa, eager, or flash when no custom mask is needed), and,
+during the prefill step, let the method select the kept prompt tokens and prune this layer's cache right after the
+layer's output was computed with the full keys: the full KV of all layers never coexists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from ..methods.base import LayerInputs, Method
+from .cache import LayerTrack, gather_tokens
+
+ATTN_NAME = "dapq"
+_STATE: contextvars.ContextVar[EngineState | None] = contextvars.ContextVar("dapq_state", default=None)
+
+
+@dataclass
+class Step:
+    """The tokens of one forward call: position ids and validity [B, q]; `prompt_len` set for the prefill step."""
+
+    pos: torch.Tensor  # [B, q] long
+    valid: torch.Tensor  # [B, q] bool
+    prompt_len: int | None = None  # T (padded prompt length) during the compressing prefill, else None
+
+
+@dataclass
+class EngineState:
+    """Everything the hook needs that transformers no longer passes: the cache, the method, the current step."""
+
+    cache: DynamicCache
+    method: Method
+    n_layers: int
+    inner: str  # the model's own attention implementation ("sdpa", "eager", "flash_attention_2", ...)
+    row_budgets: torch.Tensor  # [B] long, token budget per row (before per-layer adjustment)
+    row_lengths: torch.Tensor  # [B] long, real prompt tokens per row
+    sliding: list[bool]  # per layer: sliding-window layer (never evicted)
+    tracks: list[LayerTrack | None] = field(default_factory=list)
+    step: Step | None = None
+    prefill_mask: torch.Tensor | None = None  # cached [B, 1, S, S] bool for the prefill step
+    prefill_mask_ready: bool = False
+    kept: list[float] = field(default_factory=list)  # mean real tokens kept per head, per layer (after prefill)
+
+    def __post_init__(self) -> None:
+        self.tracks = [None] * self.n_layers
+        self.kept = [0.0] * self.n_layers
+
+    def set_step(self, step: Step) -> None:
+        self.step = step
+        self.prefill_mask = None
+        self.prefill_mask_ready = False
+
+
+def enable() -> None:
+    """Register dapq's attention function with transformers (safe to call many times)."""
+    if ATTN_NAME not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(ATTN_NAME, dapq_attention)
+
+
+def _configs(model: Any) -> list[Any]:
+    seen: dict[int, Any] = {}
+    for module in model.modules():
+        cfg = getattr(module, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation_internal"):
+            seen[id(cfg)] = cfg
+    return list(seen.values())
+
+
+def model_attn_implementation(model: Any) -> str:
+    """The implementation dapq delegates to: the model's own, or sdpa if the model was switched to dapq."""
+    impl = model.config._attn_implementation or "sdpa"
+    return "sdpa" if impl == ATTN_NAME else impl
+
+
+@contextlib.contextmanager
+def activate(model: Any, state: EngineState) -> Iterator[EngineState]:
+    """Route the model's attention through dapq for the `with` block; restore everything afterwards."""
+    enable()
+    configs = _configs(model)
+    saved = [cfg._attn_implementation_internal for cfg in configs]
+    token = _STATE.set(state)
+    try:
+        for cfg in configs:
+            cfg._attn_implementation_internal = ATTN_NAME
+        yield state
+    finally:
+        for cfg, impl in zip(configs, saved):
+            cfg._attn_implementation_internal = impl
+        _STATE.reset(token)
+
+
+class _OneGroup:
+    """A view of an attention module whose KV is already repeated per query head (query_head layout)."""
+
+    num_key_value_groups = 1
+
+    def __init__(self, module: torch.nn.Module):
+        self._module = module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
+def _inner_attention(name: str, module: torch.nn.Module, mask_needed: bool):
+    if name == "eager" or name.endswith("|eager"):
+        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if eager is not None:
+            return eager, "eager"
+        name = "sdpa"
+    if name.startswith("flash") and not mask_needed:
+        return ALL_ATTENTION_FUNCTIONS[name], "flash"
+    return ALL_ATTENTION_FUNCTIONS["sdpa"], "sdpa"
+
+
+def _visible(
+    q_pos: torch.Tensor,  # [B, q]
+    k_pos: torch.Tensor,  # [B, H_s, T]
+    k_valid: torch.Tensor,  # [B, H_s, T]
+    window: int | None,
+) -> torch.Tensor:  # [B, H_s, q, T] bool
+    vis = k_valid[:, :, None, :] & (k_pos[:, :, None, :] <= q_pos[:, None, :, None])
+    if window is not None:
+        vis &= k_pos[:, :, None, :] > (q_pos[:, None, :, None] - window)
+    return vis
+
+
+def _prefill_mask(state: EngineState, window: int | None, force: bool = False) -> torch.Tensor | None:
+    """[B, 1, S, S] bool, or None for plain causal attention (never None with `force`: eager has no is_causal)."""
+    step = state.step
+    assert step is not None
+    s = step.pos.shape[1]
+    monotone = bool((step.pos[:, 1:] > step.pos[:, :-1]).all()) if s > 1 else True
+    has_pads = not bool(step.valid.all())
+    needs_window = window is not None and int((step.pos.max(-1).values - step.pos.min(-1).values).max()) >= window
+    if monotone and not has_pads and not needs_window and not force:
+        return None  # plain causal attention: let the backend use is_causal
+    seq = torch.arange(s, device=step.pos.device)
+    vis = _visible(step.pos, step.pos[:, None, :], step.valid[:, None, :], window)  # [B, 1, S, S]
+    vis &= seq[None, None, None, :] <= seq[None, None, :, None]  # causal by sequence order too
+    vis |= torch.eye(s, dtype=torch.bool, device=vis.device)  # a pad query attends to itself (no NaN rows)
+    return vis
+
+
+def _layer_window(module: torch.nn.Module, kwargs: dict[str, Any]) -> int | None:
+    window = kwargs.get("sliding_window")
+    if window is None:
+        layer_types = getattr(module.config, "layer_types", None)
+        if layer_types and layer_types[module.layer_idx] == "sliding_attention":
+            window = getattr(module.config, "sliding_window", None)
+    return int(window) if window else None
+
+
+def dapq_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [B, H_q, q, D] rotated
+    key: torch.Tensor,  # [B, H_c, T, D] rotated, cache included
+    value: torch.Tensor,  # [B, H_c, T, D]
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The registered attention function. Without an active dapq state it behaves as plain causal attention."""
+    state = _STATE.get()
+    groups = query.shape[1] // key.shape[1]
+    target = module if groups == getattr(module, "num_key_value_groups", groups) else _OneGroup(module)
+    if state is None or state.step is None:
+        fn, _ = _inner_attention(model_inner_name(module), module, attention_mask is not None)
+        return fn(target, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+    layer_idx = module.layer_idx
+    step = state.step
+    window = _layer_window(module, kwargs)
+    if step.prompt_len is not None:  # the compressing prefill step
+        if not state.prefill_mask_ready or window is not None:
+            eager = _inner_attention(state.inner, module, True)[1] == "eager"  # eager treats None as "see all"
+            mask = _prefill_mask(state, window, force=eager)
+            if window is None:
+                state.prefill_mask, state.prefill_mask_ready = mask, True
+        else:
+            mask = state.prefill_mask
+    else:
+        track = state.tracks[layer_idx]
+        assert track is not None, "decode step before prefill"
+        track.append(step.pos, step.valid)
+        q = step.pos.shape[1]
+        if q == 1 and window is None and bool(track.valid.all()):
+            mask = None
+        else:
+            mask = _visible(step.pos, track.pos, track.valid, window)  # [B, H_s, q, T]
+            new = torch.arange(q, device=mask.device)
+            mask[..., -q:] |= new[:, None] == new[None, :]  # every query sees itself (pad queries too)
+    if mask is not None and mask.shape[1] not in (1, query.shape[1]):
+        mask = mask.repeat_interleave(query.shape[1] // mask.shape[1], dim=1)  # [B, H_q, q, T]
+    fn, kind = _inner_attention(state.inner, module, mask is not None)
+    if mask is not None and kind == "eager":
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~mask, torch.finfo(query.dtype).min
+        )
+    out, weights = fn(target, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+
+    if step.prompt_len is not None:
+        _compress_layer(state, module, query, key, value, window is not None, scaling)
+    return out, weights
+
+
+def model_inner_name(module: torch.nn.Module) -> str:
+    impl = getattr(module.config, "_attn_implementation", None) or "sdpa"
+    return "sdpa" if impl == ATTN_NAME else impl
+
+
+def _compress_layer(
+    state: EngineState,
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [B, H_q, T+N, D]
+    key: torch.Tensor,  # [B, H_c, T+N, D]
+    value: torch.Tensor,  # [B, H_c, T+N, D]
+    is_sliding: bool,
+    scaling: float | None,
+) -> None:
+    """Select this layer's kept prompt tokens, drop the rest and every pseudo entry, record positions/validity."""
+    step = state.step
+    assert step is not None and step.prompt_len is not None
+    t = step.prompt_len
+    layer_idx = module.layer_idx
+    layer = state.cache.layers[layer_idx]
+    method = state.method
+    lengths = state.row_lengths
+    budgets = torch.stack(
+        [
+            torch.tensor(min(method.layer_budget(int(b), layer_idx, state.n_layers, int(n)), int(n)))
+            for b, n in zip(state.row_budgets, lengths)
+        ]
+    ).to(lengths.device)  # [B]
+    evict = method.compresses and not is_sliding and bool((budgets < lengths).any())
+    if not evict:
+        layer.keys, layer.values = key[:, :, :t], value[:, :, :t]
+        state.tracks[layer_idx] = LayerTrack(step.pos[:, None, :t], step.valid[:, None, :t])
+        state.kept[layer_idx] = float(lengths.float().mean())
+        return
+    inp = LayerInputs(
+        queries=query,
+        keys=key,
+        positions=step.pos,
+        valid=step.valid,
+        budgets=budgets,
+        prompt_len=t,
+        scaling=float(scaling if scaling is not None else query.shape[-1] ** -0.5),
+        layer_idx=layer_idx,
+        n_layers=state.n_layers,
+    )
+    idx, kept_valid = method.select(inp, budgets)  # [B, H_c, k], [B, H_c, k]
+    layer.keys, layer.values = gather_tokens(key, idx), gather_tokens(value, idx)
+    prompt_pos = step.pos[:, None, :t].expand(-1, idx.shape[1], -1)  # [B, H_c, T]
+    state.tracks[layer_idx] = LayerTrack(prompt_pos.gather(-1, idx), kept_valid)
+    state.kept[layer_idx] = float(kept_valid.sum(-1).float().mean())

@@ -1,0 +1,79 @@
+"""Pure tensor math shared by the eviction methods: window attention, pooling, GQA aggregation, top-k selection.
+
+Nothing here touches transformers; every function takes and returns plain tensors. Shapes use
+B = batch, H_q = query heads, H_c = cache heads (H_kv in the `kv_head` layout, H_q in `query_head`),
+w = observation-window length, T = key length, k = kept tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def window_attention(
+    queries: torch.Tensor,  # [B, H_q, w, D] rotated queries of the observation window
+    keys: torch.Tensor,  # [B, H_c, T, D] rotated keys
+    visible: torch.Tensor,  # [B, w, T] bool: may query i see key j (causality, padding)
+    scaling: float,
+) -> torch.Tensor:  # [B, H_q, w, T] fp32 softmax attention
+    """Softmax attention of a window of queries over keys, in fp32, GQA-aware (keys shared by head groups)."""
+    b, h_q, w, d = queries.shape
+    h_c = keys.shape[1]
+    if h_q % h_c:
+        raise ValueError(f"query heads ({h_q}) must be a multiple of cache heads ({h_c})")
+    group = h_q // h_c
+    q = queries.float().reshape(b, h_c, group * w, d)  # [B, H_c, G*w, D]
+    logits = torch.matmul(q, keys.float().transpose(-1, -2)) * scaling  # [B, H_c, G*w, T]
+    logits = logits.reshape(b, h_q, w, -1)  # [B, H_q, w, T]
+    logits = logits.masked_fill(~visible[:, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.nan_to_num(probs, nan=0.0)  # a query that sees nothing contributes nothing
+
+
+def pool_scores(scores: torch.Tensor, kind: str, kernel: int) -> torch.Tensor:
+    """1-D pooling along the key axis (stride 1, same length), as in SnapKV: `scores` is [B, H, T]."""
+    if kind == "none" or kernel <= 1:
+        return scores
+    b, h, t = scores.shape
+    flat = scores.reshape(b * h, 1, t)
+    pad = kernel // 2
+    if kind == "max":
+        pooled = F.max_pool1d(flat, kernel_size=kernel, stride=1, padding=pad)
+    elif kind == "avg":
+        pooled = F.avg_pool1d(flat, kernel_size=kernel, stride=1, padding=pad)
+    else:
+        raise ValueError(f"unknown pooling {kind!r}")
+    return pooled[..., :t].reshape(b, h, t)
+
+
+def aggregate_groups(scores: torch.Tensor, n_cache_heads: int, how: str) -> torch.Tensor:
+    """Reduce per-query-head scores [B, H_q, T] to per-cache-head scores [B, H_c, T] (mean or max over the group)."""
+    b, h_q, t = scores.shape
+    if h_q == n_cache_heads:
+        return scores
+    grouped = scores.reshape(b, n_cache_heads, h_q // n_cache_heads, t)  # [B, H_c, G, T]
+    if how == "mean":
+        return grouped.mean(dim=2)
+    if how == "max":
+        return grouped.amax(dim=2)
+    raise ValueError(f"unknown GQA aggregation {how!r}")
+
+
+def select_topk(
+    scores: torch.Tensor,  # [B, H_c, T] higher = keep; -inf = never keep
+    budgets: torch.Tensor,  # [B] long, tokens to keep per row (already <= the row's real tokens)
+) -> tuple[torch.Tensor, torch.Tensor]:  # indices [B, H_c, k] ascending, valid [B, H_c, k]
+    """Keep the top `budgets[b]` keys of each row and head; rows with a smaller budget get invalid filler slots.
+
+    k = max(budgets). Returned indices are sorted ascending so the kept cache stays in prompt order.
+    """
+    k = int(budgets.max().item())
+    top = torch.topk(scores, k, dim=-1, sorted=True)  # [B, H_c, k] best first
+    rank = torch.arange(k, device=scores.device)  # [k]
+    valid = (rank[None, None, :] < budgets[:, None, None]) & (top.values > float("-inf"))  # [B, H_c, k]
+    # Sort by index so the kept cache keeps prompt order; invalid slots are pushed to the end.
+    big = scores.shape[-1] + 1
+    order_key = torch.where(valid, top.indices, top.indices + big)
+    order = torch.argsort(order_key, dim=-1)
+    return top.indices.gather(-1, order), valid.gather(-1, order)

@@ -1,0 +1,54 @@
+"""SnapKV (Li et al., 2024, "SnapKV: LLM Knows What You are Looking for Before Generation", arXiv 2404.14469).
+
+The last `window` prompt tokens are the observation window. Their softmax attention (fp32, causal inside the
+window, window keys in the denominator) is summed over the window queries for every earlier key, max-pooled
+along the key axis (kernel 7), and the top (B - window) earlier keys are kept together with the window itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import DapqError
+from .base import LayerInputs, ScorerMethod, positive_int, recent_mask, register
+from .scoring import window_attention
+
+
+def window_scores(inp: LayerInputs, window: int) -> torch.Tensor:  # [B, H_q, T]
+    """SnapKV's score of every prompt key from the last `window` prompt queries; window keys get 0 (kept anyway)."""
+    t = inp.prompt_len
+    w = min(window, t)
+    q_slice, k_slice = slice(t - w, t), slice(0, t)
+    probs = window_attention(inp.queries[:, :, q_slice], inp.keys[:, :, k_slice], inp.visible(q_slice, k_slice), inp.scaling)
+    scores = probs.sum(dim=2)  # [B, H_q, T]
+    scores[..., t - w :] = 0.0  # ranked only among the first T - w keys, as in the reference code
+    return scores
+
+
+@register("snapkv")
+@dataclass
+class SnapKV(ScorerMethod):
+    """SnapKV. Fields: `window` (observation window W, kept in full; default 32 as in the DapQ paper), `pooling`
+    and `kernel` (max, 7), plus the base fields (budget, layout, gqa).
+
+    Shapes: queries [B, H_q, T, D] and keys [B, H_c, T, D] of one layer; returns kept indices [B, H_c, B_tokens].
+    """
+
+    window: int = 32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive_int("window", self.window)
+        if isinstance(self.budget, int) and self.budget <= self.window:
+            raise DapqError(
+                f"SnapKV keeps its {self.window}-token window inside the budget: budget ({self.budget}) must be larger "
+                f"than window. Lower window (e.g. window={max(1, self.budget // 4)}) or raise the budget."
+            )
+
+    def query_head_scores(self, inp: LayerInputs) -> torch.Tensor:
+        return window_scores(inp, self.window)
+
+    def forced_keep(self, inp: LayerInputs) -> torch.Tensor:
+        return recent_mask(inp, min(self.window, int(inp.budgets.min().item())))
