@@ -1,9 +1,9 @@
 """The `dapq` command line.
 
-    dapq demo                                    # the README demo on the bundled model
-    dapq list                                    # methods and their parameters
-    dapq generate --method dapq --budget 128 --context-file report.txt --question "Who signed it?"
-    dapq generate --method dapq --budget 0.1 --param n_pseudo_tokens=16 --param content=RC_C --context-file f.txt -q "..."
+dapq demo                                    # the README demo on the bundled model
+dapq list                                    # methods and their parameters
+dapq generate --method dapq --budget 128 --context-file report.txt --question "Who signed it?"
+dapq generate --method dapq --budget 0.1 --param n_pseudo_tokens=16 --param content=RC_C --context-file f.txt -q "..."
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
     table.add_column("description")
     for name, cls in list_methods().items():
         params = ", ".join(
-            f"{f.name}={f.default!r}" for f in dataclasses.fields(cls) if f.init and f.default is not dataclasses.MISSING
+            f"{f.name}={f.default!r}"
+            for f in dataclasses.fields(cls)
+            if f.init and f.default is not dataclasses.MISSING
         )
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         table.add_row(name, params, doc)
@@ -83,8 +85,15 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> int:
     method = get_method(args.method, **params)  # validate before the (slow) model load
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
     out = generate(
-        model, tok, context, args.question, method, mode=args.mode, max_new_tokens=args.max_new_tokens,
-        chat_template=False if args.no_chat_template else None, answer_prefix=args.answer_prefix,
+        model,
+        tok,
+        context,
+        args.question,
+        method,
+        mode=args.mode,
+        max_new_tokens=args.max_new_tokens,
+        chat_template=False if args.no_chat_template else None,
+        answer_prefix=args.answer_prefix,
     )
     if args.json:
         print(json.dumps({"text": out.text, "stats": out.stats}, indent=2))
@@ -94,7 +103,8 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> int:
         console.print(
             f"[dim]{method.describe()} | prompt {s['prompt_tokens'][0]} tokens | kept per layer (mean) "
             f"{sum(s['kept_per_layer']) / len(s['kept_per_layer']):.1f} | KV {s['kv_bytes_full'] / 2**20:.2f} -> "
-            f"{s['kv_bytes_compressed'] / 2**20:.2f} MiB | prefill {s['prefill_s']:.2f} s, decode {s['decode_s']:.2f} s[/]"
+            f"{s['kv_bytes_compressed'] / 2**20:.2f} MiB | prefill {s['prefill_s']:.2f} s, "
+            f"decode {s['decode_s']:.2f} s[/]"
         )
     return 0
 

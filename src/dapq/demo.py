@@ -42,14 +42,27 @@ def run_demo(
     kv: dict[str, int] = {}
     samples = [needle_sample(tok, context_tokens, d, seed=0) for d in depths]
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
     ) as progress:
         task = progress.add_task("needles x methods", total=len(samples) * len(methods))
         for sample in samples:
             cells = [f"{sample.depth:g}%", sample.answer]
             for label, method in zip(labels, methods):
-                out = generate(model, tok, sample.context, sample.question, method, answer_prefix=sample.answer_prefix, max_new_tokens=12)
+                out = generate(
+                    model,
+                    tok,
+                    sample.context,
+                    sample.question,
+                    method,
+                    answer_prefix=sample.answer_prefix,
+                    max_new_tokens=12,
+                )
                 ok = sample.answer in out.text
                 correct[label] += ok
                 kv[label] = out.stats["kv_bytes_compressed"]

@@ -75,7 +75,7 @@ def check_model(model: Any) -> None:
             f"{type(model).__name__} does not route attention through transformers' AttentionInterface, which dapq "
             "hooks. Use a model class that supports attn_implementation (Llama, Mistral, Qwen2/3, Phi3, Gemma, ...)."
         )
-    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    cfg = _text_config(model)
     has_rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_theta", None)
     has_rope = has_rope or any(name.endswith("rotary_emb") for name, _ in model.named_modules())
     if not has_rope:
@@ -85,18 +85,23 @@ def check_model(model: Any) -> None:
         )
 
 
+def _text_config(model: Any) -> Any:
+    cfg = model.config
+    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+
+
 def _max_positions(model: Any) -> int | None:
-    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    cfg = _text_config(model)
     return getattr(cfg, "max_position_embeddings", None)
 
 
 def _n_layers(model: Any) -> int:
-    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    cfg = _text_config(model)
     return int(cfg.num_hidden_layers)
 
 
 def _sliding_layers(model: Any) -> list[bool]:
-    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    cfg = _text_config(model)
     types = getattr(cfg, "layer_types", None) or ["full_attention"] * _n_layers(model)
     return [t == "sliding_attention" for t in types]
 
@@ -156,10 +161,10 @@ def compress(model: Any, tokenizer: Any, prompts: list[list[int]], method: Metho
             f"The prompt ({t} tokens{f' + {n} pseudo tokens' if n else ''}) reaches position {int(pos.max())}, beyond "
             f"the model's maximum of {max_pos} positions. Shorten the context or use a long-context model."
         )
-    groups = model.config.num_attention_heads // getattr(model.config, "num_key_value_heads", None) if hasattr(
-        model.config, "num_attention_heads"
-    ) and getattr(model.config, "num_key_value_heads", None) else 1
-    cache = make_cache(_n_layers(model), method.layout, groups)
+    cfg = _text_config(model)
+    n_q = cfg.num_attention_heads
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_q
+    cache = make_cache(_n_layers(model), method.layout, n_q // n_kv)
     state = EngineState(
         cache=cache,
         method=method,
@@ -185,9 +190,7 @@ def compress(model: Any, tokenizer: Any, prompts: list[list[int]], method: Metho
     prefill_s = time.perf_counter() - start
     state.step = None
     state.prefill_mask = None
-    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_q
     itemsize = cache.layers[0].keys.element_size()
     stats = {
         "method": method.describe(),
@@ -325,7 +328,10 @@ def generate(
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise DapqError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
     contexts, questions, single = _as_rows(context, question)
-    parts = [build_prompt(tokenizer, c, q, chat_template=chat_template, answer_prefix=answer_prefix) for c, q in zip(contexts, questions)]
+    parts = [
+        build_prompt(tokenizer, c, q, chat_template=chat_template, answer_prefix=answer_prefix)
+        for c, q in zip(contexts, questions)
+    ]
     _check_length(model, max(len(c) + len(q) for c, q in parts) + method.n_pseudo + max_new_tokens)
     if mode == "query_aware":
         cc = compress(model, tokenizer, [c + q for c, q in parts], method)
@@ -363,7 +369,9 @@ def answer_many(
     method = resolve_method(method)
     if not questions:
         raise DapqError("answer_many needs at least one question.")
-    parts = [build_prompt(tokenizer, context, q, chat_template=chat_template, answer_prefix=answer_prefix) for q in questions]
+    parts = [
+        build_prompt(tokenizer, context, q, chat_template=chat_template, answer_prefix=answer_prefix) for q in questions
+    ]
     ctx_ids = parts[0][0]
     if not ctx_ids:
         raise DapqError("answer_many needs a non-empty context to compress.")
@@ -377,8 +385,12 @@ def answer_many(
         start = time.perf_counter()
         logits = append(cc, [q_ids], int(tokenizer.pad_token_id or 0))
         tokens = greedy_decode(cc, logits, max_new_tokens, stops)
-        stats = dict(cc.stats, mode="question_agnostic", decode_s=time.perf_counter() - start, new_tokens=[len(tokens[0])])
-        outputs.append(GenerationOutput(text=tokenizer.decode(tokens[0], skip_special_tokens=True), token_ids=tokens, stats=stats))
+        stats = dict(
+            cc.stats, mode="question_agnostic", decode_s=time.perf_counter() - start, new_tokens=[len(tokens[0])]
+        )
+        outputs.append(
+            GenerationOutput(text=tokenizer.decode(tokens[0], skip_special_tokens=True), token_ids=tokens, stats=stats)
+        )
         restore(cc.cache, cc.state.tracks, snap)
         cc.next_pos = base_pos.clone()
     return outputs

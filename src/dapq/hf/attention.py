@@ -38,6 +38,13 @@ class Step:
     pos: torch.Tensor  # [B, q] long
     valid: torch.Tensor  # [B, q] bool
     prompt_len: int | None = None  # T (padded prompt length) during the compressing prefill, else None
+    all_valid: bool = field(init=False)
+    contiguous: bool = field(init=False)  # positions increase by exactly 1 along the step
+
+    def __post_init__(self) -> None:  # computed once per step, not per layer (each bool() is a device sync)
+        self.all_valid = bool(self.valid.all())
+        q = self.pos.shape[1]
+        self.contiguous = q == 1 or bool((self.pos[:, 1:] - self.pos[:, :-1] == 1).all())
 
 
 @dataclass
@@ -55,6 +62,7 @@ class EngineState:
     step: Step | None = None
     prefill_mask: torch.Tensor | None = None  # cached [B, 1, S, S] bool for the prefill step
     prefill_mask_ready: bool = False
+    configs: list[Any] = field(default_factory=list)  # model configs whose attention implementation we switch
     kept: list[float] = field(default_factory=list)  # mean real tokens kept per head, per layer (after prefill)
 
     def __post_init__(self) -> None:
@@ -92,7 +100,9 @@ def model_attn_implementation(model: Any) -> str:
 def activate(model: Any, state: EngineState) -> Iterator[EngineState]:
     """Route the model's attention through dapq for the `with` block; restore everything afterwards."""
     enable()
-    configs = _configs(model)
+    if not state.configs:
+        state.configs = _configs(model)
+    configs = state.configs
     saved = [cfg._attn_implementation_internal for cfg in configs]
     token = _STATE.set(state)
     try:
@@ -146,7 +156,7 @@ def _prefill_mask(state: EngineState, window: int | None, force: bool = False) -
     assert step is not None
     s = step.pos.shape[1]
     monotone = bool((step.pos[:, 1:] > step.pos[:, :-1]).all()) if s > 1 else True
-    has_pads = not bool(step.valid.all())
+    has_pads = not step.all_valid
     needs_window = window is not None and int((step.pos.max(-1).values - step.pos.min(-1).values).max()) >= window
     if monotone and not has_pads and not needs_window and not force:
         return None  # plain causal attention: let the backend use is_causal
@@ -198,9 +208,9 @@ def dapq_attention(
     else:
         track = state.tracks[layer_idx]
         assert track is not None, "decode step before prefill"
-        track.append(step.pos, step.valid)
+        track.append(step.pos, step.valid, step.all_valid)
         q = step.pos.shape[1]
-        if q == 1 and window is None and bool(track.valid.all()):
+        if q == 1 and window is None and track.all_valid:
             mask = None
         else:
             mask = _visible(step.pos, track.pos, track.valid, window)  # [B, H_s, q, T]
@@ -208,7 +218,9 @@ def dapq_attention(
             mask[..., -q:] |= new[:, None] == new[None, :]  # every query sees itself (pad queries too)
     if mask is not None and mask.shape[1] not in (1, query.shape[1]):
         mask = mask.repeat_interleave(query.shape[1] // mask.shape[1], dim=1)  # [B, H_q, q, T]
-    fn, kind = _inner_attention(state.inner, module, mask is not None)
+    # flash kernels infer packed sequences from position jumps: use them only for plain causal, contiguous steps
+    plain = mask is None and step.contiguous
+    fn, kind = _inner_attention(state.inner, module, not plain)
     if mask is not None and kind == "eager":
         mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
             ~mask, torch.finfo(query.dtype).min
@@ -216,7 +228,7 @@ def dapq_attention(
     out, weights = fn(target, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
 
     if step.prompt_len is not None:
-        _compress_layer(state, module, query, key, value, window is not None, scaling)
+        _compress_layer(state, module, query, key, value, scaling)
     return out, weights
 
 
@@ -231,7 +243,6 @@ def _compress_layer(
     query: torch.Tensor,  # [B, H_q, T+N, D]
     key: torch.Tensor,  # [B, H_c, T+N, D]
     value: torch.Tensor,  # [B, H_c, T+N, D]
-    is_sliding: bool,
     scaling: float | None,
 ) -> None:
     """Select this layer's kept prompt tokens, drop the rest and every pseudo entry, record positions/validity."""
@@ -248,7 +259,9 @@ def _compress_layer(
             for b, n in zip(state.row_budgets, lengths)
         ]
     ).to(lengths.device)  # [B]
-    evict = method.compresses and not is_sliding and bool((budgets < lengths).any())
+    # Hybrid models' sliding-window layers (config.layer_types) are left alone; a model whose every layer has a
+    # window (Mistral v0.1) is evicted normally and the window is applied by the mask.
+    evict = method.compresses and not state.sliding[layer_idx] and bool((budgets < lengths).any())
     if not evict:
         layer.keys, layer.values = key[:, :, :t], value[:, :, :t]
         state.tracks[layer_idx] = LayerTrack(step.pos[:, None, :t], step.valid[:, None, :t])

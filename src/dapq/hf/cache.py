@@ -45,19 +45,22 @@ class LayerTrack:
 
     pos: torch.Tensor  # [B, H_s, T] long
     valid: torch.Tensor  # [B, H_s, T] bool
+    all_valid: bool | None = None  # cached valid.all(), so decode steps need no device sync
+
+    def __post_init__(self) -> None:
+        if self.all_valid is None:
+            self.all_valid = bool(self.valid.all())
 
     @property
     def length(self) -> int:
         return self.pos.shape[-1]
 
-    def append(self, pos: torch.Tensor, valid: torch.Tensor) -> None:
-        """Append new tokens: `pos` and `valid` are [B, q]."""
+    def append(self, pos: torch.Tensor, valid: torch.Tensor, all_valid: bool) -> None:
+        """Append new tokens: `pos` and `valid` are [B, q]; `all_valid` is valid.all()."""
         h = self.pos.shape[1]
         self.pos = torch.cat([self.pos, pos[:, None, :].expand(-1, h, -1)], dim=-1)
         self.valid = torch.cat([self.valid, valid[:, None, :].expand(-1, h, -1)], dim=-1)
-
-    def truncate(self, length: int) -> LayerTrack:
-        return LayerTrack(self.pos[..., :length], self.valid[..., :length])
+        self.all_valid = bool(self.all_valid) and all_valid
 
 
 def gather_tokens(states: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -83,7 +86,9 @@ class Snapshot:
 
 
 def snapshot(cache: DynamicCache, tracks: list[LayerTrack]) -> Snapshot:
-    return Snapshot([layer.keys.shape[-2] for layer in cache.layers], [LayerTrack(t.pos, t.valid) for t in tracks])
+    return Snapshot(
+        [layer.keys.shape[-2] for layer in cache.layers], [LayerTrack(t.pos, t.valid, t.all_valid) for t in tracks]
+    )
 
 
 def restore(cache: DynamicCache, tracks: list[LayerTrack], snap: Snapshot) -> None:
@@ -91,4 +96,4 @@ def restore(cache: DynamicCache, tracks: list[LayerTrack], snap: Snapshot) -> No
     for i, (layer, n) in enumerate(zip(cache.layers, snap.lengths)):
         layer.keys = layer.keys[:, :, :n]
         layer.values = layer.values[:, :, :n]
-        tracks[i] = LayerTrack(snap.tracks[i].pos, snap.tracks[i].valid)
+        tracks[i] = LayerTrack(snap.tracks[i].pos, snap.tracks[i].valid, snap.tracks[i].all_valid)

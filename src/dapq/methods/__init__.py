@@ -6,4 +6,14 @@ from .dapq import DapQ
 from .full import FullKV
 from .snapkv import SnapKV
 
-__all__ = ["DapQ", "FullKV", "LayerInputs", "Method", "ScorerMethod", "SnapKV", "get_method", "list_methods", "register"]
+__all__ = [
+    "DapQ",
+    "FullKV",
+    "LayerInputs",
+    "Method",
+    "ScorerMethod",
+    "SnapKV",
+    "get_method",
+    "list_methods",
+    "register",
+]

@@ -51,7 +51,9 @@ def get_method(name: str, **params: Any) -> Method:
     valid = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(params) - valid)
     if unknown:
-        raise DapqError(f"Method {name!r} has no parameter(s) {', '.join(unknown)}. Its parameters: {', '.join(sorted(valid))}.")
+        raise DapqError(
+            f"Method {name!r} has no parameter(s) {', '.join(unknown)}. Its parameters: {', '.join(sorted(valid))}."
+        )
     return cls(**params)
 
 
@@ -84,7 +86,7 @@ class LayerInputs:
 
 @dataclass
 class Method:
-    """Base of all methods. `budget`: tokens kept per head per layer (int >= 1) or a ratio of the prompt (0 < float < 1).
+    """Base of all methods. `budget`: tokens kept per head per layer (int >= 1) or a prompt ratio (0 < float < 1).
 
     `layout`: `kv_head` keeps one set per KV head (real memory saving; per-query-head scores are reduced over the
     GQA group with `gqa` = mean or max), `query_head` repeats KV per query head and selects per query head, as the

@@ -68,7 +68,9 @@ class DapQ(ScorerMethod):
         if self.content not in CONTENTS:
             m = _FL.match(self.content)
             if not m:
-                raise DapqError(f"content must be F<m>_L<n> (e.g. F4_L28) or one of {', '.join(CONTENTS)}; got {self.content!r}")
+                raise DapqError(
+                    f"content must be F<m>_L<n> (e.g. F4_L28) or one of {', '.join(CONTENTS)}; got {self.content!r}"
+                )
             if int(m.group(1)) + int(m.group(2)) != self.n_pseudo_tokens:
                 raise DapqError(
                     f"content {self.content} gives {int(m.group(1)) + int(m.group(2))} tokens but n_pseudo_tokens is "

@@ -69,11 +69,14 @@ def select_topk(
     k = max(budgets). Returned indices are sorted ascending so the kept cache stays in prompt order.
     """
     k = int(budgets.max().item())
-    top = torch.topk(scores, k, dim=-1, sorted=True)  # [B, H_c, k] best first
+    # A stable sort, not topk: exact ties (max pooling makes plateaus) go to the earliest token, so a row's kept set
+    # does not depend on how much left padding the batch gave it.
+    top = torch.sort(scores, dim=-1, descending=True, stable=True)
+    top_values, top_indices = top.values[..., :k], top.indices[..., :k]  # [B, H_c, k] best first
     rank = torch.arange(k, device=scores.device)  # [k]
-    valid = (rank[None, None, :] < budgets[:, None, None]) & (top.values > float("-inf"))  # [B, H_c, k]
+    valid = (rank[None, None, :] < budgets[:, None, None]) & (top_values > float("-inf"))  # [B, H_c, k]
     # Sort by index so the kept cache keeps prompt order; invalid slots are pushed to the end.
     big = scores.shape[-1] + 1
-    order_key = torch.where(valid, top.indices, top.indices + big)
+    order_key = torch.where(valid, top_indices, top_indices + big)
     order = torch.argsort(order_key, dim=-1)
-    return top.indices.gather(-1, order), valid.gather(-1, order)
+    return top_indices.gather(-1, order), valid.gather(-1, order)

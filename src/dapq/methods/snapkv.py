@@ -21,7 +21,9 @@ def window_scores(inp: LayerInputs, window: int) -> torch.Tensor:  # [B, H_q, T]
     t = inp.prompt_len
     w = min(window, t)
     q_slice, k_slice = slice(t - w, t), slice(0, t)
-    probs = window_attention(inp.queries[:, :, q_slice], inp.keys[:, :, k_slice], inp.visible(q_slice, k_slice), inp.scaling)
+    probs = window_attention(
+        inp.queries[:, :, q_slice], inp.keys[:, :, k_slice], inp.visible(q_slice, k_slice), inp.scaling
+    )
     scores = probs.sum(dim=2)  # [B, H_q, T]
     scores[..., t - w :] = 0.0  # ranked only among the first T - w keys, as in the reference code
     return scores
