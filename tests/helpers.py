@@ -1,0 +1,186 @@
+"""Helpers shared by the tests (imported as `helpers`: pytest puts tests/ on sys.path).
+
+Tiny random models built from configs (no downloads), a character tokenizer stub, and references computed with plain
+transformers only (never through dapq's hook).
+
+Tiny models: hidden 64, 3 layers, 4 query heads / 2 KV heads (GQA groups of 2), head dim 16, vocab 128, 512
+positions, seeded. `initializer_range` is raised from 0.02 to 0.2 so attention is peaked rather than near uniform:
+the top-k checks then test real rankings instead of near-ties.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import transformers
+from transformers import AttentionInterface
+from transformers.cache_utils import DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+transformers.logging.set_verbosity_error()
+
+VOCAB = 128
+MAX_POS = 512
+N_LAYERS = 3
+_COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=N_LAYERS,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=VOCAB,
+    max_position_embeddings=MAX_POS,
+    initializer_range=0.2,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+)
+_GEMMA_LAYERS = ["sliding_attention", "full_attention", "sliding_attention"]
+_GEMMA_EXTRA = {"sliding_window": 16, "layer_types": _GEMMA_LAYERS, "query_pre_attn_scalar": 16}
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    config: str  # class names in transformers
+    model: str
+    attn: str = "sdpa"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+TINY = {
+    "llama": TinySpec("LlamaConfig", "LlamaForCausalLM"),
+    "llama_eager": TinySpec("LlamaConfig", "LlamaForCausalLM", attn="eager"),
+    "qwen2": TinySpec("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": TinySpec("Qwen3Config", "Qwen3ForCausalLM"),  # q_norm / k_norm
+    # Mistral v0.2/v0.3 style (no sliding window)
+    "mistral": TinySpec("MistralConfig", "MistralForCausalLM", extra={"sliding_window": None}),
+    # Mistral v0.1 style: every layer has a window (16 < prompt); such layers are evicted, the mask applies the window
+    "mistral_window": TinySpec("MistralConfig", "MistralForCausalLM", extra={"sliding_window": 16}),
+    "phi3": TinySpec("Phi3Config", "Phi3ForCausalLM"),  # fused qkv projection
+    "gemma": TinySpec("GemmaConfig", "GemmaForCausalLM"),
+    # soft-capping and alternating sliding / full layers (window 16 < prompt): eager attention
+    "gemma2": TinySpec("Gemma2Config", "Gemma2ForCausalLM", attn="eager", extra=_GEMMA_EXTRA),
+    "gemma3": TinySpec("Gemma3TextConfig", "Gemma3ForCausalLM", attn="eager", extra=_GEMMA_EXTRA),
+}
+
+_MODELS: dict[str, Any] = {}
+
+
+def build_tiny(name: str) -> Any:
+    """A seeded tiny random model of family `name` (cached per session: tests must not modify it)."""
+    if name not in _MODELS:
+        spec = TINY[name]
+        cfg = getattr(transformers, spec.config)(**{**_COMMON, **spec.extra})
+        cfg._attn_implementation = spec.attn
+        torch.manual_seed(0)
+        model = getattr(transformers, spec.model)(cfg).eval()
+        assert model.config._attn_implementation == spec.attn
+        _MODELS[name] = model
+    return _MODELS[name]
+
+
+def sliding_layers(model: Any) -> list[bool]:
+    types = getattr(model.config, "layer_types", None) or ["full_attention"] * model.config.num_hidden_layers
+    return [t == "sliding_attention" for t in types]
+
+
+class TinyTokenizer:
+    """Character-level tokenizer stub: ids 3..127 for characters, 0 = pad, 1 = bos, 2 = eos; no chat template."""
+
+    pad_token_id = 0
+    bos_token_id = 1
+    eos_token_id = 2
+    chat_template = None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = [3 + (ord(c) % (VOCAB - 3)) for c in text]
+        return ([self.bos_token_id] if add_special_tokens else []) + ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return "".join(chr(i - 3) if i >= 3 else ("" if skip_special_tokens else f"<{i}>") for i in ids)
+
+    def get_vocab(self) -> dict[str, int]:
+        return {"<pad>": 0, "<s>": 1, "</s>": 2}
+
+
+def random_prompt(length: int, seed: int) -> list[int]:
+    """`length` random token ids in [3, VOCAB) (never pad / bos / eos)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (length,), generator=g).tolist()
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+# ---------------------------------------------------------------------------------------------------- references
+def plain_greedy(model: Any, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Plain transformers greedy loop (its own cache, masks and positions): tokens and each step's logits [V].
+
+    logits[0] are the prompt's last-token logits, logits[i] the logits after feeding tokens[i - 1].
+    """
+    tokens: list[int] = []
+    logits: list[torch.Tensor] = []
+    with torch.inference_mode():
+        out = model(torch.tensor([prompt]), use_cache=True)
+        cache = out.past_key_values
+        for _ in range(steps):
+            step_logits = out.logits[0, -1].float()
+            logits.append(step_logits)
+            tokens.append(int(step_logits.argmax()))
+            out = model(torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True)
+    return tokens, logits
+
+
+def cache_from_tensors(dapq_cache: Any) -> DynamicCache:
+    """A plain transformers DynamicCache holding copies of a dapq cache's keys/values (kv_head layout)."""
+    cache = DynamicCache()
+    for i, layer in enumerate(dapq_cache.layers):
+        cache.update(layer.keys.clone(), layer.values.clone(), i)
+    return cache
+
+
+_CAPTURE = "dapq_test_capture"
+_CAPTURED: list[dict[int, tuple[torch.Tensor, torch.Tensor, float]]] = []
+
+
+def _capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    if _CAPTURED:
+        _CAPTURED[-1][module.layer_idx] = (query.detach().clone(), key.detach().clone(), float(scaling))
+    kwargs.pop("is_causal", None)
+    kwargs.pop("sliding_window", None)
+    kwargs.pop("softcap", None)
+    return sdpa_attention_forward(
+        module, query, key, value, None, dropout=dropout, scaling=scaling, is_causal=query.shape[2] > 1, **kwargs
+    )
+
+
+@contextlib.contextmanager
+def capture_qk(model: Any) -> Iterator[dict[int, tuple[torch.Tensor, torch.Tensor, float]]]:
+    """Run `model` through plain causal sdpa attention that records every layer's rotated queries and keys.
+
+    Yields {layer_idx: (queries [B, H_q, S, D], keys [B, H_kv, S, D], scaling)}. Independent of dapq's hook; valid for
+    unpadded rows with increasing positions and models without sliding windows or soft-capping.
+    """
+    AttentionInterface.register(_CAPTURE, _capture_attention)
+    configs = {}
+    for module in model.modules():
+        cfg = getattr(module, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation_internal"):
+            configs[id(cfg)] = cfg
+    saved = {k: c._attn_implementation_internal for k, c in configs.items()}
+    _CAPTURED.append({})
+    try:
+        for c in configs.values():
+            c._attn_implementation_internal = _CAPTURE
+        yield _CAPTURED[-1]
+    finally:
+        for k, c in configs.items():
+            c._attn_implementation_internal = saved[k]
+        _CAPTURED.pop()
