@@ -68,6 +68,8 @@ class EngineState:
     def __post_init__(self) -> None:
         self.tracks = [None] * self.n_layers
         self.kept = [0.0] * self.n_layers
+        self._budget_list = [int(b) for b in self.row_budgets.tolist()]  # host copies: no per-layer device sync
+        self._length_list = [int(n) for n in self.row_lengths.tolist()]
 
     def set_step(self, step: Step) -> None:
         self.step = step
@@ -196,6 +198,7 @@ def dapq_attention(
 
     layer_idx = module.layer_idx
     step = state.step
+    dev = key.device  # with device_map, layers live on different devices: bring our bookkeeping to this one
     window = _layer_window(module, kwargs)
     if step.prompt_len is not None:  # the compressing prefill step
         if not state.prefill_mask_ready or window is not None:
@@ -208,14 +211,16 @@ def dapq_attention(
     else:
         track = state.tracks[layer_idx]
         assert track is not None, "decode step before prefill"
-        track.append(step.pos, step.valid, step.all_valid)
+        track.append(step.pos.to(dev), step.valid.to(dev), step.all_valid)
         q = step.pos.shape[1]
         if q == 1 and window is None and track.all_valid:
             mask = None
         else:
-            mask = _visible(step.pos, track.pos, track.valid, window)  # [B, H_s, q, T]
+            mask = _visible(step.pos.to(dev), track.pos, track.valid, window)  # [B, H_s, q, T]
             new = torch.arange(q, device=mask.device)
             mask[..., -q:] |= new[:, None] == new[None, :]  # every query sees itself (pad queries too)
+    if mask is not None:
+        mask = mask.to(query.device)
     if mask is not None and mask.shape[1] not in (1, query.shape[1]):
         mask = mask.repeat_interleave(query.shape[1] // mask.shape[1], dim=1)  # [B, H_q, q, T]
     # flash kernels infer packed sequences from position jumps: use them only for plain causal, contiguous steps
@@ -252,26 +257,25 @@ def _compress_layer(
     layer_idx = module.layer_idx
     layer = state.cache.layers[layer_idx]
     method = state.method
-    lengths = state.row_lengths
-    budgets = torch.stack(
-        [
-            torch.tensor(min(method.layer_budget(int(b), layer_idx, state.n_layers, int(n)), int(n)))
-            for b, n in zip(state.row_budgets, lengths)
-        ]
-    ).to(lengths.device)  # [B]
+    lengths = state._length_list
+    budget_list = [
+        min(method.layer_budget(b, layer_idx, state.n_layers, n), n) for b, n in zip(state._budget_list, lengths)
+    ]
+    budgets = torch.tensor(budget_list, device=key.device)  # [B]
+    pos, valid = step.pos.to(key.device), step.valid.to(key.device)  # [B, T+N]
     # Hybrid models' sliding-window layers (config.layer_types) are left alone; a model whose every layer has a
     # window (Mistral v0.1) is evicted normally and the window is applied by the mask.
-    evict = method.compresses and not state.sliding[layer_idx] and bool((budgets < lengths).any())
+    evict = method.compresses and not state.sliding[layer_idx] and any(b < n for b, n in zip(budget_list, lengths))
     if not evict:
         layer.keys, layer.values = key[:, :, :t], value[:, :, :t]
-        state.tracks[layer_idx] = LayerTrack(step.pos[:, None, :t], step.valid[:, None, :t])
-        state.kept[layer_idx] = float(lengths.float().mean())
+        state.tracks[layer_idx] = LayerTrack(pos[:, None, :t], valid[:, None, :t], step.all_valid)
+        state.kept[layer_idx] = sum(lengths) / len(lengths)
         return
     inp = LayerInputs(
         queries=query,
         keys=key,
-        positions=step.pos,
-        valid=step.valid,
+        positions=pos,
+        valid=valid,
         budgets=budgets,
         prompt_len=t,
         scaling=float(scaling if scaling is not None else query.shape[-1] ** -0.5),
@@ -280,6 +284,6 @@ def _compress_layer(
     )
     idx, kept_valid = method.select(inp, budgets)  # [B, H_c, k], [B, H_c, k]
     layer.keys, layer.values = gather_tokens(key, idx), gather_tokens(value, idx)
-    prompt_pos = step.pos[:, None, :t].expand(-1, idx.shape[1], -1)  # [B, H_c, T]
+    prompt_pos = pos[:, None, :t].expand(-1, idx.shape[1], -1)  # [B, H_c, T]
     state.tracks[layer_idx] = LayerTrack(prompt_pos.gather(-1, idx), kept_valid)
     state.kept[layer_idx] = float(kept_valid.sum(-1).float().mean())
