@@ -69,6 +69,16 @@ TINY = {
     "gemma3": TinySpec("Gemma3TextConfig", "Gemma3ForCausalLM", attn="eager", extra=_GEMMA_EXTRA),
 }
 
+# per-method parameters that make tiny prompts meaningful (a window of 32 would not fit a budget of 12)
+METHOD_PARAMS: dict[str, dict[str, Any]] = {
+    "snapkv": {"window": 4},
+    "pyramidkv": {"window": 4},
+    "dapq": {"n_pseudo_tokens": 8},
+    "h2o": {"recent": 4},
+    "laq": {"stage1_window": 4, "n_lookahead": 3},
+    "laq++": {"stage1_window": 4, "n_lookahead": 3, "prompt_queries": 4},
+}
+
 _MODELS: dict[str, Any] = {}
 
 

@@ -10,10 +10,10 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalL
 
 from dapq import DapQ, DapqError, FullKV, SnapKV, answer_many, generate, get_method, list_methods
 from dapq.generation import check_model, compress
-from helpers import MAX_POS, TinyTokenizer, build_tiny, random_prompt
+from helpers import MAX_POS, METHOD_PARAMS, TinyTokenizer, build_tiny, random_prompt
 
 TOK = TinyTokenizer()
-PARAMS = {"snapkv": {"window": 4}, "pyramidkv": {"window": 4}, "dapq": {"n_pseudo_tokens": 8}}
+PARAMS = METHOD_PARAMS
 
 
 def raises(phrase: str):

@@ -15,6 +15,7 @@ import torch
 from dapq import LayerInputs, ScorerMethod, get_method, list_methods
 from dapq.generation import append, compress, greedy_decode
 from helpers import (
+    METHOD_PARAMS,
     VOCAB,
     TinyTokenizer,
     build_tiny,
@@ -29,11 +30,7 @@ from helpers import (
 METHODS = sorted(list_methods())
 LAYOUTS = ["kv_head", "query_head"]
 # per-method parameters that make the tiny prompts meaningful (a window of 32 would not fit a budget of 12)
-PARAMS: dict[str, dict[str, Any]] = {
-    "snapkv": {"window": 4},
-    "pyramidkv": {"window": 4},
-    "dapq": {"n_pseudo_tokens": 8},
-}
+PARAMS: dict[str, dict[str, Any]] = METHOD_PARAMS
 # extra scorer variants: every knob that changes the ranking
 VARIANTS: list[tuple[str, dict[str, Any]]] = [(m, {}) for m in METHODS] + [
     ("snapkv", {"gqa": "max"}),

@@ -11,7 +11,7 @@ import torch
 
 from dapq import FullKV, generate, get_method, list_methods
 from dapq.generation import append, compress, greedy_decode, stop_token_ids
-from helpers import TINY, TinyTokenizer, build_tiny, max_diff, plain_greedy, random_prompt
+from helpers import METHOD_PARAMS, TINY, TinyTokenizer, build_tiny, max_diff, plain_greedy, random_prompt
 
 METHODS = sorted(list_methods())
 FAMILIES = list(TINY)  # llama (sdpa and eager), qwen2, qwen3, mistral, phi3, gemma, gemma2, gemma3
@@ -20,7 +20,7 @@ STEPS = 5
 ATOL = 1e-5
 TOK = TinyTokenizer()
 # a budget that covers the prompt (and small windows so every method accepts it)
-PARAMS = {"snapkv": {"window": 4}, "pyramidkv": {"window": 4}, "dapq": {"n_pseudo_tokens": 8}}
+PARAMS = METHOD_PARAMS
 
 
 def noop_method(name: str, layout: str = "kv_head", budget: int = 64):

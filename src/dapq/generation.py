@@ -22,7 +22,7 @@ import torch
 
 from .errors import DapqError
 from .hf.attention import EngineState, Step, activate, model_attn_implementation
-from .hf.cache import kv_bytes, make_cache, restore, snapshot
+from .hf.cache import LayerTrack, gather_tokens, kv_bytes, make_cache, restore, set_layer, snapshot
 from .methods.base import Method, get_method
 from .methods.full import FullKV
 
@@ -190,6 +190,16 @@ def compress(model: Any, tokenizer: Any, prompts: list[list[int]], method: Metho
     prefill_s = time.perf_counter() - start
     state.step = None
     state.prefill_mask = None
+    first_logits = out.logits[:, -1].float()
+    kv_peak = (
+        kv_bytes(cache) + max(layer.keys.numel() for layer in cache.layers) * 2 * cache.layers[0].keys.element_size()
+    )
+    lookahead_s = 0.0
+    if method.deferred and any(o is not None for o in state.observed):
+        start = time.perf_counter()
+        kv_peak = _lookahead_stage(model, cache, state, first_logits, torch.tensor(lengths, device=device), n_q // n_kv)
+        _sync(device)
+        lookahead_s = time.perf_counter() - start
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_q
     itemsize = cache.layers[0].keys.element_size()
     stats = {
@@ -200,17 +210,69 @@ def compress(model: Any, tokenizer: Any, prompts: list[list[int]], method: Metho
         "kept_per_layer": [round(k, 2) for k in state.kept],
         "kv_bytes_full": 2 * _n_layers(model) * n_rows * t * n_kv * head_dim * itemsize,
         "kv_bytes_compressed": kv_bytes(cache),
-        "prefill_s": prefill_s,
+        # accounted, not allocator-measured: compressed layers + one full layer (layer-by-layer methods), or
+        # full cache + stage-1 cache + lookahead entries (LAQ)
+        "kv_bytes_peak": kv_peak,
+        "prefill_s": prefill_s + lookahead_s,
+        "lookahead_s": lookahead_s,
     }
     return CompressedCache(
         model=model,
         cache=cache,
         state=state,
-        first_logits=out.logits[:, -1].float(),
+        first_logits=first_logits,
         next_pos=torch.tensor(lengths, device=device),
         prompt_lengths=lengths,
         stats=stats,
     )
+
+
+def _lookahead_stage(
+    model: Any, cache: Any, state: EngineState, first_logits: torch.Tensor, next_pos: torch.Tensor, groups: int
+) -> int:
+    """LAQ's stages 2-4 on a full prompt cache: build the stage-1 cache from the observed selections, decode the
+    lookahead tokens on it at positions L.. while capturing their queries, then select from the full cache with
+    them. Returns the peak KV bytes (full + stage-1 + lookahead). The lookahead tokens leave nothing behind."""
+    method = state.method
+    stage1 = make_cache(state.n_layers, method.layout, groups)
+    s1_state = EngineState(
+        cache=stage1,
+        method=method,
+        n_layers=state.n_layers,
+        inner=state.inner,
+        row_budgets=state.row_budgets,
+        row_lengths=state.row_lengths,
+        sliding=state.sliding,
+    )
+    s1_state.configs = state.configs
+    for i, layer in enumerate(cache.layers):
+        obs = state.observed[i]
+        if obs is None:  # not evicted (sliding layer, or budget >= prompt): the stage-1 layer is the full one
+            set_layer(stage1.layers[i], layer.keys, layer.values)
+            track = state.tracks[i]
+            s1_state.tracks[i] = LayerTrack(track.pos, track.valid, track.all_valid)  # a copy: decoding appends to it
+            continue
+        idx, kept_valid = obs["stage1"]  # [B, H_c, k]
+        set_layer(stage1.layers[i], gather_tokens(layer.keys, idx), gather_tokens(layer.values, idx))
+        track = state.tracks[i]
+        pos = track.pos.expand(-1, idx.shape[1], -1).gather(-1, idx)
+        s1_state.tracks[i] = LayerTrack(pos, kept_valid)
+    s1_state.capture = [[] for _ in range(state.n_layers)]
+    s1 = CompressedCache(model, stage1, s1_state, first_logits, next_pos.clone(), [], {})
+    greedy_decode(s1, first_logits, method.n_lookahead + 1, set())  # n forward steps at L .. L+n-1
+    peak = kv_bytes(cache) + kv_bytes(stage1)
+    for i, layer in enumerate(cache.layers):
+        obs = state.observed[i]
+        if obs is None:
+            continue
+        lookahead_q = torch.cat(s1_state.capture[i], dim=2)  # [B, H_q, n, D]
+        track = state.tracks[i]  # the full prompt: pos/valid [B, 1, T]
+        idx, kept_valid = method.stage2_select(lookahead_q, layer.keys, track.pos[:, 0], track.valid[:, 0], obs)
+        layer.keys, layer.values = gather_tokens(layer.keys, idx), gather_tokens(layer.values, idx)
+        state.tracks[i] = LayerTrack(track.pos.expand(-1, idx.shape[1], -1).gather(-1, idx), kept_valid)
+        state.kept[i] = float(kept_valid.sum(-1).float().mean())
+        state.observed[i] = None
+    return peak
 
 
 def _sync(device: torch.device) -> None:

@@ -64,10 +64,13 @@ class EngineState:
     prefill_mask_ready: bool = False
     configs: list[Any] = field(default_factory=list)  # model configs whose attention implementation we switch
     kept: list[float] = field(default_factory=list)  # mean real tokens kept per head, per layer (after prefill)
+    observed: list[Any] = field(default_factory=list)  # deferred methods (LAQ): per-layer prefill observations
+    capture: list[list[torch.Tensor]] | None = None  # when set, decode steps record each layer's queries here
 
     def __post_init__(self) -> None:
         self.tracks = [None] * self.n_layers
         self.kept = [0.0] * self.n_layers
+        self.observed = [None] * self.n_layers
         self._budget_list = [int(b) for b in self.row_budgets.tolist()]  # host copies: no per-layer device sync
         self._length_list = [int(n) for n in self.row_lengths.tolist()]
 
@@ -212,6 +215,8 @@ def dapq_attention(
         track = state.tracks[layer_idx]
         assert track is not None, "decode step before prefill"
         track.append(step.pos.to(dev), step.valid.to(dev), step.all_valid)
+        if state.capture is not None:
+            state.capture[layer_idx].append(query)  # [B, H_q, q, D] rotated
         q = step.pos.shape[1]
         if q == 1 and window is None and track.all_valid:
             mask = None
@@ -266,11 +271,12 @@ def _compress_layer(
     # Hybrid models' sliding-window layers (config.layer_types) are left alone; a model whose every layer has a
     # window (Mistral v0.1) is evicted normally and the window is applied by the mask.
     evict = method.compresses and not state.sliding[layer_idx] and any(b < n for b, n in zip(budget_list, lengths))
-    if not evict:
+    if not evict or method.deferred:  # deferred methods (LAQ) keep the full prompt KV until their later stage
         layer.keys, layer.values = key[:, :, :t], value[:, :, :t]
         state.tracks[layer_idx] = LayerTrack(pos[:, None, :t], valid[:, None, :t], step.all_valid)
         state.kept[layer_idx] = sum(lengths) / len(lengths)
-        return
+        if not evict:
+            return
     inp = LayerInputs(
         queries=query,
         keys=key,
@@ -282,6 +288,9 @@ def _compress_layer(
         layer_idx=layer_idx,
         n_layers=state.n_layers,
     )
+    if method.deferred:
+        state.observed[layer_idx] = method.observe(inp)
+        return
     idx, kept_valid = method.select(inp, budgets)  # [B, H_c, k], [B, H_c, k]
     layer.keys, layer.values = gather_tokens(key, idx), gather_tokens(value, idx)
     prompt_pos = pos[:, None, :t].expand(-1, idx.shape[1], -1)  # [B, H_c, T]

@@ -68,6 +68,13 @@ def gather_tokens(states: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return states.gather(2, idx[..., None].expand(-1, -1, -1, states.shape[-1]))
 
 
+def set_layer(layer: DynamicLayer, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Give a (possibly fresh) cache layer these keys/values [B, H_c, T, D]."""
+    if not layer.is_initialized:
+        layer.lazy_initialization(keys, values)
+    layer.keys, layer.values = keys, values
+
+
 def kv_bytes(cache: DynamicCache) -> int:
     """Bytes held by keys and values of every initialised layer."""
     total = 0

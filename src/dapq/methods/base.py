@@ -126,6 +126,16 @@ class Method:
         """Position ids of the pseudo suffix for a row of `prompt_len` real tokens."""
         return []
 
+    @property
+    def deferred(self) -> bool:
+        """True for methods that select after extra decoding steps (LAQ): prefill keeps the full prompt KV and
+        calls `observe`; the engine then runs the method's later stage."""
+        return False
+
+    def observe(self, inp: LayerInputs) -> Any:
+        """Deferred methods: what to remember from this layer's prefill step."""
+        raise NotImplementedError
+
     # --- budgets -------------------------------------------------------------------------------------------
     @property
     def compresses(self) -> bool:
