@@ -163,7 +163,36 @@ def test_streaming_keeps_exactly_sinks_and_recent(sinks):
 def test_streaming_sinks_must_fit_the_budget():
     with pytest.raises(DapqError, match="sinks"):
         StreamingLLM(budget=4)
-    assert "rerotate" not in {f for f in StreamingLLM.__dataclass_fields__}  # not offered: see the module docstring
+
+
+@pytest.mark.parametrize("layout", ["kv_head", "query_head"])
+def test_streaming_rerotate_moves_kept_keys_to_contiguous_positions(layout):
+    """Layer-0 keys depend only on the token and its position, so after re-rotation they must equal a plain
+    transformers forward of the kept tokens as a fresh sequence at positions 0..B-1; decoding continues at B."""
+    from dapq.generation import compress, greedy_decode
+    from helpers import TinyTokenizer, build_tiny, capture_qk
+
+    model = build_tiny("llama")
+    prompts = [random_prompt(40, 11), random_prompt(29, 12)]
+    budget, sinks = 12, 4
+    cc = compress(
+        model, TinyTokenizer(), prompts, StreamingLLM(budget=budget, sinks=sinks, rerotate=True, layout=layout)
+    )
+    assert cc.next_pos.tolist() == [budget, budget], f"decoding must continue at B={budget}: {cc.next_pos.tolist()}"
+    for b, prompt in enumerate(prompts):
+        kept_ids = prompt[:sinks] + prompt[len(prompt) - (budget - sinks) :]
+        with capture_qk(model) as cap, torch.inference_mode():
+            model(torch.tensor([kept_ids]))
+        ref_keys = cap[0][1]  # [1, H_kv, B, D]
+        groups = cc.cache.layers[0].keys.shape[1] // ref_keys.shape[1]
+        got = cc.cache.layers[0].keys[b : b + 1]  # [1, H_c, B, D]
+        want = ref_keys.repeat_interleave(groups, dim=1)
+        diff = float((got - want).abs().max())
+        assert diff < 1e-5, f"row {b}: re-rotated layer-0 keys differ from a fresh forward by {diff}"
+        assert cc.state.tracks[0].pos[b, 0].tolist() == list(range(budget)), "tracked positions must be 0..B-1"
+    tokens = greedy_decode(cc, cc.first_logits, 4, set())
+    assert all(len(t) == 4 for t in tokens)
+    assert cc.state.tracks[0].pos[0, 0, -3:].tolist() == [budget, budget + 1, budget + 2], "decode positions"
 
 
 # ---------------------------------------------------------------------------------------------------- LaCache

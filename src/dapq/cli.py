@@ -112,7 +112,10 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> int:
 def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     from .demo import run_demo
 
-    run_demo(budget=args.budget, context_tokens=args.context_tokens, model_name=args.model, console=console)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    run_demo(
+        budget=args.budget, context_tokens=args.context_tokens, model_name=args.model, console=console, methods=methods
+    )
     return 0
 
 
@@ -145,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--budget", type=int, default=128)
     demo.add_argument("--context-tokens", type=int, default=1500)
     demo.add_argument("--model", default=None)
+    demo.add_argument("--methods", default="full,snapkv,dapq", help="comma-separated method names (see `dapq list`)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -2,6 +2,7 @@
 
     dapq demo                      # 5 needles in ~1,500-token Paul Graham essay haystacks, budget 128
     dapq demo --budget 256 --context-tokens 2000
+    dapq demo --methods full,snapkv,pyramidkv,h2o,streamingllm,lacache,laq,laq++,dapq --budget 512
 
 It prints one table (depth x method: right or wrong, and the answer) and the KV memory each method kept. This is a
 smoke demo on a 135M model, not a benchmark: the evaluation harness (`dapq eval`) is where numbers come from.
@@ -19,7 +20,7 @@ from rich.table import Table
 
 from .data import needle_sample
 from .generation import generate
-from .methods import DapQ, FullKV, SnapKV
+from .methods import get_method
 from .models import load_model
 
 
@@ -29,17 +30,19 @@ def run_demo(
     depths: tuple[float, ...] = (10, 30, 50, 70, 90),
     model_name: str | None = None,
     console: Console | None = None,
+    methods: tuple[str, ...] = ("full", "snapkv", "dapq"),
 ) -> dict[str, Any]:
     """Run the demo and print its table; returns {method: n_correct} and the rows."""
     console = console or Console()
     start = time.perf_counter()
+    built = [get_method(name, budget=budget) for name in methods]  # validated before the model load
+    labels = [name if name == "full" else f"{name} B={budget}" for name in methods]
     console.print(f"Loading {model_name or 'the bundled SmolLM2-135M-Instruct'} ...")
     model, tok = load_model(model_name)
-    methods = [FullKV(), SnapKV(budget=budget), DapQ(budget=budget)]
-    labels = ["FullKV", f"SnapKV B={budget}", f"DapQ B={budget}"]
     rows: list[list[str]] = []
     correct = dict.fromkeys(labels, 0)
     kv: dict[str, int] = {}
+    peak: dict[str, int] = {}
     samples = [needle_sample(tok, context_tokens, d, seed=0) for d in depths]
     with Progress(
         TextColumn("{task.description}"),
@@ -50,10 +53,10 @@ def run_demo(
         console=console,
         transient=True,
     ) as progress:
-        task = progress.add_task("needles x methods", total=len(samples) * len(methods))
+        task = progress.add_task("needles x methods", total=len(samples) * len(built))
         for sample in samples:
             cells = [f"{sample.depth:g}%", sample.answer]
-            for label, method in zip(labels, methods):
+            for label, method in zip(labels, built):
                 out = generate(
                     model,
                     tok,
@@ -66,6 +69,7 @@ def run_demo(
                 ok = sample.answer in out.text
                 correct[label] += ok
                 kv[label] = out.stats["kv_bytes_compressed"]
+                peak[label] = out.stats["kv_bytes_peak"]
                 cells.append(f"{'[green]yes' if ok else '[red]no'}[/] {out.text.strip()[:14]}")
                 progress.advance(task)
             rows.append(cells)
@@ -77,6 +81,7 @@ def run_demo(
         table.add_row(*r)
     table.add_row("correct", "", *[f"{correct[label]}/{len(samples)}" for label in labels], end_section=True)
     table.add_row("KV cache", "", *[f"{kv[label] / 2**20:.1f} MiB" for label in labels])
+    table.add_row("KV peak", "", *[f"{peak[label] / 2**20:.1f} MiB" for label in labels])
     console.print(table)
     console.print(
         f"Done in {time.perf_counter() - start:.0f} s on {torch.get_num_threads()} CPU threads. A 135M model with "

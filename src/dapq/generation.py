@@ -191,9 +191,10 @@ def compress(model: Any, tokenizer: Any, prompts: list[list[int]], method: Metho
     state.step = None
     state.prefill_mask = None
     first_logits = out.logits[:, -1].float()
-    kv_peak = (
-        kv_bytes(cache) + max(layer.keys.numel() for layer in cache.layers) * 2 * cache.layers[0].keys.element_size()
-    )
+    kv_peak = _prefill_peak(cache, t + n)
+    next_pos = torch.tensor(lengths, device=device)
+    if method.renumbers_positions:
+        next_pos = _renumber_positions(model, cache, state)
     lookahead_s = 0.0
     if method.deferred and any(o is not None for o in state.observed):
         start = time.perf_counter()
@@ -208,6 +209,7 @@ def compress(model: Any, tokenizer: Any, prompts: list[list[int]], method: Metho
         "pseudo_tokens": n,
         "budget_tokens": [int(b) for b in state.row_budgets],
         "kept_per_layer": [round(k, 2) for k in state.kept],
+        "kept_mean": round(sum(state.kept) / len(state.kept), 2),  # PyramidKV: the real mean next to the budget
         "kv_bytes_full": 2 * _n_layers(model) * n_rows * t * n_kv * head_dim * itemsize,
         "kv_bytes_compressed": kv_bytes(cache),
         # accounted, not allocator-measured: compressed layers + one full layer (layer-by-layer methods), or
@@ -221,10 +223,22 @@ def compress(model: Any, tokenizer: Any, prompts: list[list[int]], method: Metho
         cache=cache,
         state=state,
         first_logits=first_logits,
-        next_pos=torch.tensor(lengths, device=device),
+        next_pos=next_pos,
         prompt_lengths=lengths,
         stats=stats,
     )
+
+
+def _prefill_peak(cache: Any, step_len: int) -> int:
+    """KV bytes at the worst moment of a layer-by-layer prefill: when layer i holds its full T+N entries, layers
+    before it are already compressed and layers after it are empty: max_i (sum_{j<i} compressed_j + full_i)."""
+    peak, done = 0, 0
+    for layer in cache.layers:
+        b, h, k, d = layer.keys.shape
+        per_token = b * h * d * layer.keys.element_size() * 2  # keys + values
+        peak = max(peak, done + per_token * step_len)
+        done += per_token * k
+    return peak
 
 
 def _lookahead_stage(
@@ -273,6 +287,32 @@ def _lookahead_stage(
         state.kept[i] = float(kept_valid.sum(-1).float().mean())
         state.observed[i] = None
     return peak
+
+
+def _renumber_positions(model: Any, cache: Any, state: EngineState) -> torch.Tensor:
+    """Re-rotate every layer's kept keys to contiguous positions 0..k-1 (row order kept); returns each row's next
+    position k. Needs the same kept count per row in every layer and head (StreamingLLM with a uniform budget)."""
+    from .hf.rope import rerotate_keys, rotary_module
+
+    if any(state.sliding):
+        raise DapqError("rerotate=True is not supported for models with sliding-window layers: use rerotate=False.")
+    rotary = rotary_module(model)
+    counts = None
+    for layer, track in zip(cache.layers, state.tracks):
+        assert track is not None
+        kept = track.valid.sum(-1)  # [B, H_s]
+        if counts is None:
+            counts = kept[:, 0]
+        if not bool((kept == counts[:, None]).all()):
+            raise DapqError("rerotate=True needs every layer and head to keep the same number of tokens per row.")
+        # valid entries come first in ascending original order (select_topk); filler slots go to the end
+        rank = torch.cumsum(track.valid.long(), dim=-1) - 1  # [B, H_s, T]
+        new = torch.where(track.valid, rank, track.pos)
+        h = layer.keys.shape[1]
+        layer.keys = rerotate_keys(rotary, layer.keys, track.pos.expand(-1, h, -1), new.expand(-1, h, -1))
+        track.pos = new
+    assert counts is not None
+    return counts.to(torch.long)
 
 
 def _sync(device: torch.device) -> None:

@@ -136,6 +136,11 @@ class Method:
         """Deferred methods: what to remember from this layer's prefill step."""
         raise NotImplementedError
 
+    @property
+    def renumbers_positions(self) -> bool:
+        """True when kept keys are moved to contiguous positions 0..k-1 after selection (StreamingLLM rerotate)."""
+        return bool(getattr(self, "rerotate", False))
+
     # --- budgets -------------------------------------------------------------------------------------------
     @property
     def compresses(self) -> bool:

@@ -1,10 +1,9 @@
 """StreamingLLM (Xiao et al., 2023, "Efficient Streaming Language Models with Attention Sinks", arXiv 2309.17453).
 
 Keep the first `sinks` real prompt tokens (the attention sinks, 4 in the paper) and the most recent B - sinks
-tokens; no scoring. Kept keys keep their original RoPE positions and decoding continues at position L, like every
-other method here. The paper's streaming setting instead re-rotates the kept keys to contiguous positions
-(0 .. B-1); that changes the cached keys and the decoding positions, which the method API (select kept indices)
-cannot express, so it is not offered.
+tokens; no scoring. By default kept keys keep their original RoPE positions and decoding continues at position L,
+like every other method here. `rerotate=True` reproduces the paper's streaming setting: the engine re-rotates the
+kept keys to contiguous positions 0 .. B-1 (`dapq.hf.rope`) and decoding continues at position B.
 """
 
 from __future__ import annotations
@@ -28,14 +27,16 @@ def real_token_index(valid: torch.Tensor) -> torch.Tensor:  # [B, T] long
 class StreamingLLM(Method):
     """StreamingLLM: the first `sinks` tokens (attention sinks) plus the most recent tokens, no scoring.
 
-    Fields: `sinks` (4, the paper's setting), plus the base fields (budget, layout; `gqa` is unused: every head
-    keeps the same tokens).
+    Fields: `sinks` (4, the paper's setting), `rerotate` (False: keep original positions; True: move kept keys to
+    positions 0 .. B-1 and decode from B, as the original paper), plus the base fields (budget, layout; `gqa` is
+    unused: every head keeps the same tokens).
 
     Shapes: keys [B, H_c, T, D] of one layer (only their head count is used); returns kept indices [B, H_c, B_tokens]:
     per row, min(sinks, B) first real tokens and the last B - sinks real tokens.
     """
 
     sinks: int = 4
+    rerotate: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
