@@ -32,14 +32,14 @@ def run_demo(
     console: Console | None = None,
     methods: tuple[str, ...] = ("full", "snapkv", "dapq"),
 ) -> dict[str, Any]:
-    """Run the demo and print its table; returns {method: n_correct} and the rows."""
+    """Run the demo and print its table (one row per method); returns the correct counts and the cells."""
     console = console or Console()
     start = time.perf_counter()
     built = [get_method(name, budget=budget) for name in methods]  # validated before the model load
     labels = [name if name == "full" else f"{name} B={budget}" for name in methods]
     console.print(f"Loading {model_name or 'the bundled SmolLM2-135M-Instruct'} ...")
     model, tok = load_model(model_name)
-    rows: list[list[str]] = []
+    rows: dict[str, list[str]] = {label: [] for label in labels}
     correct = dict.fromkeys(labels, 0)
     kv: dict[str, int] = {}
     peak: dict[str, int] = {}
@@ -55,7 +55,6 @@ def run_demo(
     ) as progress:
         task = progress.add_task("needles x methods", total=len(samples) * len(built))
         for sample in samples:
-            cells = [f"{sample.depth:g}%", sample.answer]
             for label, method in zip(labels, built):
                 out = generate(
                     model,
@@ -70,18 +69,21 @@ def run_demo(
                 correct[label] += ok
                 kv[label] = out.stats["kv_bytes_compressed"]
                 peak[label] = out.stats["kv_bytes_peak"]
-                cells.append(f"{'[green]yes' if ok else '[red]no'}[/] {out.text.strip()[:14]}")
+                answer = out.text.strip().split()[0] if out.text.strip() else "-"
+                rows[label].append("[green]yes[/]" if ok else f"[red]no[/] {answer[:9]}")
                 progress.advance(task)
-            rows.append(cells)
             prompt_len = out.stats["prompt_tokens"][0]
-    table = Table(title=f"Needle in a haystack, ~{prompt_len} prompt tokens, greedy (answer found? / model output)")
-    for col in ["depth", "needle", *labels]:
+    table = Table(title=f"Needle in a haystack, ~{prompt_len} prompt tokens, greedy: needle found? (else the output)")
+    for col in ["method", *[f"{s.depth:g}%" for s in samples], "correct", "KV MiB", "peak MiB"]:
         table.add_column(col)
-    for r in rows:
-        table.add_row(*r)
-    table.add_row("correct", "", *[f"{correct[label]}/{len(samples)}" for label in labels], end_section=True)
-    table.add_row("KV cache", "", *[f"{kv[label] / 2**20:.1f} MiB" for label in labels])
-    table.add_row("KV peak", "", *[f"{peak[label] / 2**20:.1f} MiB" for label in labels])
+    for label in labels:
+        table.add_row(
+            label,
+            *rows[label],
+            f"{correct[label]}/{len(samples)}",
+            f"{kv[label] / 2**20:.1f}",
+            f"{peak[label] / 2**20:.1f}",
+        )
     console.print(table)
     console.print(
         f"Done in {time.perf_counter() - start:.0f} s on {torch.get_num_threads()} CPU threads. A 135M model with "

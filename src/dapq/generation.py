@@ -196,7 +196,7 @@ def compress(model: Any, tokenizer: Any, prompts: list[list[int]], method: Metho
     if method.renumbers_positions:
         next_pos = _renumber_positions(model, cache, state)
     lookahead_s = 0.0
-    if method.deferred and any(o is not None for o in state.observed):
+    if method.lookahead_tokens and any(o is not None for o in state.observed):
         start = time.perf_counter()
         kv_peak = _lookahead_stage(model, cache, state, first_logits, torch.tensor(lengths, device=device), n_q // n_kv)
         _sync(device)
@@ -273,7 +273,7 @@ def _lookahead_stage(
         s1_state.tracks[i] = LayerTrack(pos, kept_valid)
     s1_state.capture = [[] for _ in range(state.n_layers)]
     s1 = CompressedCache(model, stage1, s1_state, first_logits, next_pos.clone(), [], {})
-    greedy_decode(s1, first_logits, method.n_lookahead + 1, set())  # n forward steps at L .. L+n-1
+    greedy_decode(s1, first_logits, method.lookahead_tokens + 1, set())  # n forward steps at L .. L+n-1
     peak = kv_bytes(cache) + kv_bytes(stage1)
     for i, layer in enumerate(cache.layers):
         obs = state.observed[i]

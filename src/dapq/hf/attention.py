@@ -25,7 +25,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..methods.base import LayerInputs, Method
-from .cache import LayerTrack, gather_tokens
+from .cache import LayerTrack, gather_tokens, set_layer
 
 ATTN_NAME = "dapq"
 _STATE: contextvars.ContextVar[EngineState | None] = contextvars.ContextVar("dapq_state", default=None)
@@ -255,44 +255,51 @@ def _compress_layer(
     value: torch.Tensor,  # [B, H_c, T+N, D]
     scaling: float | None,
 ) -> None:
-    """Select this layer's kept prompt tokens, drop the rest and every pseudo entry, record positions/validity."""
+    """The prefill hook's side of `apply_selection`: wrap this layer's step tensors into LayerInputs."""
     step = state.step
     assert step is not None and step.prompt_len is not None
-    t = step.prompt_len
-    layer_idx = module.layer_idx
+    inp = LayerInputs(
+        queries=query,
+        keys=key,
+        positions=step.pos.to(key.device),
+        valid=step.valid.to(key.device),
+        budgets=torch.empty(0),  # set by apply_selection
+        prompt_len=step.prompt_len,
+        scaling=float(scaling if scaling is not None else query.shape[-1] ** -0.5),
+        layer_idx=module.layer_idx,
+        n_layers=state.n_layers,
+    )
+    apply_selection(state, inp, value, step.all_valid)
+
+
+def apply_selection(state: EngineState, inp: LayerInputs, value: torch.Tensor, all_valid: bool | None = None) -> None:
+    """Select one layer's kept prompt tokens with `state.method`, store them in `state.cache`, drop the rest and
+    every pseudo entry, and record positions/validity. `inp.keys` and `value` are [B, H_c, T(+N), D].
+
+    Used by the prefill hook (layer by layer) and by the one-prefill evaluation path (from recorded inputs).
+    """
+    t, layer_idx = inp.prompt_len, inp.layer_idx
+    key = inp.keys
     layer = state.cache.layers[layer_idx]
     method = state.method
     lengths = state._length_list
     budget_list = [
         min(method.layer_budget(b, layer_idx, state.n_layers, n), n) for b, n in zip(state._budget_list, lengths)
     ]
-    budgets = torch.tensor(budget_list, device=key.device)  # [B]
-    pos, valid = step.pos.to(key.device), step.valid.to(key.device)  # [B, T+N]
+    inp.budgets = torch.tensor(budget_list, device=key.device)  # [B]
+    pos, valid = inp.positions, inp.valid  # [B, T+N]
     # Hybrid models' sliding-window layers (config.layer_types) are left alone; a model whose every layer has a
     # window (Mistral v0.1) is evicted normally and the window is applied by the mask.
     evict = method.compresses and not state.sliding[layer_idx] and any(b < n for b, n in zip(budget_list, lengths))
     if not evict or method.deferred:  # deferred methods (LAQ) keep the full prompt KV until their later stage
-        layer.keys, layer.values = key[:, :, :t], value[:, :, :t]
-        state.tracks[layer_idx] = LayerTrack(pos[:, None, :t], valid[:, None, :t], step.all_valid)
+        set_layer(layer, key[:, :, :t], value[:, :, :t])
+        state.tracks[layer_idx] = LayerTrack(pos[:, None, :t], valid[:, None, :t], all_valid)
         state.kept[layer_idx] = sum(lengths) / len(lengths)
-        if not evict:
-            return
-    inp = LayerInputs(
-        queries=query,
-        keys=key,
-        positions=pos,
-        valid=valid,
-        budgets=budgets,
-        prompt_len=t,
-        scaling=float(scaling if scaling is not None else query.shape[-1] ** -0.5),
-        layer_idx=layer_idx,
-        n_layers=state.n_layers,
-    )
-    if method.deferred:
-        state.observed[layer_idx] = method.observe(inp)
+        if evict:
+            state.observed[layer_idx] = method.observe(inp)
         return
-    idx, kept_valid = method.select(inp, budgets)  # [B, H_c, k], [B, H_c, k]
-    layer.keys, layer.values = gather_tokens(key, idx), gather_tokens(value, idx)
+    idx, kept_valid = method.select(inp, inp.budgets)  # [B, H_c, k], [B, H_c, k]
+    set_layer(layer, gather_tokens(key, idx), gather_tokens(value, idx))
     prompt_pos = pos[:, None, :t].expand(-1, idx.shape[1], -1)  # [B, H_c, T]
     state.tracks[layer_idx] = LayerTrack(prompt_pos.gather(-1, idx), kept_valid)
     state.kept[layer_idx] = float(kept_valid.sum(-1).float().mean())

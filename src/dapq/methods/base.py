@@ -137,6 +137,11 @@ class Method:
         raise NotImplementedError
 
     @property
+    def lookahead_tokens(self) -> int:
+        """Tokens a deferred method decodes after prefill before its final selection (LAQ); 0 otherwise."""
+        return 0
+
+    @property
     def renumbers_positions(self) -> bool:
         """True when kept keys are moved to contiguous positions 0..k-1 after selection (StreamingLLM rerotate)."""
         return bool(getattr(self, "rerotate", False))

@@ -60,6 +60,10 @@ class LAQ(Method):
     def deferred(self) -> bool:
         return True
 
+    @property
+    def lookahead_tokens(self) -> int:
+        return self.n_lookahead
+
     def observe(self, inp: LayerInputs) -> dict[str, Any]:
         """At prefill: the stage-1 SnapKV selection and the last prompt queries (LAQ++), for the lookahead stage."""
         t = inp.prompt_len
