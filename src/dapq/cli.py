@@ -109,6 +109,130 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def parse_lengths(text: str) -> list[int]:
+    """'1000-4000:500' (start-stop:step, inclusive), '2048,4096' or '1k,2k'."""
+
+    def one(x: str) -> int:
+        x = x.strip().lower()
+        return int(float(x[:-1]) * 1000) if x.endswith("k") else int(x)
+
+    try:
+        if "-" in text:
+            span, _, step = text.partition(":")
+            lo, hi = (one(x) for x in span.split("-"))
+            return list(range(lo, hi + 1, one(step) if step else 500))
+        return [one(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise DapqError(f"--lengths takes '1000-4000:500' or '2048,4096'; got {text!r}") from exc
+
+
+def _method_specs(names: str, params: list[str]) -> list[Any]:
+    from .bench.runner import MethodSpec
+
+    per_method: dict[str, dict[str, Any]] = {}
+    for item in params:
+        key, _, value = item.partition("=")
+        if "." not in key or not _:
+            raise DapqError(f"--param takes method.key=value (e.g. dapq.n_pseudo_tokens=16); got {item!r}")
+        name, field = key.split(".", 1)
+        per_method.setdefault(name.strip(), {})[field.strip()] = _parse_value(value.strip())
+    specs = [MethodSpec.of(n.strip(), **per_method.get(n.strip(), {})) for n in names.split(",") if n.strip()]
+    unknown = set(per_method) - {s.name for s in specs}
+    if unknown:
+        raise DapqError(f"--param names method(s) not in --methods: {', '.join(sorted(unknown))}")
+    return specs
+
+
+def cmd_eval(args: argparse.Namespace, console: Console) -> int:
+    from .bench.runner import RunConfig, config_hash, run
+    from .models import load_model
+
+    specs = _method_specs(args.methods, args.param)
+    budgets = [_budget(b) for b in args.budgets.split(",") if b.strip()]
+    for spec in specs:  # fail fast on bad methods/budgets, before the model load
+        for b in budgets if spec.uses_budget else [None]:
+            spec.build(b)
+    bench_args = {k: v for k, v in vars(args).items() if k not in ("func", "out", "command", "device", "attn")}
+    out = Path(args.out) if args.out else Path("runs") / f"{args.bench}-{config_hash(bench_args)}"
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
+    samples = _samples(args, tok)
+    console.print(f"{len(samples)} samples x {len(specs)} methods -> {out}")
+    run(
+        model,
+        tok,
+        samples,
+        specs,
+        budgets,
+        out,
+        config=RunConfig(
+            model=args.model or "smollm2-135m-instruct", mode=args.mode, seed=args.seed, extra={"bench": args.bench}
+        ),
+        console=console,
+    )
+    console.print(f"results: {out / 'results.jsonl'}   tables and figures: dapq report {out}")
+    return 0
+
+
+def _samples(args: argparse.Namespace, tok: Any) -> list[Any]:
+    if args.bench == "niah":
+        from .bench.niah import niah_samples
+
+        return niah_samples(tok, parse_lengths(args.lengths), args.depths, seed=args.seed)
+    if args.bench == "ruler":
+        from .bench.ruler import RULER_TASKS, ruler_samples
+
+        tasks = RULER_TASKS if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+        return [
+            s
+            for length in parse_lengths(args.lengths)
+            for task in tasks
+            for s in ruler_samples(tok, task, length, args.samples or 50, seed=args.seed, data_dir=args.data_dir)
+        ]
+    if args.bench == "longbench":
+        from .bench.longbench import LONGBENCH_SUBSETS, longbench_samples
+
+        subsets = LONGBENCH_SUBSETS if args.subsets == "all" else [x.strip() for x in args.subsets.split(",")]
+        return [
+            s
+            for subset in subsets
+            for s in longbench_samples(
+                tok,
+                subset,
+                data_dir=args.data_dir,
+                from_hub=args.from_hub,
+                max_prompt_tokens=args.max_prompt_tokens,
+                n=args.samples,
+            )
+        ]
+    if args.bench == "longbench-v2":
+        from .bench.longbench_v2 import longbench_v2_samples
+
+        return longbench_v2_samples(tok, args.data_file, max_prompt_tokens=args.max_prompt_tokens, n=args.samples)
+    from .bench.helmet import HELMET_SUBSETS, helmet_samples
+
+    subsets = HELMET_SUBSETS if args.subsets == "all" else [x.strip() for x in args.subsets.split(",") if x.strip()]
+    return [
+        s
+        for subset in subsets
+        for s in helmet_samples(
+            tok,
+            subset,
+            args.data_dir,
+            length=args.length,
+            max_prompt_tokens=args.max_prompt_tokens,
+            n=args.samples,
+            from_hub=args.from_hub,
+        )
+    ]
+
+
+def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    from .bench.report import write_report
+
+    write_report(args.path, console)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     from .demo import run_demo
 
@@ -150,6 +274,47 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=None)
     demo.add_argument("--methods", default="full,snapkv,dapq", help="comma-separated method names (see `dapq list`)")
     demo.set_defaults(func=cmd_demo)
+
+    ev = sub.add_parser("eval", help="benchmarks: niah, ruler, longbench, longbench-v2, helmet (resumable)")
+    bench = ev.add_subparsers(dest="bench", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--methods", default="full,snapkv,dapq", help="comma-separated method names")
+    common.add_argument("--budgets", default="128", help="comma-separated budgets (tokens, or ratios < 1)")
+    common.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE")
+    common.add_argument("--mode", choices=MODES, default="query_aware")
+    common.add_argument("--samples", type=int, default=None, help="samples per task (default: all / 50 for RULER)")
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument(
+        "--out", default=None, help="output folder (default: runs/<bench>-<config hash>; reruns resume)"
+    )
+    common.add_argument("--model", default=None)
+    common.add_argument("--dtype", default=None)
+    common.add_argument("--device", default=None)
+    common.add_argument("--attn", default="sdpa")
+    common.add_argument("--max-prompt-tokens", type=int, default=None, help="truncate real-data prompts (head + tail)")
+    p = bench.add_parser("niah", parents=[common], help="Kamradt needle in a haystack (Paul Graham essays)")
+    p.add_argument("--lengths", default="1000-4000:500")
+    p.add_argument("--depths", type=int, default=10, help="number of depths, round(linspace(0, 100, n))")
+    p = bench.add_parser("ruler", parents=[common], help="the RULER synthetic tasks, generated offline")
+    p.add_argument("--tasks", default="all")
+    p.add_argument("--lengths", default="2048,4096")
+    p.add_argument("--data-dir", default=None, help="folder with SQuAD/HotpotQA files for qa_1/qa_2")
+    p = bench.add_parser("longbench", parents=[common], help="LongBench v1 English subsets from local files")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--subsets", default="all")
+    p.add_argument("--from-hub", action="store_true", help="download THUDM/LongBench (needs network and `datasets`)")
+    p = bench.add_parser("longbench-v2", parents=[common], help="LongBench v2 from a local file")
+    p.add_argument("--data-file", required=True)
+    p = bench.add_parser("helmet", parents=[common], help="HELMET subsets from local files")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--subsets", default="all")
+    p.add_argument("--length", type=int, default=8192, help="HELMET input length (picks RAG files, ICL shots)")
+    p.add_argument("--from-hub", action="store_true", help="download from the hub (needs network and `datasets`)")
+    ev.set_defaults(func=cmd_eval)
+
+    rp = sub.add_parser("report", help="tables (terminal + markdown) and figures from a results folder")
+    rp.add_argument("path")
+    rp.set_defaults(func=cmd_report)
     return parser
 
 

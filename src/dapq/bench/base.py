@@ -1,0 +1,30 @@
+"""What every benchmark task yields: a `Sample` (context, question, answer prefix, references, metric, metadata).
+
+Tasks are seeded generators (NIAH, RULER) or loaders of local files in the official formats (LongBench v1/v2,
+HELMET). The runner (`dapq.bench.runner`) turns samples into prompts with `dapq.generation.build_prompt`, so the
+context part is what question-agnostic mode compresses and context + question is what query-aware mode compresses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Sample:
+    """One evaluation item. `metric` names a function in `dapq.bench.metrics.METRICS`."""
+
+    id: str  # unique within its task, stable across runs with the same seed (used to resume)
+    task: str  # e.g. "niah", "ruler/niah_single_1", "longbench/qasper"
+    context: str
+    question: str
+    references: list[str]
+    metric: str
+    max_new_tokens: int
+    answer_prefix: str = ""
+    chat_template: bool | None = None  # None: use the tokenizer's template when it has one
+    metadata: dict[str, Any] = field(default_factory=dict)  # length, depth, seed, subset, difficulty, ...
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,226 @@
+"""The evaluation runner: every (sample, method, budget) answered from one prefill per sample, one JSON line each.
+
+    from dapq.bench.runner import MethodSpec, run
+    run(model, tok, samples, [MethodSpec("full"), MethodSpec("dapq")], budgets=[128, 256], out_dir="runs/x")
+
+Rows carry the full config (model, method and its fields, budget, task, sample metadata, mode, versions), the
+prediction, the score (0-100) and timings. Rows are appended with flush + fsync; a run killed at any point (even
+`kill -9` mid-write) resumes without losing or duplicating rows: a torn last line is cut off on restart and every
+(sample, method, budget) already written is skipped. The CLI (`dapq eval ...`) keys the output folder by the run's
+config, so rerunning the same command resumes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ..errors import DapqError
+from ..evalpath import derive, record, suffix_key
+from ..generation import append, build_prompt, greedy_decode, stop_token_ids
+from ..methods.base import Method, get_method
+from .base import Sample
+
+RESULTS = "results.jsonl"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method name and its non-budget parameters; `label` names it in reports (default: the name)."""
+
+    name: str
+    params: tuple[tuple[str, Any], ...] = ()
+    label: str = ""
+
+    @classmethod
+    def of(cls, name: str, label: str = "", **params: Any) -> MethodSpec:
+        return cls(name, tuple(sorted(params.items())), label)
+
+    @property
+    def key(self) -> str:
+        return self.label or (self.name + "".join(f",{k}={v}" for k, v in self.params))
+
+    def build(self, budget: int | float | None) -> Method:
+        return get_method(self.name, budget=budget, **dict(self.params))
+
+    @property
+    def uses_budget(self) -> bool:
+        return self.name != "full"
+
+
+@dataclass
+class RunConfig:
+    model: str
+    mode: str = "query_aware"
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    from .. import __version__
+
+    return {
+        "dapq": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """A short stable hash of a JSON-able run config (names the output folder)."""
+    return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def row_key(sample_id: str, method_key: str, budget: Any) -> tuple[str, str, str]:
+    return (sample_id, method_key, json.dumps(budget))
+
+
+def load_rows(path: Path) -> list[dict[str, Any]]:
+    """All complete rows of a results file; a torn last line (a run killed mid-write) is cut off the file."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    good_end = data.rfind(b"\n") + 1  # everything after the last newline is a partial row
+    rows = []
+    for line in data[:good_end].splitlines():
+        if line.strip():
+            rows.append(json.loads(line))
+    if good_end != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+    return rows
+
+
+def _append_row(f: Any, row: dict[str, Any]) -> None:
+    f.write(json.dumps(row, default=str) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def run(
+    model: Any,
+    tokenizer: Any,
+    samples: Iterable[Sample],
+    methods: list[MethodSpec],
+    budgets: list[int | float],
+    out_dir: str | Path,
+    *,
+    config: RunConfig | None = None,
+    console: Console | None = None,
+    total: int | None = None,
+) -> Path:
+    """Evaluate every sample with every method and budget; append rows to `out_dir/results.jsonl`; resume."""
+    from .metrics import METRICS, score_prediction
+
+    config = config or RunConfig(model="unknown")
+    if config.mode not in ("query_aware", "question_agnostic"):
+        raise DapqError(f"mode must be query_aware or question_agnostic; got {config.mode!r}")
+    if not methods:
+        raise DapqError("No methods to evaluate.")
+    for spec in methods:  # validate every method x budget before the long run starts
+        for budget in budgets if spec.uses_budget else [None]:
+            spec.build(budget)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / RESULTS
+    done = {row_key(r["sample_id"], r["method_key"], r["budget"]) for r in load_rows(path)}
+    samples = list(samples)
+    stops = stop_token_ids(tokenizer)
+    meta = {"model": config.model, "mode": config.mode, "seed": config.seed, "versions": versions(), **config.extra}
+    console = console or Console(stderr=True)
+    jobs_per_sample = sum(len(budgets) if s.uses_budget else 1 for s in methods)
+    with (
+        open(path, "a", encoding="utf-8") as f,
+        Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        ) as progress,
+    ):
+        task = progress.add_task("eval", total=(total or len(samples)) * jobs_per_sample)
+        for sample in samples:
+            todo = [
+                (spec, budget)
+                for spec in methods
+                for budget in (budgets if spec.uses_budget else [None])
+                if row_key(sample.id, spec.key, budget) not in done
+            ]
+            progress.advance(task, jobs_per_sample - len(todo))
+            if not todo:
+                continue
+            progress.update(task, description=f"{sample.task} {sample.id}")
+            ctx, q = build_prompt(
+                tokenizer,
+                sample.context,
+                sample.question,
+                chat_template=sample.chat_template,
+                answer_prefix=sample.answer_prefix,
+            )
+            prompts = [ctx + q] if config.mode == "query_aware" else [ctx]
+            built = [(spec, budget, spec.build(budget)) for spec, budget in todo]
+            recordings: dict[tuple, Any] = {}
+            vocab = model.get_input_embeddings().weight.shape[0]
+            prefill_s: dict[tuple, float] = {}
+            for spec, budget, method in built:
+                skey = suffix_key(method, prompts, vocab, tokenizer)
+                if skey not in recordings and not (skey == () and recordings):
+                    start = time.perf_counter()
+                    recordings[skey] = record(model, tokenizer, prompts, suffix=method if skey else None)
+                    prefill_s[skey] = time.perf_counter() - start
+                rec_key = skey if skey in recordings else next(iter(recordings))
+                cc = derive(recordings[rec_key], method)
+                start = time.perf_counter()
+                logits = (
+                    cc.first_logits if config.mode == "query_aware" else append(cc, [q], tokenizer.pad_token_id or 0)
+                )
+                tokens = greedy_decode(cc, logits, sample.max_new_tokens, stops)[0]
+                decode_s = time.perf_counter() - start
+                prediction = tokenizer.decode(tokens, skip_special_tokens=True)
+                if sample.metadata.get("stop_on_newline"):  # greedy: cutting the text = stopping at "\n"
+                    prediction = prediction.split("\n", 1)[0]
+                if sample.metric not in METRICS:
+                    raise DapqError(f"Unknown metric {sample.metric!r}. Known: {', '.join(sorted(METRICS))}.")
+                score = 100.0 * score_prediction(sample.metric, prediction, sample.references, sample.metadata)
+                row = {
+                    "sample_id": sample.id,
+                    "task": sample.task,
+                    "method": spec.name,
+                    "method_key": spec.key,
+                    "method_config": dataclasses.asdict(method),
+                    "budget": budget,
+                    "prediction": prediction,
+                    "references": sample.references,
+                    "metric": sample.metric,
+                    "score": score,
+                    "prompt_tokens": len(prompts[0]) + (0 if config.mode == "query_aware" else len(q)),
+                    "kept_mean": cc.stats["kept_mean"],
+                    "kv_bytes_compressed": cc.stats["kv_bytes_compressed"],
+                    "prefill_s": prefill_s.get(rec_key, 0.0),
+                    "select_s": cc.stats["select_s"],
+                    "decode_s": decode_s,
+                    "new_tokens": len(tokens),
+                    "metadata": sample.metadata,
+                    **meta,
+                }
+                _append_row(f, row)
+                done.add(row_key(sample.id, spec.key, budget))
+                progress.advance(task)
+    return path

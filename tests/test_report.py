@@ -1,0 +1,87 @@
+"""Reports are computed from result rows only: tables in the paper's layout, NIAH heatmaps, budget curves."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from rich.console import Console
+
+from dapq.bench.report import markdown_tables, summarize, write_report
+from dapq.cli import parse_lengths
+from dapq.errors import DapqError
+
+
+def _rows() -> list[dict]:
+    rows = []
+    for method, budgets in [("full", [None]), ("snapkv", [64, 128]), ("dapq", [64, 128])]:
+        for budget in budgets:
+            for i, (length, depth) in enumerate([(1000, 0), (1000, 50), (2000, 0), (2000, 50)]):
+                score = 100.0 if method == "full" else (50.0 * (i % 2) + (budget or 0) / 128 * 50)
+                rows.append(
+                    {
+                        "sample_id": f"niah-L{length}-d{depth}",
+                        "task": "niah",
+                        "method": method,
+                        "method_key": method,
+                        "budget": budget,
+                        "score": score,
+                        "metadata": {"length": length, "depth": depth},
+                    }
+                )
+            rows.append(
+                {
+                    "sample_id": "r0",
+                    "task": "ruler/vt",
+                    "method": method,
+                    "method_key": method,
+                    "budget": budget,
+                    "score": 10.0,
+                    "metadata": {"length": 2048},
+                }
+            )
+    return rows
+
+
+def test_summary_means_by_hand():
+    tasks, methods, budgets, means = summarize(_rows())
+    assert tasks == ["niah", "vt"] and methods == ["full", "snapkv", "dapq"] and budgets == [64, 128]
+    # snapkv at 64: scores 25, 75, 25, 75 -> 50; at 128: 50, 100, 50, 100 -> 75
+    assert means[("snapkv", 64, "niah")] == 50.0
+    assert means[("snapkv", 128, "niah")] == 75.0
+    assert means[("full", None, "niah")] == 100.0
+
+
+def test_markdown_layout_blocks_per_budget_with_fullkv_and_avg():
+    md = markdown_tables(_rows())
+    assert "### Budget 64" in md and "### Budget 128" in md
+    block64 = md.split("### Budget 64")[1].split("### Budget 128")[0]
+    assert "| method | niah | vt | AVG |" in block64
+    assert "| full | 100.00 | 10.00 | 55.00 |" in block64, block64  # FullKV repeated in every block
+    assert "| snapkv | 50.00 | 10.00 | 30.00 |" in block64, block64
+
+
+def test_write_report_renders_pngs(tmp_path):
+    with open(tmp_path / "results.jsonl", "w") as f:
+        for row in _rows():
+            f.write(json.dumps(row) + "\n")
+    report = write_report(tmp_path, Console(file=open(tmp_path / "out.txt", "w")))
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert "accuracy_vs_budget.png" in pngs
+    assert "niah_snapkv_64.png" in pngs and "niah_full_None.png" in pngs
+    for p in tmp_path.glob("*.png"):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{p.name} is not a PNG"
+    assert "![accuracy_vs_budget](accuracy_vs_budget.png)" in report.read_text()
+
+
+def test_report_of_an_empty_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(DapqError, match="No results.jsonl"):
+        write_report(tmp_path)
+
+
+def test_parse_lengths():
+    assert parse_lengths("1000-2000:500") == [1000, 1500, 2000]
+    assert parse_lengths("2048,4096") == [2048, 4096]
+    assert parse_lengths("1k,2k") == [1000, 2000]
+    with pytest.raises(DapqError, match="--lengths"):
+        parse_lengths("abc")
