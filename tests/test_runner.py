@@ -80,6 +80,7 @@ def test_runner_predictions_equal_generate(tmp_path, mode):
     path = run(model, TOK, samples, SPECS, [16, 24], tmp_path, config=RunConfig(model="tiny", mode=mode))
     rows = load_rows(path)
     assert len(rows) == len(samples) * (1 + 2 + 2)
+    assert max(r["decode_batch"] for r in rows) == 2, "snapkv and dapq at the same budget should decode as one batch"
     for row in rows:
         sample = samples[int(row["sample_id"][1:])]
         method = get_method(

@@ -173,6 +173,46 @@ def derive(rec: Recording, method: Method) -> CompressedCache:
     return CompressedCache(full.model, state.cache, state, first_logits, next_pos, lengths, stats)
 
 
+def merge(caches: list[CompressedCache]) -> CompressedCache | None:
+    """Stack compressed caches of the same prompt(s) along the batch axis, so several methods decode as one batch.
+
+    Returns None when layer shapes differ (e.g. PyramidKV's per-layer budgets next to a uniform method)."""
+    first = caches[0]
+    if len(caches) == 1:
+        return first
+    for cc in caches[1:]:
+        for a, b in zip(first.cache.layers, cc.cache.layers):
+            if a.keys.shape != b.keys.shape:
+                return None
+    state = EngineState(
+        cache=make_cache(first.state.n_layers, "kv_head"),
+        method=first.state.method,
+        n_layers=first.state.n_layers,
+        inner=first.state.inner,
+        row_budgets=torch.cat([cc.state.row_budgets for cc in caches]),
+        row_lengths=torch.cat([cc.state.row_lengths for cc in caches]),
+        sliding=first.state.sliding,
+    )
+    state.configs = first.state.configs
+    for i in range(first.state.n_layers):
+        layers = [cc.cache.layers[i] for cc in caches]
+        set_layer(state.cache.layers[i], torch.cat([x.keys for x in layers]), torch.cat([x.values for x in layers]))
+        tracks = [cc.state.tracks[i] for cc in caches]
+        h = max(t.pos.shape[1] for t in tracks)
+        state.tracks[i] = LayerTrack(
+            torch.cat([t.pos.expand(-1, h, -1) for t in tracks]), torch.cat([t.valid.expand(-1, h, -1) for t in tracks])
+        )
+    return CompressedCache(
+        first.model,
+        state.cache,
+        state,
+        torch.cat([cc.first_logits for cc in caches]),
+        torch.cat([cc.next_pos for cc in caches]),
+        [n for cc in caches for n in cc.prompt_lengths],
+        {},
+    )
+
+
 def _groups(cc: CompressedCache) -> int:
     cfg = _text_config(cc.model)
     return cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)

@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..errors import DapqError
-from ..evalpath import derive, record, suffix_key
+from ..evalpath import derive, merge, record, suffix_key
 from ..generation import append, build_prompt, greedy_decode, stop_token_ids
 from ..methods.base import Method, get_method
 from .base import Sample
@@ -65,6 +65,7 @@ class RunConfig:
     model: str
     mode: str = "query_aware"
     seed: int = 0
+    decode_batch: int = 16  # methods with equal cache shapes decode together, up to this many rows
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -179,6 +180,7 @@ def run(
             recordings: dict[tuple, Any] = {}
             vocab = model.get_input_embeddings().weight.shape[0]
             prefill_s: dict[tuple, float] = {}
+            jobs = []  # (spec, budget, method, compressed cache, recording key)
             for spec, budget, method in built:
                 skey = suffix_key(method, prompts, vocab, tokenizer)
                 if skey not in recordings and not (skey == () and recordings):
@@ -186,41 +188,58 @@ def run(
                     recordings[skey] = record(model, tokenizer, prompts, suffix=method if skey else None)
                     prefill_s[skey] = time.perf_counter() - start
                 rec_key = skey if skey in recordings else next(iter(recordings))
-                cc = derive(recordings[rec_key], method)
+                jobs.append((spec, budget, method, derive(recordings[rec_key], method), rec_key))
+            # decode methods whose caches have the same shapes as one batch (at most `decode_batch` rows)
+            groups: dict[tuple, list[int]] = {}
+            for n, job in enumerate(jobs):
+                shape = (job[2].layout, tuple(tuple(layer.keys.shape) for layer in job[3].cache.layers))
+                groups.setdefault(shape, []).append(n)
+            batches = [
+                ids[k : k + config.decode_batch]
+                for ids in groups.values()
+                for k in range(0, len(ids), config.decode_batch)
+            ]
+            for ids in batches:
+                merged = merge([jobs[n][3] for n in ids])
+                assert merged is not None
                 start = time.perf_counter()
-                logits = (
-                    cc.first_logits if config.mode == "query_aware" else append(cc, [q], tokenizer.pad_token_id or 0)
-                )
-                tokens = greedy_decode(cc, logits, sample.max_new_tokens, stops)[0]
-                decode_s = time.perf_counter() - start
-                prediction = tokenizer.decode(tokens, skip_special_tokens=True)
-                if sample.metadata.get("stop_on_newline"):  # greedy: cutting the text = stopping at "\n"
-                    prediction = prediction.split("\n", 1)[0]
-                if sample.metric not in METRICS:
-                    raise DapqError(f"Unknown metric {sample.metric!r}. Known: {', '.join(sorted(METRICS))}.")
-                score = 100.0 * score_prediction(sample.metric, prediction, sample.references, sample.metadata)
-                row = {
-                    "sample_id": sample.id,
-                    "task": sample.task,
-                    "method": spec.name,
-                    "method_key": spec.key,
-                    "method_config": dataclasses.asdict(method),
-                    "budget": budget,
-                    "prediction": prediction,
-                    "references": sample.references,
-                    "metric": sample.metric,
-                    "score": score,
-                    "prompt_tokens": len(prompts[0]) + (0 if config.mode == "query_aware" else len(q)),
-                    "kept_mean": cc.stats["kept_mean"],
-                    "kv_bytes_compressed": cc.stats["kv_bytes_compressed"],
-                    "prefill_s": prefill_s.get(rec_key, 0.0),
-                    "select_s": cc.stats["select_s"],
-                    "decode_s": decode_s,
-                    "new_tokens": len(tokens),
-                    "metadata": sample.metadata,
-                    **meta,
-                }
-                _append_row(f, row)
-                done.add(row_key(sample.id, spec.key, budget))
-                progress.advance(task)
+                if config.mode == "query_aware":
+                    logits = merged.first_logits
+                else:  # question-agnostic: the question follows the compressed context
+                    logits = append(merged, [q] * len(ids), tokenizer.pad_token_id or 0)
+                outputs = greedy_decode(merged, logits, sample.max_new_tokens, stops)
+                decode_s = (time.perf_counter() - start) / len(ids)
+                for n, tokens in zip(ids, outputs):
+                    spec, budget, method, cc, rec_key = jobs[n]
+                    prediction = tokenizer.decode(tokens, skip_special_tokens=True)
+                    if sample.metadata.get("stop_on_newline"):  # greedy: cutting the text = stopping at "\n"
+                        prediction = prediction.split("\n", 1)[0]
+                    if sample.metric not in METRICS:
+                        raise DapqError(f"Unknown metric {sample.metric!r}. Known: {', '.join(sorted(METRICS))}.")
+                    score = 100.0 * score_prediction(sample.metric, prediction, sample.references, sample.metadata)
+                    row = {
+                        "sample_id": sample.id,
+                        "task": sample.task,
+                        "method": spec.name,
+                        "method_key": spec.key,
+                        "method_config": dataclasses.asdict(method),
+                        "budget": budget,
+                        "prediction": prediction,
+                        "references": sample.references,
+                        "metric": sample.metric,
+                        "score": score,
+                        "prompt_tokens": len(prompts[0]) + (0 if config.mode == "query_aware" else len(q)),
+                        "kept_mean": cc.stats["kept_mean"],
+                        "kv_bytes_compressed": cc.stats["kv_bytes_compressed"],
+                        "prefill_s": prefill_s.get(rec_key, 0.0),
+                        "select_s": cc.stats["select_s"],
+                        "decode_s": decode_s,
+                        "decode_batch": len(ids),
+                        "new_tokens": len(tokens),
+                        "metadata": sample.metadata,
+                        **meta,
+                    }
+                    _append_row(f, row)
+                    done.add(row_key(sample.id, spec.key, budget))
+                    progress.advance(task)
     return path
