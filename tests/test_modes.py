@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import dapq.generation as gen
-from dapq import DapQ, FullKV, SnapKV, answer_many, generate
+from dapq import DapQ, FullKV, answer_many, generate, get_method, list_methods
 from dapq.generation import append, compress, greedy_decode
 from dapq.hf.cache import restore, snapshot
-from helpers import TinyTokenizer, build_tiny, max_diff, random_prompt
+from helpers import METHOD_PARAMS, TinyTokenizer, build_tiny, max_diff, random_prompt
 
 TOK = TinyTokenizer()
 CONTEXT = (
@@ -25,12 +25,12 @@ CONTEXT = (
     "Her brother Tom sells the honey at the Tuesday market in town."
 )
 QUESTIONS = ["Who sells the honey?", "Which hive swarmed?", "Where are the bees?"]
+# every registered method (both modes are served by the same engine), plus the reference query_head layout
 METHODS = {
-    "full": lambda: FullKV(),
-    "snapkv": lambda: SnapKV(budget=48, window=8),
-    "dapq": lambda: DapQ(budget=48, n_pseudo_tokens=8),
-    "dapq-query_head": lambda: DapQ(budget=48, n_pseudo_tokens=8, layout="query_head"),
+    name: (lambda name=name: get_method(name, budget=48, **METHOD_PARAMS.get(name, {}))) for name in list_methods()
 }
+METHODS["dapq-query_head"] = lambda: DapQ(budget=48, n_pseudo_tokens=8, layout="query_head")
+METHODS["laq-query_head"] = lambda: get_method("laq", budget=48, layout="query_head", **METHOD_PARAMS["laq"])
 
 
 def clone_state(cc) -> dict[str, Any]:
