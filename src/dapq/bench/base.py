@@ -28,3 +28,11 @@ class Sample:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def prompt_ids(self, tokenizer: Any) -> tuple[list[int], list[int]]:
+        """(context part, question part) token ids, exactly as `generate` builds them for this sample."""
+        from ..generation import build_prompt
+
+        return build_prompt(
+            tokenizer, self.context, self.question, chat_template=self.chat_template, answer_prefix=self.answer_prefix
+        )

@@ -190,13 +190,7 @@ def split_at_junction(head: str, tail: str, sep: str = "\n\n") -> tuple[str, str
 
 def prompt_tokens(tokenizer: Any, sample: Sample) -> int:
     """Number of tokens `build_prompt` gives for the sample (chat template, special tokens, answer prefix included)."""
-    ctx, q = build_prompt(
-        tokenizer,
-        sample.context,
-        sample.question,
-        chat_template=sample.chat_template,
-        answer_prefix=sample.answer_prefix,
-    )
+    ctx, q = sample.prompt_ids(tokenizer)
     return len(ctx) + len(q)
 
 

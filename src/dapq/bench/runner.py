@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..errors import DapqError
 from ..evalpath import derive, merge, record, suffix_key
-from ..generation import append, build_prompt, greedy_decode, stop_token_ids
+from ..generation import append, greedy_decode, stop_token_ids
 from ..methods.base import Method, get_method
 from .base import Sample
 
@@ -168,13 +168,7 @@ def run(
             if not todo:
                 continue
             progress.update(task, description=f"{sample.task} {sample.id}")
-            ctx, q = build_prompt(
-                tokenizer,
-                sample.context,
-                sample.question,
-                chat_template=sample.chat_template,
-                answer_prefix=sample.answer_prefix,
-            )
+            ctx, q = sample.prompt_ids(tokenizer)
             prompts = [ctx + q] if config.mode == "query_aware" else [ctx]
             built = [(spec, budget, spec.build(budget)) for spec, budget in todo]
             recordings: dict[tuple, Any] = {}
