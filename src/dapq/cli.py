@@ -103,7 +103,8 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> int:
         console.print(
             f"[dim]{method.describe()} | prompt {s['prompt_tokens'][0]} tokens | kept per layer (mean) "
             f"{sum(s['kept_per_layer']) / len(s['kept_per_layer']):.1f} | KV {s['kv_bytes_full'] / 2**20:.2f} -> "
-            f"{s['kv_bytes_compressed'] / 2**20:.2f} MiB | prefill {s['prefill_s']:.2f} s, "
+            f"{s['kv_bytes_compressed'] / 2**20:.2f} MiB (peak {s['kv_bytes_peak'] / 2**20:.2f}) | "
+            f"prefill {s['prefill_s']:.2f} s, "
             f"decode {s['decode_s']:.2f} s[/]"
         )
     return 0
