@@ -95,9 +95,9 @@ def _configs(model: Any) -> list[Any]:
     return list(seen.values())
 
 
-def model_attn_implementation(model: Any) -> str:
-    """The implementation dapq delegates to: the model's own, or sdpa if the model was switched to dapq."""
-    impl = model.config._attn_implementation or "sdpa"
+def model_attn_implementation(model_or_module: Any) -> str:
+    """The implementation dapq delegates to: the model's (or module's) own, or sdpa if it was switched to dapq."""
+    impl = getattr(model_or_module.config, "_attn_implementation", None) or "sdpa"
     return "sdpa" if impl == ATTN_NAME else impl
 
 
@@ -196,7 +196,7 @@ def dapq_attention(
     groups = query.shape[1] // key.shape[1]
     target = module if groups == getattr(module, "num_key_value_groups", groups) else _OneGroup(module)
     if state is None or state.step is None:
-        fn, _ = _inner_attention(model_inner_name(module), module, attention_mask is not None)
+        fn, _ = _inner_attention(model_attn_implementation(module), module, attention_mask is not None)
         return fn(target, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
     layer_idx = module.layer_idx
@@ -240,11 +240,6 @@ def dapq_attention(
     if step.prompt_len is not None:
         _compress_layer(state, module, query, key, value, scaling)
     return out, weights
-
-
-def model_inner_name(module: torch.nn.Module) -> str:
-    impl = getattr(module.config, "_attn_implementation", None) or "sdpa"
-    return "sdpa" if impl == ATTN_NAME else impl
 
 
 def _compress_layer(
