@@ -63,7 +63,7 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
             for f in dataclasses.fields(cls)
             if f.init and f.default is not dataclasses.MISSING
         )
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        doc = " ".join((cls.__doc__ or "").split()).split(". ")[0].rstrip(".") + "."  # the first sentence
         table.add_row(name, params, doc)
     console.print(table)
     return 0
