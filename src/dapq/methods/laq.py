@@ -30,7 +30,9 @@ from .snapkv import window_scores
 @register("laq")
 @dataclass
 class LAQ(Method):
-    """Lookahead Q-Cache. Fields: `n_lookahead` (8), `stage1_window` (SnapKV window of the temporary cache, 32),
+    """Lookahead Q-Cache: queries of n tokens decoded on a SnapKV stage-1 cache choose the kept tokens.
+
+    Fields: `n_lookahead` (8), `stage1_window` (SnapKV window of the temporary cache, 32),
     `prompt_queries` (0 for LAQ, 8 for LAQ++), `pooling`/`kernel` (max, 7), plus budget, layout, gqa.
 
     Shapes: lookahead queries [B, H_q, n, D], prompt queries [B, H_q, p, D], full prompt keys [B, H_c, T, D];

@@ -32,7 +32,9 @@ def window_scores(inp: LayerInputs, window: int) -> torch.Tensor:  # [B, H_q, T]
 @register("snapkv")
 @dataclass
 class SnapKV(ScorerMethod):
-    """SnapKV. Fields: `window` (observation window W, kept in full; default 32 as in the DapQ paper), `pooling`
+    """SnapKV: the last `window` prompt queries score earlier keys; keep the top B - window plus the window.
+
+    Fields: `window` (observation window W, kept in full; default 32 as in the DapQ paper), `pooling`
     and `kernel` (max, 7), plus the base fields (budget, layout, gqa).
 
     Shapes: queries [B, H_q, T, D] and keys [B, H_c, T, D] of one layer; returns kept indices [B, H_c, B_tokens].
