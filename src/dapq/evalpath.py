@@ -26,8 +26,8 @@ from .generation import (
     _lookahead_stage,
     _renumber_positions,
     _sync,
-    _text_config,
     compress,
+    kv_groups,
 )
 from .hf.attention import EngineState, apply_selection
 from .hf.cache import LayerTrack, kv_bytes, make_cache, set_layer
@@ -120,7 +120,7 @@ def derive(rec: Recording, method: Method) -> CompressedCache:
         if suffix_key(method, rec.prompts, vocab, rec.tokenizer) != rec.key:
             raise ValueError(f"{method.describe()} needs its own pseudo suffix: record(..., suffix=method) for it")
     src = full.state
-    groups = _groups(full)
+    groups = kv_groups(full.model)
     device = full.next_pos.device
     lengths = full.prompt_lengths
     state = EngineState(
@@ -211,11 +211,6 @@ def merge(caches: list[CompressedCache]) -> CompressedCache | None:
         [n for cc in caches for n in cc.prompt_lengths],
         {},
     )
-
-
-def _groups(cc: CompressedCache) -> int:
-    cfg = _text_config(cc.model)
-    return cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
 
 
 def _layout(states: torch.Tensor, method: Method, groups: int) -> torch.Tensor:

@@ -90,6 +90,12 @@ def _text_config(model: Any) -> Any:
     return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
 
 
+def kv_groups(model: Any) -> int:
+    """Query heads per KV head (the GQA group size G)."""
+    cfg = _text_config(model)
+    return cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+
+
 def _max_positions(model: Any) -> int | None:
     cfg = _text_config(model)
     return getattr(cfg, "max_position_embeddings", None)
@@ -162,9 +168,8 @@ def compress(model: Any, tokenizer: Any, prompts: list[list[int]], method: Metho
             f"the model's maximum of {max_pos} positions. Shorten the context or use a long-context model."
         )
     cfg = _text_config(model)
-    n_q = cfg.num_attention_heads
-    n_kv = getattr(cfg, "num_key_value_heads", None) or n_q
-    cache = make_cache(_n_layers(model), method.layout, n_q // n_kv)
+    groups = kv_groups(model)
+    cache = make_cache(_n_layers(model), method.layout, groups)
     state = EngineState(
         cache=cache,
         method=method,
@@ -198,9 +203,11 @@ def compress(model: Any, tokenizer: Any, prompts: list[list[int]], method: Metho
     lookahead_s = 0.0
     if method.lookahead_tokens and any(o is not None for o in state.observed):
         start = time.perf_counter()
-        kv_peak = _lookahead_stage(model, cache, state, first_logits, torch.tensor(lengths, device=device), n_q // n_kv)
+        kv_peak = _lookahead_stage(model, cache, state, first_logits, torch.tensor(lengths, device=device), groups)
         _sync(device)
         lookahead_s = time.perf_counter() - start
+    n_q = cfg.num_attention_heads
+    n_kv = n_q // groups
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_q
     itemsize = cache.layers[0].keys.element_size()
     stats = {
