@@ -17,8 +17,8 @@ import torch
 
 from dapq import get_method, list_methods
 from dapq.bench.base import Sample
-from dapq.bench.runner import MethodSpec, RunConfig, load_rows, run
-from dapq.evalpath import derive, record
+from dapq.bench.runner import MethodSpec, RunConfig, decode_batches, load_rows, run
+from dapq.evalpath import derive, merge, record
 from dapq.generation import compress, generate, greedy_decode
 from helpers import METHOD_PARAMS, TinyTokenizer, build_tiny, random_prompt
 
@@ -80,7 +80,8 @@ def test_runner_predictions_equal_generate(tmp_path, mode):
     path = run(model, TOK, samples, SPECS, [16, 24], tmp_path, config=RunConfig(model="tiny", mode=mode))
     rows = load_rows(path)
     assert len(rows) == len(samples) * (1 + 2 + 2)
-    assert max(r["decode_batch"] for r in rows) == 2, "snapkv and dapq at the same budget should decode as one batch"
+    # caches of 16, 24 and ~65 tokens are within the 8x spread: one padded batch of all five rows
+    assert {r["decode_batch"] for r in rows} == {5}, "every method should decode in one padded batch"
     for row in rows:
         sample = samples[int(row["sample_id"][1:])]
         method = get_method(
@@ -140,3 +141,70 @@ def test_kill_minus_nine_then_resume(tmp_path):
     want = {(f"s{i}", s.key, b) for i in range(12) for s in SPECS for b in ([None] if s.name == "full" else [16, 24])}
     assert set(keys) == want, f"missing rows: {sorted(want - set(keys))[:5]}"
     assert all(json.loads(line) for line in results.read_text().splitlines())
+
+
+@pytest.mark.parametrize("layout", ["kv_head", "query_head"])
+def test_padded_merge_decodes_like_each_cache_alone(layout):
+    """Caches of different lengths (budgets, PyramidKV's per-layer budgets) merged with invalid padding decode to
+    exactly the tokens each decodes alone."""
+    model = build_tiny("llama")
+    prompt = random_prompt(70, 3)
+    methods = [
+        get_method("snapkv", budget=12, window=4, layout=layout),
+        get_method("pyramidkv", budget=20, window=4, layout=layout),
+        get_method("h2o", budget=40, recent=4, layout=layout),
+        get_method("full", layout=layout),
+    ]
+    rec = record(model, TOK, [prompt])
+    alone = [greedy_decode(cc, cc.first_logits, 6, set())[0] for cc in (derive(rec, m) for m in methods)]
+    merged = merge([derive(rec, m) for m in methods])
+    lengths = {layer.keys.shape[2] for layer in merged.cache.layers}
+    assert lengths == {70}, f"every merged layer should be padded to the longest cache (70); got {lengths}"
+    together = greedy_decode(merged, merged.first_logits, 6, set())
+    assert together == alone, f"padded batch decoded {together}, alone {alone}"
+
+
+def test_decode_batches_group_by_layout_length_and_rows():
+    model = build_tiny("llama")
+    rec = record(model, TOK, [random_prompt(200, 4)])
+    caches = [derive(rec, get_method("snapkv", budget=b, window=4)) for b in (10, 20, 40, 80, 160)]
+    caches += [
+        derive(rec, get_method("full")),
+        derive(rec, get_method("snapkv", budget=20, window=4, layout="query_head")),
+    ]
+    batches = decode_batches(caches, max_rows=16)
+    assert sorted(n for b in batches for n in b) == list(range(len(caches))), f"every cache once: {batches}"
+    assert [6] in batches, f"the query_head cache decodes apart from kv_head ones: {batches}"
+    assert [0, 1, 2, 3] in batches and [4, 5] in batches, f"lengths 10..80 together, 160 with full (200): {batches}"
+    small = decode_batches(caches[:5], max_rows=2)
+    assert all(len(b) <= 2 for b in small) and len(small) == 3, f"max_rows=2 splits into 3 batches: {small}"
+
+
+def test_scores_shared_across_budgets_select_like_the_serving_path():
+    """The recording memoises budget-independent scores; every budget must still select what `compress` selects."""
+    model = build_tiny("llama")
+    prompts = [random_prompt(50, 5)]
+    rec = record(model, TOK, prompts, suffix=get_method("dapq", budget=8, **METHOD_PARAMS["dapq"]))
+    for name in ["snapkv", "pyramidkv", "h2o", "dapq"]:
+        for budget in (8, 16, 30):
+            method = get_method(name, budget=budget, **METHOD_PARAMS.get(name, {}))
+            served, derived = compress(model, TOK, prompts, method), derive(rec, method)
+            for i in range(len(served.cache.layers)):
+                assert torch.equal(served.state.tracks[i].pos, derived.state.tracks[i].pos), (
+                    f"{name} budget {budget} layer {i}: kept set differs from the serving path"
+                )
+    assert any(rec.memo[0]), "scores should have been memoised in the recording"
+
+
+def test_compacting_finished_rows_does_not_change_the_tokens():
+    model = build_tiny("llama")
+    prompts = [random_prompt(30 + 3 * i, 10 + i) for i in range(4)]
+    method = get_method("snapkv", budget=16, window=4)
+    cc = compress(model, TOK, prompts, method)
+    free = greedy_decode(cc, cc.first_logits, 10, set())
+    stops = {free[0][2], free[2][1]}  # rows finish at different steps
+    cc_a, cc_b = compress(model, TOK, prompts, method), compress(model, TOK, prompts, method)
+    plain = greedy_decode(cc_a, cc_a.first_logits, 10, stops)
+    compacted = greedy_decode(cc_b, cc_b.first_logits, 10, stops, compact=True)
+    assert compacted == plain, f"compacted {compacted} != plain {plain}"
+    assert cc_b.cache.layers[0].keys.shape[0] < len(prompts), "finished rows should have been dropped from the cache"

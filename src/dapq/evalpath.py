@@ -16,7 +16,7 @@ then decodes from it. Methods whose pseudo suffix differs from the recorded one 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -84,6 +84,12 @@ class Recording:
     key: tuple
     prompts: list[list[int]]
     tokenizer: Any = None
+    # per layer: budget-independent scores already computed for a method config (shared by its budgets)
+    memo: list[dict[Any, torch.Tensor]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.memo:
+            self.memo = [{} for _ in self.full.cache.layers]
 
 
 def record(model: Any, tokenizer: Any, prompts: list[list[int]], suffix: Method | None = None) -> Recording:
@@ -153,6 +159,7 @@ def derive(rec: Recording, method: Method) -> CompressedCache:
             scaling=inp.scaling,
             layer_idx=i,
             n_layers=inp.n_layers,
+            memo=rec.memo[i],
         )
         apply_selection(state, inp, _layout(layer.values, method, groups))  # values [B, H, T, D]: prompt only
     first_logits = full.first_logits
@@ -173,19 +180,22 @@ def derive(rec: Recording, method: Method) -> CompressedCache:
     return CompressedCache(full.model, state.cache, state, first_logits, next_pos, lengths, stats)
 
 
-def merge(caches: list[CompressedCache]) -> CompressedCache | None:
+def merge(caches: list[CompressedCache]) -> CompressedCache:
     """Stack compressed caches of the same prompt(s) along the batch axis, so several methods decode as one batch.
 
-    Returns None when layer shapes differ (e.g. PyramidKV's per-layer budgets next to a uniform method)."""
+    Layers of different lengths (other budgets, PyramidKV's per-layer budgets) are padded at the end with invalid
+    entries (zeros, masked out by their tracked validity), so any caches of one layout merge; the padding costs
+    attention work on the longest row's length, which is why the runner groups caches of similar lengths."""
     first = caches[0]
     if len(caches) == 1:
         return first
-    for cc in caches[1:]:
-        for a, b in zip(first.cache.layers, cc.cache.layers):
-            if a.keys.shape != b.keys.shape:
-                return None
+    layouts = {type(cc.cache.layers[0]) for cc in caches}
+    if len(layouts) > 1:
+        raise ValueError("merge needs caches of one layout (kv_head or query_head)")
+    cache = make_cache(first.state.n_layers)
+    cache.layers = [type(layer)(**_layer_kwargs(layer)) for layer in first.cache.layers]
     state = EngineState(
-        cache=make_cache(first.state.n_layers, "kv_head"),
+        cache=cache,
         method=first.state.method,
         n_layers=first.state.n_layers,
         inner=first.state.inner,
@@ -196,21 +206,38 @@ def merge(caches: list[CompressedCache]) -> CompressedCache | None:
     state.configs = first.state.configs
     for i in range(first.state.n_layers):
         layers = [cc.cache.layers[i] for cc in caches]
-        set_layer(state.cache.layers[i], torch.cat([x.keys for x in layers]), torch.cat([x.values for x in layers]))
         tracks = [cc.state.tracks[i] for cc in caches]
-        h = max(t.pos.shape[1] for t in tracks)
-        state.tracks[i] = LayerTrack(
-            torch.cat([t.pos.expand(-1, h, -1) for t in tracks]), torch.cat([t.valid.expand(-1, h, -1) for t in tracks])
-        )
+        t = max(x.keys.shape[2] for x in layers)
+        h = max(tr.pos.shape[1] for tr in tracks)
+        keys = torch.cat([_pad_tokens(x.keys, t, 0) for x in layers])  # [sum B, H_c, t, D]
+        values = torch.cat([_pad_tokens(x.values, t, 0) for x in layers])
+        set_layer(cache.layers[i], keys, values)
+        pos = torch.cat([_pad_tokens(tr.pos.expand(-1, h, -1), t, 0) for tr in tracks])  # [sum B, H_s, t]
+        valid = torch.cat([_pad_tokens(tr.valid.expand(-1, h, -1), t, False) for tr in tracks])
+        state.tracks[i] = LayerTrack(pos, valid)
     return CompressedCache(
         first.model,
-        state.cache,
+        cache,
         state,
         torch.cat([cc.first_logits for cc in caches]),
         torch.cat([cc.next_pos for cc in caches]),
         [n for cc in caches for n in cc.prompt_lengths],
         {},
     )
+
+
+def _pad_tokens(x: torch.Tensor, length: int, fill: float | bool) -> torch.Tensor:
+    """Pad the token axis (dim 2) of [B, H, T(, D)] at the end to `length` with `fill`."""
+    short = length - x.shape[2]
+    if short == 0:
+        return x
+    shape = list(x.shape)
+    shape[2] = short
+    return torch.cat([x, torch.full(shape, fill, dtype=x.dtype, device=x.device)], dim=2)
+
+
+def _layer_kwargs(layer: Any) -> dict[str, Any]:
+    return {"groups": layer.groups} if hasattr(layer, "groups") else {}
 
 
 def _layout(states: torch.Tensor, method: Method, groups: int) -> torch.Tensor:

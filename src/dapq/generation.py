@@ -22,7 +22,7 @@ import torch
 
 from .errors import DapqError
 from .hf.attention import EngineState, Step, activate, model_attn_implementation
-from .hf.cache import LayerTrack, gather_tokens, kv_bytes, make_cache, restore, set_layer, snapshot
+from .hf.cache import LayerTrack, gather_tokens, kv_bytes, make_cache, reserve, restore, set_layer, snapshot
 from .methods.base import Method, get_method
 from .methods.full import FullKV
 
@@ -361,28 +361,49 @@ def append(cc: CompressedCache, rows: list[list[int]], pad_id: int = 0) -> torch
 
 
 def greedy_decode(
-    cc: CompressedCache, logits: torch.Tensor, max_new_tokens: int, stop_ids: set[int]
+    cc: CompressedCache, logits: torch.Tensor, max_new_tokens: int, stop_ids: set[int], *, compact: bool = False
 ) -> list[list[int]]:
-    """Greedy decoding from `logits` [B, V]; token i of row b goes to position next_pos[b] + i."""
+    """Greedy decoding from `logits` [B, V]; token i of row b goes to position next_pos[b] + i.
+
+    `compact=True` drops finished rows from the batch (and from `cc`, which is then not reusable) once a quarter
+    of the active rows has finished, so that long answers of a few rows do not keep the whole batch computing.
+    """
     n_rows = logits.shape[0]
     device = cc.next_pos.device
     out: list[list[int]] = [[] for _ in range(n_rows)]
     done = [False] * n_rows
-    pos = cc.next_pos.clone()
+    active = list(range(n_rows))  # the output row of each cache row
+    pos = cc.next_pos.clone()  # [A]
+    reserve(cc.cache, max_new_tokens)  # room for every step now: no per-step copy of the cache
     for step in range(max_new_tokens):
-        tokens = logits.argmax(-1)  # [B]
-        for b, tok in enumerate(tokens.tolist()):
-            if not done[b]:
+        tokens = logits.argmax(-1)  # [A]
+        for row, tok in zip(active, tokens.tolist()):
+            if not done[row]:
                 if tok in stop_ids:
-                    done[b] = True
+                    done[row] = True
                 else:
-                    out[b].append(tok)
+                    out[row].append(tok)
         if all(done) or step == max_new_tokens - 1:
             break
-        ones = torch.ones((n_rows, 1), dtype=torch.bool, device=device)
+        if compact:
+            keep = [j for j, row in enumerate(active) if not done[row]]
+            if len(keep) <= 3 * len(active) // 4:
+                idx = torch.tensor(keep, device=device)
+                _select_rows(cc, idx)
+                reserve(cc.cache, max_new_tokens - step)
+                tokens, pos, active = tokens[idx], pos[idx], [active[j] for j in keep]
+        ones = torch.ones((len(active), 1), dtype=torch.bool, device=device)
         logits = _forward(cc, tokens[:, None], pos[:, None], ones)
         pos = pos + 1
     return out
+
+
+def _select_rows(cc: CompressedCache, idx: torch.Tensor) -> None:
+    """Keep only the batch rows `idx` [A] of a compressed cache."""
+    cc.state.keep_rows(idx)
+    cc.next_pos = cc.next_pos.index_select(0, idx.to(cc.next_pos.device))
+    cc.first_logits = cc.first_logits.index_select(0, idx.to(cc.first_logits.device))
+    cc.prompt_lengths = [cc.prompt_lengths[j] for j in idx.tolist()] if cc.prompt_lengths else []
 
 
 def stop_token_ids(tokenizer: Any, extra: list[str] | None = None) -> set[int]:
@@ -451,7 +472,7 @@ def generate(
         cc = compress(model, tokenizer, [c for c, _ in parts], method)
         logits = append(cc, [q for _, q in parts], int(tokenizer.pad_token_id or 0))
     start = time.perf_counter()
-    tokens = greedy_decode(cc, logits, max_new_tokens, stop_token_ids(tokenizer, stop))
+    tokens = greedy_decode(cc, logits, max_new_tokens, stop_token_ids(tokenizer, stop), compact=True)
     _sync(_device(model))
     stats = dict(cc.stats, mode=mode, decode_s=time.perf_counter() - start, new_tokens=[len(t) for t in tokens])
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]

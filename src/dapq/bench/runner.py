@@ -65,7 +65,7 @@ class RunConfig:
     model: str
     mode: str = "query_aware"
     seed: int = 0
-    decode_batch: int = 16  # methods with equal cache shapes decode together, up to this many rows
+    decode_batch: int = 16  # methods (caches of similar length, padded) decode together, up to this many rows
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -111,6 +111,33 @@ def _append_row(f: Any, row: dict[str, Any]) -> None:
     f.write(json.dumps(row, default=str) + "\n")
     f.flush()
     os.fsync(f.fileno())
+
+
+def decode_batches(caches: list[Any], max_rows: int, spread: int = 8) -> list[list[int]]:
+    """Indices of `caches` grouped into decode batches: one layout per batch, at most `max_rows` rows, and caches
+    sorted by length so that a batch's longest cache is at most `spread` times its shortest (merging pads every
+    row to the longest, so FullKV does not decode next to a 64-token cache)."""
+
+    def length(n: int) -> int:
+        return max(layer.keys.shape[2] for layer in caches[n].cache.layers)
+
+    batches: list[list[int]] = []
+    by_layout: dict[type, list[int]] = {}
+    for n, cc in enumerate(caches):
+        by_layout.setdefault(type(cc.cache.layers[0]), []).append(n)
+    for ids in by_layout.values():
+        current: list[int] = []
+        for n in sorted(ids, key=length):
+            rows = sum(caches[m].first_logits.shape[0] for m in current)
+            if current and (
+                rows + caches[n].first_logits.shape[0] > max_rows or length(n) > spread * length(current[0])
+            ):
+                batches.append(current)
+                current = []
+            current.append(n)
+        if current:
+            batches.append(current)
+    return batches
 
 
 def run(
@@ -171,6 +198,8 @@ def run(
             ctx, q = sample.prompt_ids(tokenizer)
             prompts = [ctx + q] if config.mode == "query_aware" else [ctx]
             built = [(spec, budget, spec.build(budget)) for spec, budget in todo]
+            # record with a pseudo suffix first: methods without one can reuse that prefill (no second recording)
+            built.sort(key=lambda job: job[2].n_pseudo == 0)
             recordings: dict[tuple, Any] = {}
             vocab = model.get_input_embeddings().weight.shape[0]
             prefill_s: dict[tuple, float] = {}
@@ -183,25 +212,15 @@ def run(
                     prefill_s[skey] = time.perf_counter() - start
                 rec_key = skey if skey in recordings else next(iter(recordings))
                 jobs.append((spec, budget, method, derive(recordings[rec_key], method), rec_key))
-            # decode methods whose caches have the same shapes as one batch (at most `decode_batch` rows)
-            groups: dict[tuple, list[int]] = {}
-            for n, job in enumerate(jobs):
-                shape = (job[2].layout, tuple(tuple(layer.keys.shape) for layer in job[3].cache.layers))
-                groups.setdefault(shape, []).append(n)
-            batches = [
-                ids[k : k + config.decode_batch]
-                for ids in groups.values()
-                for k in range(0, len(ids), config.decode_batch)
-            ]
+            batches = decode_batches([job[3] for job in jobs], config.decode_batch)
             for ids in batches:
                 merged = merge([jobs[n][3] for n in ids])
-                assert merged is not None
                 start = time.perf_counter()
                 if config.mode == "query_aware":
                     logits = merged.first_logits
                 else:  # question-agnostic: the question follows the compressed context
                     logits = append(merged, [q] * len(ids), tokenizer.pad_token_id or 0)
-                outputs = greedy_decode(merged, logits, sample.max_new_tokens, stops)
+                outputs = greedy_decode(merged, logits, sample.max_new_tokens, stops, compact=True)
                 decode_s = (time.perf_counter() - start) / len(ids)
                 for n, tokens in zip(ids, outputs):
                     spec, budget, method, cc, rec_key = jobs[n]

@@ -74,6 +74,19 @@ class EngineState:
         self._budget_list = [int(b) for b in self.row_budgets.tolist()]  # host copies: no per-layer device sync
         self._length_list = [int(n) for n in self.row_lengths.tolist()]
 
+    def keep_rows(self, idx: torch.Tensor) -> None:
+        """Keep only batch rows `idx` [A] of the cache, the tracks and the per-row bookkeeping."""
+        for i, layer in enumerate(self.cache.layers):
+            rows = idx.to(layer.keys.device)
+            set_layer(layer, layer.keys.index_select(0, rows), layer.values.index_select(0, rows))
+            track = self.tracks[i]
+            if track is not None:
+                self.tracks[i] = LayerTrack(track.pos.index_select(0, rows), track.valid.index_select(0, rows))
+        self.row_budgets = self.row_budgets.index_select(0, idx.to(self.row_budgets.device))
+        self.row_lengths = self.row_lengths.index_select(0, idx.to(self.row_lengths.device))
+        self._budget_list = [int(b) for b in self.row_budgets.tolist()]
+        self._length_list = [int(n) for n in self.row_lengths.tolist()]
+
     def set_step(self, step: Step) -> None:
         self.step = step
         self.prefill_mask = None

@@ -9,19 +9,97 @@ while all heads hold the same tokens and H_s = H_c once per-head eviction made t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 
-class QueryHeadLayer(DynamicLayer):
-    """A dynamic cache layer that stores KV repeated per query head (the reference `query_head` layout)."""
+class GrowLayer(DynamicLayer):
+    """A DynamicLayer whose appends write into reserved room instead of re-concatenating the whole layer.
 
-    def __init__(self, groups: int, **kwargs):
+    DynamicLayer copies all T cached entries for every decoded token (O(T) per step per layer); here the first
+    update (the prefill) stores its tensors as they are (no extra memory), and later appends go into a buffer with
+    room for `reserve(extra)` more tokens (the decoder reserves max_new_tokens up front; unreserved growth adds
+    64 slots at a time). `keys`/`values` stay [B, H_c, T, D] views of the buffer, so everything that reads or
+    replaces them (pruning, restore, crop) works as with DynamicLayer: a replaced tensor simply leaves the buffer.
+    """
+
+    GROW = 64
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._kbuf: torch.Tensor | None = None  # [B, H_c, capacity, D]
+        self._vbuf: torch.Tensor | None = None
+
+    def _in_buffer(self) -> bool:
+        kb, vb = self._kbuf, self._vbuf
+        return (
+            kb is not None
+            and vb is not None
+            and self.keys is not None
+            and self.keys.dim() == 4
+            and self.keys.data_ptr() == kb.data_ptr()
+            and self.values.data_ptr() == vb.data_ptr()
+            and self.keys.stride() == kb.stride()
+            and self.values.stride() == vb.stride()
+            and self.keys.shape[:2] == kb.shape[:2]
+        )
+
+    def room(self) -> int:
+        """Tokens that can still be appended without a copy."""
+        if not self._in_buffer():
+            return 0
+        assert self._kbuf is not None
+        return self._kbuf.shape[2] - self.keys.shape[2]
+
+    def reserve(self, extra: int) -> None:
+        """Make room for `extra` more tokens (one copy of the layer now instead of one per appended token)."""
+        if not self.is_initialized or self.keys is None or self.keys.dim() != 4 or self.room() >= extra:
+            return
+        b, h, n, d = self.keys.shape
+        kb = self.keys.new_empty(b, h, n + extra, d)
+        vb = self.values.new_empty(b, h, n + extra, self.values.shape[-1])
+        kb[:, :, :n], vb[:, :, :n] = self.keys, self.values
+        self._kbuf, self._vbuf = kb, vb
+        self.keys, self.values = kb[:, :, :n], vb[:, :, :n]
+
+    def release(self) -> None:
+        """Forget the buffer (called when the layer's tensors are replaced)."""
+        self._kbuf = self._vbuf = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.keys is None or self.keys.numel() == 0:  # the first (prefill) step: no room reserved
+            self.release()
+            self.keys, self.values = key_states, value_states
+            return self.keys, self.values
+        q = key_states.shape[2]
+        if self.room() < q:
+            self.reserve(q + self.GROW)
+        assert self._kbuf is not None and self._vbuf is not None
+        n = self.keys.shape[2]
+        self._kbuf[:, :, n : n + q] = key_states
+        self._vbuf[:, :, n : n + q] = value_states
+        self.keys, self.values = self._kbuf[:, :, : n + q], self._vbuf[:, :, : n + q]
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        self.release()
+        super().reset()
+
+
+class QueryHeadLayer(GrowLayer):
+    """A cache layer that stores KV repeated per query head (the reference `query_head` layout)."""
+
+    def __init__(self, groups: int, **kwargs: Any):
         super().__init__(**kwargs)
         self.groups = groups
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if self.groups > 1:  # [B, H_kv, t, D] -> [B, H_q, t, D], each KV head repeated for its group
             key_states = key_states.repeat_interleave(self.groups, dim=1)
             value_states = value_states.repeat_interleave(self.groups, dim=1)
@@ -34,9 +112,16 @@ def make_cache(n_layers: int, layout: str = "kv_head", groups: int = 1) -> Dynam
     if layout == "query_head":
         cache.layers = [QueryHeadLayer(groups) for _ in range(n_layers)]
     else:
-        cache.layers = [DynamicLayer() for _ in range(n_layers)]
+        cache.layers = [GrowLayer() for _ in range(n_layers)]
     cache.layer_class_to_replicate = None
     return cache
+
+
+def reserve(cache: DynamicCache, extra: int) -> None:
+    """Reserve room for `extra` appended tokens in every layer (decoding then copies nothing per step)."""
+    for layer in cache.layers:
+        if isinstance(layer, GrowLayer):
+            layer.reserve(extra)
 
 
 @dataclass
@@ -72,6 +157,8 @@ def set_layer(layer: DynamicLayer, keys: torch.Tensor, values: torch.Tensor) -> 
     """Give a (possibly fresh) cache layer these keys/values [B, H_c, T, D]."""
     if not layer.is_initialized:
         layer.lazy_initialization(keys, values)
+    if isinstance(layer, GrowLayer):
+        layer.release()
     layer.keys, layer.values = keys, values
 
 

@@ -70,6 +70,9 @@ class LayerInputs:
     scaling: float
     layer_idx: int
     n_layers: int
+    # Scores that do not depend on the budget, shared by the methods derived from one recording (evaluation path):
+    # key -> [B, H_q, T]. None (serving path): nothing is memoised.
+    memo: dict[Any, torch.Tensor] | None = None
 
     @property
     def n_pseudo(self) -> int:
@@ -195,9 +198,21 @@ class ScorerMethod(Method):
     def forced_keep(self, inp: LayerInputs) -> torch.Tensor | None:  # [B, T] bool
         return None
 
+    def score_key(self) -> tuple:
+        """Identifies `query_head_scores`: every field but the budget (which only the selection and forced_keep use)."""
+        return (
+            self.name,
+            tuple((f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "budget"),
+        )
+
     def scores(self, inp: LayerInputs) -> torch.Tensor:  # [B, H_c, T], -inf for never-keep
         t = inp.prompt_len
-        s = self.query_head_scores(inp)  # [B, H_q, T]
+        key = self.score_key() if inp.memo is not None else None
+        s = inp.memo.get(key) if inp.memo is not None else None
+        if s is None:
+            s = self.query_head_scores(inp)  # [B, H_q, T]
+            if inp.memo is not None:
+                inp.memo[key] = s
         s = pool_scores(s, self.pooling, self.kernel)
         s = aggregate_groups(s, inp.keys.shape[1], self.gqa)  # [B, H_c, T]
         forced = self.forced_keep(inp)

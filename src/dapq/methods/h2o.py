@@ -29,17 +29,19 @@ def recent_rows_mask(inp: LayerInputs, recent: int) -> torch.Tensor:  # [B, T] b
 
 
 def column_attention_sums(inp: LayerInputs, block_size: int) -> torch.Tensor:  # [B, H_q, T] fp32
-    """sum_i softmax(q_i K^T * scaling)[j] over every prompt query i, causal and padding-masked, in query blocks."""
+    """sum_i softmax(q_i K^T * scaling)[j] over every prompt query i, causal and padding-masked, in query blocks.
+
+    A block of queries [a, e) sees keys [0, e) only (causal by sequence order), so later keys are not computed."""
     t = inp.prompt_len
     b, h_q = inp.queries.shape[:2]
-    k_slice = slice(0, t)
-    keys = inp.keys[:, :, k_slice]  # [B, H_c, T, D]
     scores = torch.zeros(b, h_q, t, dtype=torch.float32, device=inp.keys.device)  # [B, H_q, T]
     for start in range(0, t, block_size):
-        q_slice = slice(start, min(start + block_size, t))
+        end = min(start + block_size, t)
+        q_slice, k_slice = slice(start, end), slice(0, end)
+        keys = inp.keys[:, :, k_slice]  # [B, H_c, e, D]
         probs = window_attention(inp.queries[:, :, q_slice], keys, inp.visible(q_slice, k_slice), inp.scaling)
         q_valid = inp.valid[:, None, q_slice, None]  # [B, 1, w, 1]: pad queries contribute nothing
-        scores += (probs * q_valid).sum(dim=2)  # probs [B, H_q, w, T]
+        scores[..., :end] += (probs * q_valid).sum(dim=2)  # probs [B, H_q, w, e]
     return scores
 
 
