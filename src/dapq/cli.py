@@ -313,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-hub", action="store_true", help="download from the hub (needs network and `datasets`)")
     ev.set_defaults(func=cmd_eval)
 
+    from .analysis.cli import add_analyze_parser
+
+    add_analyze_parser(sub)
+
     rp = sub.add_parser("report", help="tables (terminal + markdown) and figures from a results folder")
     rp.add_argument("path")
     rp.set_defaults(func=cmd_report)
