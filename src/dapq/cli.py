@@ -314,8 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     from .analysis.cli import add_analyze_parser
+    from .bench.speed import add_bench_parser
 
     add_analyze_parser(sub)
+    add_bench_parser(sub)
 
     rp = sub.add_parser("report", help="tables (terminal + markdown) and figures from a results folder")
     rp.add_argument("path")

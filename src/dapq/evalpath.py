@@ -185,10 +185,9 @@ def merge(caches: list[CompressedCache]) -> CompressedCache:
 
     Layers of different lengths (other budgets, PyramidKV's per-layer budgets) are padded at the end with invalid
     entries (zeros, masked out by their tracked validity), so any caches of one layout merge; the padding costs
-    attention work on the longest row's length, which is why the runner groups caches of similar lengths."""
+    attention work on the longest row's length, which is why the runner groups caches of similar lengths. The result
+    is always a copy (decoding it leaves the inputs untouched), also for one cache."""
     first = caches[0]
-    if len(caches) == 1:
-        return first
     layouts = {type(cc.cache.layers[0]) for cc in caches}
     if len(layouts) > 1:
         raise ValueError("merge needs caches of one layout (kv_head or query_head)")

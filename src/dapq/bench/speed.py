@@ -1,0 +1,500 @@
+"""Efficiency benchmarks: time to first token, decode throughput, peak memory (the paper's Tables 3, 4 and 7).
+
+    dapq bench ttft       --lengths 1k,2k,4k --methods full,snapkv,dapq,laq --budget 256
+    dapq bench throughput --context 4k --new-tokens 150 --batch-sizes 1,4,8,16 --budget 256 --memory-cap 4GiB
+    dapq bench memory     --lengths 1k,2k,4k --methods full,snapkv,dapq,laq --budget 256
+
+Rules: the device is synchronised before every clock read; warm-up runs are excluded; every number is the median
+of `repeats` runs; the machine, thread count and versions go into the JSON next to the numbers.
+
+- TTFT: prompt ids -> first token, i.e. `compress` (prefill through the hook, selection, LAQ's lookahead stage) and
+  the argmax. The row `transformers` is the plain model forward (no hook, DynamicCache) for the hook's overhead.
+- Memory: peak bytes allocated during `compress` above what was allocated before (CUDA: the allocator's peak; CPU:
+  the profiler's allocation trace), next to the same for a plain forward without cache (activations only); their
+  difference is what the cache costs at its worst moment. `kv_accounted_peak` is the layer-by-layer bound (one
+  full layer + the layers already compressed; LAQ: full + stage-1 + lookahead).
+- Throughput: one compressed prompt replicated into a batch, then exactly `new_tokens` greedy tokens per row;
+  tokens/s = batch x new_tokens / decode time. The memory needed per batch is weights + the KV at the end + the
+  peak of one decode step (measured); a batch "fits" when that is within `--memory-cap` (on CUDA a batch that runs
+  out of memory is reported as OOM instead).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import DapqError
+from ..evalpath import merge
+from ..generation import _sync, compress, greedy_decode
+from ..hf.cache import kv_bytes
+from ..methods.base import Method, get_method
+
+GiB = 2**30
+MiB = 2**20
+
+
+# ---------------------------------------------------------------------------------------------------- measuring
+def machine_info(model: Any) -> dict[str, Any]:
+    """Where and with what the numbers were measured."""
+    import transformers
+
+    from .. import __version__
+
+    device = model.get_input_embeddings().weight.device
+    info = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "platform": platform.platform(),
+        "cpu_count": __import__("os").cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "dtype": str(model.get_input_embeddings().weight.dtype),
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "versions": {
+            "dapq": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+    }
+    return info
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """Run fn with the device synchronised before and after; (seconds, result)."""
+    _sync(device)
+    start = time.perf_counter()
+    result = fn()
+    _sync(device)
+    return time.perf_counter() - start, result
+
+
+def median_time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> tuple[float, list[float]]:
+    for _ in range(warmup):
+        fn()
+    times = [timed(fn, device)[0] for _ in range(repeats)]
+    return statistics.median(times), times
+
+
+def peak_allocated(fn: Callable[[], Any], device: torch.device) -> tuple[int, Any]:
+    """Peak bytes allocated while fn runs, above what was allocated when it started; (bytes, fn's result).
+
+    CUDA: torch.cuda.max_memory_allocated. CPU: the running 'Total Allocated' of the profiler's memory events."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base, result
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text())["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]" and "args" in e]
+    return max([0, *totals]), result
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+def bench_prompt(tokenizer: Any, length: int, seed: int = 0) -> list[int]:
+    """A prompt of about `length` tokens: the bundled essays with a summarisation request."""
+    from ..analysis.sources import summary_prompt
+
+    return summary_prompt(tokenizer, length, seed)
+
+
+def build_method(name: str, budget: int | float) -> Method:
+    return get_method(name) if name == "full" else get_method(name, budget=budget)
+
+
+def _check_fits(model: Any, length: int, extra: int) -> None:
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and length + extra > max_pos:
+        raise DapqError(
+            f"A {length}-token prompt plus {extra} more positions exceeds the model's {max_pos} positions: "
+            f"use lengths up to {max_pos - extra}."
+        )
+
+
+def _plain_prefill(model: Any, ids: list[int], use_cache: bool = True) -> Any:
+    from transformers.cache_utils import DynamicCache
+
+    device = model.get_input_embeddings().weight.device
+    with torch.inference_mode():
+        return (
+            model(
+                input_ids=torch.tensor([ids], device=device),
+                past_key_values=DynamicCache() if use_cache else None,
+                use_cache=use_cache,
+                logits_to_keep=1,
+            )
+            .logits[:, -1]
+            .argmax(-1)
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- benches
+def bench_ttft(
+    model: Any,
+    tokenizer: Any,
+    lengths: list[int],
+    methods: list[str],
+    budget: int | float,
+    *,
+    repeats: int = 3,
+    warmup: int = 1,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Median TTFT (s) per method and prompt length; row "transformers" is the plain model without the hook."""
+    device = model.get_input_embeddings().weight.device
+    rows: dict[str, dict[int, Any]] = {"transformers": {}}
+    rows.update({m: {} for m in methods})
+    for length in lengths:
+        ids = bench_prompt(tokenizer, length)
+        n = len(ids)
+        med, times = median_time(lambda ids=ids: _plain_prefill(model, ids), device, repeats, warmup)
+        rows["transformers"][length] = {"prompt_tokens": n, "ttft_s": med, "runs_s": times}
+        for name in methods:
+            method = build_method(name, budget)
+            _check_fits(model, n, method.n_pseudo + getattr(method, "lookahead_tokens", 0) + 1)
+
+            def first_token(method: Method = method, ids: list[int] = ids) -> int:
+                cc = compress(model, tokenizer, [ids], method)
+                return int(cc.first_logits.argmax(-1)[0])
+
+            med, times = median_time(first_token, device, repeats, warmup)
+            rows[name][length] = {"prompt_tokens": n, "ttft_s": med, "runs_s": times}
+            if progress:
+                progress(f"ttft {name} {n} tokens: {med:.3f} s")
+    for name in methods:
+        for length, cell in rows[name].items():
+            full = rows.get("full", {}).get(length) or rows["transformers"][length]
+            cell["vs_full_pct"] = 100.0 * (cell["ttft_s"] / full["ttft_s"] - 1.0)
+    return {"kind": "ttft", "budget": budget, "lengths": lengths, "repeats": repeats, "warmup": warmup, "rows": rows}
+
+
+def bench_memory(
+    model: Any,
+    tokenizer: Any,
+    lengths: list[int],
+    methods: list[str],
+    budget: int | float,
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Peak allocated bytes during the compressing prefill, per method and length (see the module docstring)."""
+    device = model.get_input_embeddings().weight.device
+    rows: dict[str, dict[int, Any]] = {"activations only": {}}
+    rows.update({m: {} for m in methods})
+    for length in lengths:
+        ids = bench_prompt(tokenizer, length)
+        _plain_prefill(model, ids, use_cache=False)  # warm-up
+        act, _ = peak_allocated(lambda ids=ids: _plain_prefill(model, ids, use_cache=False), device)
+        rows["activations only"][length] = {"prompt_tokens": len(ids), "peak_bytes": act}
+        for name in methods:
+            method = build_method(name, budget)
+            _check_fits(model, len(ids), method.n_pseudo + getattr(method, "lookahead_tokens", 0) + 1)
+            compress(model, tokenizer, [ids], method)  # warm-up (first-call allocations are not the method's)
+            peak, cc = peak_allocated(lambda m=method, ids=ids: compress(model, tokenizer, [ids], m), device)
+            stats = cc.stats
+            rows[name][length] = {
+                "prompt_tokens": len(ids),
+                "peak_bytes": peak,
+                "peak_over_activations": peak - act,
+                "kv_accounted_peak": stats["kv_bytes_peak"],
+                "kv_full": stats["kv_bytes_full"],
+                "kv_final": stats["kv_bytes_compressed"],
+                "one_layer_full": stats["kv_bytes_full"] // len(cc.cache.layers),
+            }
+            del cc
+            if progress:
+                progress(f"memory {name} {len(ids)} tokens: peak {peak / MiB:.1f} MiB (activations {act / MiB:.1f})")
+    return {"kind": "memory", "budget": budget, "lengths": lengths, "rows": rows}
+
+
+def _replicate(cc: Any, batch: int) -> Any:
+    """`batch` copies of a one-row compressed cache, as one batch (fresh tensors: decoding appends to them)."""
+    return merge([cc] * batch)
+
+
+def bench_throughput(
+    model: Any,
+    tokenizer: Any,
+    context: int,
+    new_tokens: int,
+    batch_sizes: list[int],
+    methods: list[str],
+    budget: int | float,
+    *,
+    repeats: int = 3,
+    memory_cap: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Decode tokens/s per method and batch size, and the memory each batch needs (see the module docstring)."""
+    device = model.get_input_embeddings().weight.device
+    ids = bench_prompt(tokenizer, context)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    rows: dict[str, dict[int, Any]] = {m: {} for m in methods}
+    for name in methods:
+        method = build_method(name, budget)
+        _check_fits(model, len(ids), method.n_pseudo + new_tokens + getattr(method, "lookahead_tokens", 0))
+        cc = compress(model, tokenizer, [ids], method)
+        for b in batch_sizes:
+            try:
+                warm = _replicate(cc, b)
+                greedy_decode(warm, warm.first_logits, 3, set())  # warm-up (excluded)
+                step_peak, _ = peak_allocated(
+                    lambda warm=warm: greedy_decode(warm, warm.first_logits, 2, set()), device
+                )
+                del warm
+                times = []
+                kv_end = 0
+                for _ in range(repeats):
+                    batch = _replicate(cc, b)
+                    t, _ = timed(
+                        lambda batch=batch: greedy_decode(batch, batch.first_logits, new_tokens, set()), device
+                    )
+                    times.append(t)
+                    kv_end = kv_bytes(batch.cache)
+                    del batch
+            except torch.OutOfMemoryError:
+                rows[name][b] = {"oom": True}
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if progress:
+                    progress(f"throughput {name} batch {b}: OOM")
+                continue
+            t = statistics.median(times)
+            need = weights + kv_end + step_peak
+            rows[name][b] = {
+                "tokens_per_s": b * new_tokens / t,
+                "decode_s": t,
+                "runs_s": times,
+                "kv_bytes_end": kv_end,
+                "step_peak_bytes": step_peak,
+                "memory_bytes": need,
+                "fits_cap": None if memory_cap is None else need <= memory_cap,
+            }
+            if progress:
+                progress(f"throughput {name} batch {b}: {b * new_tokens / t:.1f} tokens/s, needs {need / GiB:.2f} GiB")
+        del cc
+    max_batch = {}
+    if memory_cap is not None:
+        for name, cells in rows.items():
+            ok = [b for b, c in cells.items() if not c.get("oom") and c.get("fits_cap")]
+            per_row = [c["kv_bytes_end"] / b for b, c in cells.items() if not c.get("oom")]
+            steps = [c["step_peak_bytes"] for c in cells.values() if not c.get("oom")]
+            room = memory_cap - weights - (max(steps) if steps else 0)
+            max_batch[name] = {
+                "largest_tested_that_fits": max(ok) if ok else None,
+                "estimated_max_batch": int(room // per_row[0]) if per_row and room > 0 else 0,
+            }
+    return {
+        "kind": "throughput",
+        "budget": budget,
+        "context": len(ids),
+        "new_tokens": new_tokens,
+        "batch_sizes": batch_sizes,
+        "repeats": repeats,
+        "weights_bytes": weights,
+        "memory_cap": memory_cap,
+        "max_batch": max_batch,
+        "rows": rows,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- tables
+def markdown(result: dict[str, Any]) -> str:
+    """The paper's layout: method rows; columns are lengths (TTFT, memory) or batch sizes (throughput)."""
+    kind, rows = result["kind"], result["rows"]
+    cols = result["batch_sizes"] if kind == "throughput" else result["lengths"]
+    if kind == "ttft":
+        head = "TTFT (s, median), columns: prompt length; in brackets: change vs FullKV"
+    elif kind == "memory":
+        head = "Peak allocated memory during the compressing prefill (MiB), columns: prompt length"
+    else:
+        head = f"Decode throughput (tokens/s), {result['context']}-token context, {result['new_tokens']} new tokens"
+    lines = [f"{head}; budget {result['budget']}.", "", "| method | " + " | ".join(str(c) for c in cols) + " |"]
+    lines.append("|---|" + "---|" * len(cols))
+    for name, cells in rows.items():
+        out = []
+        for c in cols:
+            cell = cells.get(c)
+            if cell is None:
+                out.append("-")
+            elif kind == "ttft":
+                pct = f" ({cell['vs_full_pct']:+.1f}%)" if "vs_full_pct" in cell and name != "full" else ""
+                out.append(f"{cell['ttft_s']:.3f}{pct}")
+            elif kind == "memory":
+                extra = ""
+                if "kv_accounted_peak" in cell:
+                    extra = f" (KV bound {cell['kv_accounted_peak'] / MiB:.1f})"
+                out.append(f"{cell['peak_bytes'] / MiB:.1f}{extra}")
+            else:
+                if cell.get("oom"):
+                    out.append("OOM")
+                else:
+                    fits = "" if cell["fits_cap"] is None else ("" if cell["fits_cap"] else " (over cap)")
+                    out.append(f"{cell['tokens_per_s']:.1f}{fits}")
+        lines.append(f"| {name} | " + " | ".join(out) + " |")
+    if kind == "throughput":
+        lines += ["", "Memory needed (GiB: weights + KV at the end + one decode step's peak):", ""]
+        lines.append("| method | " + " | ".join(str(c) for c in cols) + " |")
+        lines.append("|---|" + "---|" * len(cols))
+        for name, cells in rows.items():
+            vals = [
+                "OOM" if cells.get(c, {}).get("oom") else f"{cells[c]['memory_bytes'] / GiB:.3f}" if c in cells else "-"
+                for c in cols
+            ]
+            lines.append(f"| {name} | " + " | ".join(vals) + " |")
+        if result["max_batch"]:
+            cap = result["memory_cap"] / GiB
+            lines += ["", f"Largest batch within {cap:g} GiB:", ""]
+            for name, mb in result["max_batch"].items():
+                lines.append(
+                    f"- {name}: {mb['largest_tested_that_fits']} of the tested sizes; "
+                    f"about {mb['estimated_max_batch']} by the measured per-row KV"
+                )
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def _size(text: str) -> int:
+    """'4GiB', '512MiB', '2.5GB' or a byte count."""
+    t = text.strip()
+    units = {"gib": GiB, "mib": MiB, "gb": 10**9, "mb": 10**6, "g": GiB, "m": MiB}
+    for unit, mult in units.items():
+        if t.lower().endswith(unit):
+            try:
+                return int(float(t[: -len(unit)]) * mult)
+            except ValueError:
+                break
+    try:
+        return int(t)
+    except ValueError:
+        raise DapqError(f"--memory-cap takes a size such as 4GiB or 512MiB; got {text!r}") from None
+
+
+def _int_list(text: str, name: str) -> list[int]:
+    from ..cli import parse_lengths
+
+    try:
+        values = parse_lengths(text)
+    except DapqError:
+        raise DapqError(f"{name} takes comma-separated sizes such as 1k,2k or 1,4,8; got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise DapqError(f"{name} needs positive sizes; got {text!r}")
+    return values
+
+
+def add_bench_parser(sub: Any) -> None:
+    """Add `bench` with ttft / throughput / memory / vs-kvpress to the top-level subparsers."""
+    import argparse
+
+    bp = sub.add_parser("bench", help="efficiency: time to first token, decode throughput, peak memory, vs kvpress")
+    kinds = bp.add_subparsers(dest="kind", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--methods", default="full,snapkv,pyramidkv,h2o,streamingllm,lacache,laq,dapq")
+    common.add_argument("--budget", default="256", help="tokens kept per head (or a ratio < 1)")
+    common.add_argument("--out", default=None, help="output folder (default: runs/bench-<kind>-<config hash>)")
+    common.add_argument("--model", default=None, help="hub id or local folder (default: bundled SmolLM2)")
+    common.add_argument("--dtype", default=None)
+    common.add_argument("--device", default=None)
+    common.add_argument("--attn", default="sdpa", help="sdpa, eager or flash_attention_2 (under the hook)")
+    common.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p = kinds.add_parser("ttft", parents=[common], help="time to first token per method and prompt length")
+    p.add_argument("--lengths", default="1k,2k,4k")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p = kinds.add_parser("memory", parents=[common], help="peak allocated memory of the compressing prefill")
+    p.add_argument("--lengths", default="1k,2k,4k")
+    p = kinds.add_parser("throughput", parents=[common], help="decode tokens/s per batch size, memory per batch")
+    p.add_argument("--context", default="4k")
+    p.add_argument("--new-tokens", type=int, default=150)
+    p.add_argument("--batch-sizes", default="1,4,8,16")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--memory-cap", default=None, help="e.g. 4GiB: which batch sizes fit (the paper's OOM column)")
+    p = kinds.add_parser("vs-kvpress", help="side by side with NVIDIA kvpress (own venv; scripts/vs_kvpress.py)")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to scripts/vs_kvpress.py")
+    bp.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: Any, console: Any) -> int:
+    from rich.markdown import Markdown
+
+    from ..bench.runner import config_hash
+    from ..models import load_model
+
+    if args.kind == "vs-kvpress":
+        return _vs_kvpress(args.rest, console)
+    from ..cli import _budget
+
+    budget = _budget(args.budget)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for name in methods:
+        build_method(name, budget)  # unknown names and bad budgets fail before the model load
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = {k: v for k, v in vars(args).items() if k not in ("func", "out", "command")}
+    out = Path(args.out) if args.out else Path("runs") / f"bench-{args.kind}-{config_hash(config)}"
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
+
+    def progress(msg: str) -> None:
+        console.print(f"  {msg}")
+
+    if args.kind == "ttft":
+        lengths = _int_list(args.lengths, "--lengths")
+        result = bench_ttft(
+            model, tok, lengths, methods, budget, repeats=args.repeats, warmup=args.warmup, progress=progress
+        )
+    elif args.kind == "memory":
+        result = bench_memory(model, tok, _int_list(args.lengths, "--lengths"), methods, budget, progress=progress)
+    else:
+        cap = _size(args.memory_cap) if args.memory_cap else None
+        result = bench_throughput(
+            model,
+            tok,
+            _int_list(args.context, "--context")[0],
+            args.new_tokens,
+            _int_list(args.batch_sizes, "--batch-sizes"),
+            methods,
+            budget,
+            repeats=args.repeats,
+            memory_cap=cap,
+            progress=progress,
+        )
+    result["machine"] = machine_info(model)
+    result["config"] = {**config, "model": args.model or "smollm2-135m-instruct"}
+    md = markdown(result)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.kind}.json").write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
+    (out / f"{args.kind}.md").write_text(md, encoding="utf-8")
+    console.print(Markdown(md))
+    m = result["machine"]
+    console.print(f"{m['device_name']} ({m['device']}), {m['torch_threads']} threads -> {out / (args.kind + '.json')}")
+    return 0
+
+
+def _vs_kvpress(rest: list[str], console: Any) -> int:
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[3] / "scripts" / "vs_kvpress.py"
+    if not script.exists():
+        raise DapqError(
+            "scripts/vs_kvpress.py is not here: the kvpress comparison runs from a source checkout of dapq "
+            "(git clone ...; python scripts/vs_kvpress.py)."
+        )
+    return subprocess.call([sys.executable, str(script), *rest])
