@@ -313,10 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-hub", action="store_true", help="download from the hub (needs network and `datasets`)")
     ev.set_defaults(func=cmd_eval)
 
+    from .analysis.ablate import add_ablate_parser
     from .analysis.cli import add_analyze_parser
     from .bench.speed import add_bench_parser
 
     add_analyze_parser(sub)
+    add_ablate_parser(sub)
     add_bench_parser(sub)
 
     rp = sub.add_parser("report", help="tables (terminal + markdown) and figures from a results folder")

@@ -103,8 +103,13 @@ def peak_allocated(fn: Callable[[], Any], device: torch.device) -> tuple[int, An
         path = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(path))
         events = json.loads(path.read_text())["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]" and "args" in e]
-    return max([0, *totals]), result
+    mem = sorted((e for e in events if e.get("name") == "[memory]" and "args" in e), key=lambda e: e["ts"])
+    if not mem:
+        return 0, result
+    # 'Total Allocated' is a running total that also carries tensors of earlier profiled calls freed since (their
+    # frees happen outside a session and are not seen): measure from this session's own starting level.
+    base = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]
+    return max(0, max(e["args"]["Total Allocated"] for e in mem) - base), result
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
