@@ -329,6 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     console = Console()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["bench", "vs-kvpress"]:  # everything after it goes to scripts/vs_kvpress.py, options included
+        from .bench.speed import _vs_kvpress
+
+        try:
+            return _vs_kvpress([a for a in argv[2:] if a != "--"], console)
+        except DapqError as exc:
+            console.print(f"[red]error:[/] {exc}", highlight=False)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         return args.func(args, console)
