@@ -120,17 +120,23 @@ def activate(model: Any, state: EngineState) -> Iterator[EngineState]:
     enable()
     if not state.configs:
         state.configs = _configs(model)
-    configs = state.configs
+    with switched(state.configs, ATTN_NAME, _STATE, state):
+        yield state
+
+
+@contextlib.contextmanager
+def switched(configs: list[Any], name: str, var: contextvars.ContextVar, value: Any) -> Iterator[None]:
+    """Set every config's attention implementation to `name` and `var` to `value` for the block; restore both."""
     saved = [cfg._attn_implementation_internal for cfg in configs]
-    token = _STATE.set(state)
+    token = var.set(value)
     try:
         for cfg in configs:
-            cfg._attn_implementation_internal = ATTN_NAME
-        yield state
+            cfg._attn_implementation_internal = name
+        yield
     finally:
         for cfg, impl in zip(configs, saved):
             cfg._attn_implementation_internal = impl
-        _STATE.reset(token)
+        var.reset(token)
 
 
 class _OneGroup:

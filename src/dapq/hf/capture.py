@@ -32,7 +32,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..errors import DapqError
-from .attention import _configs, model_attn_implementation
+from .attention import _configs, model_attn_implementation, switched
 
 _RECORD: contextvars.ContextVar[_Record | None] = contextvars.ContextVar("dapq_capture", default=None)
 
@@ -91,17 +91,8 @@ def capture_queries(model: Any, keep_last: int | None = None) -> Iterator[_Recor
     name = _register(inner)
     layers = n_layers(model)
     rec = _Record(layers, keep_last, [[] for _ in range(layers)], [0.0] * layers)
-    configs = _configs(model)
-    saved = [cfg._attn_implementation_internal for cfg in configs]
-    token = _RECORD.set(rec)
-    try:
-        for cfg in configs:
-            cfg._attn_implementation_internal = name
+    with switched(_configs(model), name, _RECORD, rec):
         yield rec
-    finally:
-        for cfg, old in zip(configs, saved):
-            cfg._attn_implementation_internal = old
-        _RECORD.reset(token)
 
 
 @dataclass
