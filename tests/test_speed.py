@@ -31,7 +31,27 @@ def test_ttft_rows_and_overhead(tiny_prompts):
     dapq = r["rows"]["dapq"][60]
     want = 100 * (dapq["ttft_s"] / r["rows"]["full"][60]["ttft_s"] - 1)
     assert abs(dapq["vs_full_pct"] - want) < 1e-9, "overhead is relative to FullKV at the same length"
+    assert dapq["min_s"] == min(dapq["runs_s"]), "fastest run recorded next to the median"
+    want_min = 100 * (dapq["min_s"] / r["rows"]["full"][60]["min_s"] - 1)
+    assert abs(dapq["vs_full_min_pct"] - want_min) < 1e-9, "min-based overhead relative to FullKV's min"
     assert "| dapq |" in speed.markdown(r), "table row per method"
+
+
+def test_ttft_runs_are_interleaved_across_methods(tiny_prompts, monkeypatch):
+    """Each repeat times every method once (round-robin), so machine drift cannot favour one method."""
+    model = build_tiny("llama")
+    order: list[str] = []
+    real_timed = speed.timed
+
+    def spy(fn, device):
+        order.append(getattr(fn, "__defaults__", None) and type(fn.__defaults__[0]).__name__ or "plain")
+        return real_timed(fn, device)
+
+    monkeypatch.setattr(speed, "timed", spy)
+    speed.bench_ttft(model, TOK, [40], ["full", "dapq"], 16, repeats=3, warmup=0)
+    assert len(order) == 9, f"3 repeats x 3 rows timed, got {len(order)}"
+    assert order[:3] == order[3:6] == order[6:], f"same method order in every repeat: {order}"
+    assert len(set(order[:3])) == 3, f"all three rows timed within one repeat: {order[:3]}"
 
 
 def test_memory_peak_against_hand_computed_kv():
@@ -76,9 +96,25 @@ def test_throughput_and_memory_cap(tiny_prompts):
         per_row_full = r["rows"][name][3]["kv_bytes_end"] / 3
         assert r["rows"][name][1]["kv_bytes_end"] == pytest.approx(per_row_full), "KV scales with the batch"
     assert r["rows"]["snapkv"][3]["kv_bytes_end"] < r["rows"]["full"][3]["kv_bytes_end"], "compressed KV smaller"
+    for name in ("full", "snapkv"):
+        cell = r["rows"][name][3]
+        kv, peak, layers = cell["kv_bytes_end"], cell["decode_peak_bytes"], model.config.num_hidden_layers
+        # the whole cache (with room for the new tokens) is live; reserve() copies one layer at a time, so the
+        # transient is one layer, not a second cache (a double count would give >= 2 x kv)
+        assert kv <= peak < kv * (1 + 1 / layers) * 1.2, f"{name}: decode peak {peak} vs KV at the end {kv}"
+        assert cell["memory_bytes"] == r["weights_bytes"] + peak, "memory = weights + measured decode peak"
     small = speed.bench_throughput(model, TOK, 64, 3, [1], ["full"], 16, repeats=1, memory_cap=1)
     assert small["rows"]["full"][1]["fits_cap"] is False, "nothing fits in 1 byte"
     assert "OOM" not in speed.markdown(r) and "| snapkv |" in speed.markdown(r), "table rows"
+
+
+def test_estimate_max_batch_by_hand():
+    gib = 1 << 30
+    # 1 GiB fixed + 0.25 GiB per row: within 4 GiB, 12 rows
+    measured = [(1, int(1.25 * gib)), (8, 3 * gib), (16, 5 * gib)]
+    assert speed.estimate_max_batch(measured, 4 * gib) == 12
+    assert speed.estimate_max_batch(measured, gib // 2) == 0, "not even the fixed part fits"
+    assert speed.estimate_max_batch(measured[:1], 4 * gib) is None, "one point gives no line"
 
 
 def test_bench_command_writes_json(tmp_path, monkeypatch, tiny_prompts):

@@ -5,7 +5,8 @@
     dapq bench memory     --lengths 1k,2k,4k --methods full,snapkv,dapq,laq --budget 256
 
 Rules: the device is synchronised before every clock read; warm-up runs are excluded; every number is the median
-of `repeats` runs; the machine, thread count and versions go into the JSON next to the numbers.
+of `repeats` runs (TTFT: interleaved across methods, the minimum recorded too); the machine, thread count and
+versions go into the JSON next to the numbers.
 
 - TTFT: prompt ids -> first token, i.e. `compress` (prefill through the hook, selection, LAQ's lookahead stage) and
   the argmax. The row `transformers` is the plain model forward (no hook, DynamicCache) for the hook's overhead.
@@ -14,9 +15,10 @@ of `repeats` runs; the machine, thread count and versions go into the JSON next 
   difference is what the cache costs at its worst moment. `kv_accounted_peak` is the layer-by-layer bound (one
   full layer + the layers already compressed; LAQ: full + stage-1 + lookahead).
 - Throughput: one compressed prompt replicated into a batch, then exactly `new_tokens` greedy tokens per row;
-  tokens/s = batch x new_tokens / decode time. The memory needed per batch is weights + the KV at the end + the
-  peak of one decode step (measured); a batch "fits" when that is within `--memory-cap` (on CUDA a batch that runs
-  out of memory is reported as OOM instead).
+  tokens/s = batch x new_tokens / decode time. The memory needed per batch is weights + the measured peak of
+  building the batch's cache, reserving room for every new token and decoding two steps; a batch "fits" when that is
+  within `--memory-cap` (on CUDA a batch that runs out of memory is reported as OOM instead); beyond the tested
+  sizes, a straight line through the two largest measured points estimates the largest batch that fits.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import torch
 from ..errors import DapqError
 from ..evalpath import merge
 from ..generation import _sync, compress, greedy_decode
-from ..hf.cache import kv_bytes
+from ..hf.cache import kv_bytes, reserve
 from ..methods.base import Method, get_method
 
 GiB = 2**30
@@ -158,19 +160,22 @@ def bench_ttft(
     methods: list[str],
     budget: int | float,
     *,
-    repeats: int = 3,
+    repeats: int = 5,
     warmup: int = 1,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Median TTFT (s) per method and prompt length; row "transformers" is the plain model without the hook."""
+    """Median TTFT (s) per method and prompt length; row "transformers" is the plain model without the hook.
+
+    Runs are interleaved: each repeat times every method once, in the same order, so a slow phase of a shared
+    machine (another process, frequency changes) hits all methods alike instead of whichever method ran during it.
+    Each cell also records the fastest run (`min_s`), the usual least-noise estimate of a deterministic cost."""
     device = model.get_input_embeddings().weight.device
     rows: dict[str, dict[int, Any]] = {"transformers": {}}
     rows.update({m: {} for m in methods})
     for length in lengths:
         ids = bench_prompt(tokenizer, length)
         n = len(ids)
-        med, times = median_time(lambda ids=ids: _plain_prefill(model, ids), device, repeats, warmup)
-        rows["transformers"][length] = {"prompt_tokens": n, "ttft_s": med, "runs_s": times}
+        fns: dict[str, Callable[[], Any]] = {"transformers": lambda ids=ids: _plain_prefill(model, ids)}
         for name in methods:
             method = build_method(name, budget)
             _check_fits(model, n, method.n_pseudo + getattr(method, "lookahead_tokens", 0) + 1)
@@ -179,14 +184,24 @@ def bench_ttft(
                 cc = compress(model, tokenizer, [ids], method)
                 return int(cc.first_logits.argmax(-1)[0])
 
-            med, times = median_time(first_token, device, repeats, warmup)
-            rows[name][length] = {"prompt_tokens": n, "ttft_s": med, "runs_s": times}
-            if progress:
-                progress(f"ttft {name} {n} tokens: {med:.3f} s")
+            fns[name] = first_token
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                times[name].append(timed(fn, device)[0])
+        for name, runs in times.items():
+            med = statistics.median(runs)
+            rows[name][length] = {"prompt_tokens": n, "ttft_s": med, "min_s": min(runs), "runs_s": runs}
+            if progress and name != "transformers":
+                progress(f"ttft {name} {n} tokens: {med:.3f} s (min {min(runs):.3f})")
     for name in methods:
         for length, cell in rows[name].items():
             full = rows.get("full", {}).get(length) or rows["transformers"][length]
             cell["vs_full_pct"] = 100.0 * (cell["ttft_s"] / full["ttft_s"] - 1.0)
+            cell["vs_full_min_pct"] = 100.0 * (cell["min_s"] / full["min_s"] - 1.0)
     return {"kind": "ttft", "budget": budget, "lengths": lengths, "repeats": repeats, "warmup": warmup, "rows": rows}
 
 
@@ -234,6 +249,27 @@ def _replicate(cc: Any, batch: int) -> Any:
     return merge([cc] * batch)
 
 
+def _decode_start(cc: Any, batch: int, new_tokens: int) -> None:
+    """What decoding `new_tokens` tokens for `batch` rows holds at its worst: the batch's cache with room for every
+    new token (greedy_decode reserves it up front, one layer copied at a time) plus two decode steps' activations."""
+    rows = _replicate(cc, batch)
+    reserve(rows.cache, new_tokens)
+    greedy_decode(rows, rows.first_logits, 2, set())
+
+
+def estimate_max_batch(measured: list[tuple[int, int]], cap: int) -> int | None:
+    """Largest batch whose memory fits `cap`, by a straight line through the two largest measured (batch, bytes)
+    points (memory is weights + batch x per-row cost); None with fewer than two points."""
+    if len(measured) < 2:
+        return None
+    (b0, m0), (b1, m1) = measured[-2], measured[-1]
+    per_row = (m1 - m0) / (b1 - b0)
+    if per_row <= 0:
+        return None
+    fixed = m1 - per_row * b1
+    return max(0, int((cap - fixed) // per_row))
+
+
 def bench_throughput(
     model: Any,
     tokenizer: Any,
@@ -260,10 +296,10 @@ def bench_throughput(
             try:
                 warm = _replicate(cc, b)
                 greedy_decode(warm, warm.first_logits, 3, set())  # warm-up (excluded)
-                step_peak, _ = peak_allocated(
-                    lambda warm=warm: greedy_decode(warm, warm.first_logits, 2, set()), device
-                )
                 del warm
+                # The whole batch is built inside the measured call: the CPU profiler does not see frees of tensors
+                # allocated before it started, so a cache made outside would count twice once reserve() copies it.
+                need_peak, _ = peak_allocated(lambda cc=cc, b=b: _decode_start(cc, b, new_tokens), device)
                 times = []
                 kv_end = 0
                 for _ in range(repeats):
@@ -282,13 +318,13 @@ def bench_throughput(
                     progress(f"throughput {name} batch {b}: OOM")
                 continue
             t = statistics.median(times)
-            need = weights + kv_end + step_peak
+            need = weights + need_peak
             rows[name][b] = {
                 "tokens_per_s": b * new_tokens / t,
                 "decode_s": t,
                 "runs_s": times,
                 "kv_bytes_end": kv_end,
-                "step_peak_bytes": step_peak,
+                "decode_peak_bytes": need_peak,
                 "memory_bytes": need,
                 "fits_cap": None if memory_cap is None else need <= memory_cap,
             }
@@ -299,12 +335,10 @@ def bench_throughput(
     if memory_cap is not None:
         for name, cells in rows.items():
             ok = [b for b, c in cells.items() if not c.get("oom") and c.get("fits_cap")]
-            per_row = [c["kv_bytes_end"] / b for b, c in cells.items() if not c.get("oom")]
-            steps = [c["step_peak_bytes"] for c in cells.values() if not c.get("oom")]
-            room = memory_cap - weights - (max(steps) if steps else 0)
+            measured = sorted((b, c["memory_bytes"]) for b, c in cells.items() if not c.get("oom"))
             max_batch[name] = {
                 "largest_tested_that_fits": max(ok) if ok else None,
-                "estimated_max_batch": int(room // per_row[0]) if per_row and room > 0 else 0,
+                "estimated_max_batch": estimate_max_batch(measured, memory_cap),
             }
     return {
         "kind": "throughput",
@@ -326,7 +360,7 @@ def markdown(result: dict[str, Any]) -> str:
     kind, rows = result["kind"], result["rows"]
     cols = result["batch_sizes"] if kind == "throughput" else result["lengths"]
     if kind == "ttft":
-        head = "TTFT (s, median), columns: prompt length; in brackets: change vs FullKV"
+        head = "TTFT (s, median of interleaved runs), columns: prompt length; in brackets: vs FullKV (median, min)"
     elif kind == "memory":
         head = "Peak allocated memory during the compressing prefill (MiB), columns: prompt length"
     else:
@@ -340,7 +374,9 @@ def markdown(result: dict[str, Any]) -> str:
             if cell is None:
                 out.append("-")
             elif kind == "ttft":
-                pct = f" ({cell['vs_full_pct']:+.1f}%)" if "vs_full_pct" in cell and name != "full" else ""
+                pct = ""
+                if "vs_full_pct" in cell and name != "full":
+                    pct = f" ({cell['vs_full_pct']:+.1f}%, {cell['vs_full_min_pct']:+.1f}%)"
                 out.append(f"{cell['ttft_s']:.3f}{pct}")
             elif kind == "memory":
                 extra = ""
@@ -355,7 +391,12 @@ def markdown(result: dict[str, Any]) -> str:
                     out.append(f"{cell['tokens_per_s']:.1f}{fits}")
         lines.append(f"| {name} | " + " | ".join(out) + " |")
     if kind == "throughput":
-        lines += ["", "Memory needed (GiB: weights + KV at the end + one decode step's peak):", ""]
+        lines += [
+            "",
+            "Memory needed (GiB: weights + the measured peak of decoding: the batch's cache with room for every "
+            "new token, plus a decode step):",
+            "",
+        ]
         lines.append("| method | " + " | ".join(str(c) for c in cols) + " |")
         lines.append("|---|" + "---|" * len(cols))
         for name, cells in rows.items():
@@ -370,7 +411,7 @@ def markdown(result: dict[str, Any]) -> str:
             for name, mb in result["max_batch"].items():
                 lines.append(
                     f"- {name}: {mb['largest_tested_that_fits']} of the tested sizes; "
-                    f"about {mb['estimated_max_batch']} by the measured per-row KV"
+                    f"about {mb['estimated_max_batch']} by a straight line through the measured memory"
                 )
     return "\n".join(lines) + "\n"
 
@@ -421,7 +462,7 @@ def add_bench_parser(sub: Any) -> None:
     common.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p = kinds.add_parser("ttft", parents=[common], help="time to first token per method and prompt length")
     p.add_argument("--lengths", default="1k,2k,4k")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per cell, interleaved across methods")
     p.add_argument("--warmup", type=int, default=1)
     p = kinds.add_parser("memory", parents=[common], help="peak allocated memory of the compressing prefill")
     p.add_argument("--lengths", default="1k,2k,4k")
