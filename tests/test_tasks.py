@@ -297,3 +297,20 @@ def test_qa_missing_or_malformed_files(smol: Any, tmp_path: Path) -> None:
     (tmp_path / "squad.json").write_text(json.dumps({"data": [{"title": "x"}]}))
     with pytest.raises(DapqError, match="official"):
         ruler_samples(smol, "qa_1", 1024, 1, data_dir=tmp_path)
+
+
+def test_round_robin_and_balanced_ruler_order(smol: Any) -> None:
+    """`dapq eval ruler` interleaves (length, task) groups, so a run stopped part-way is balanced across tasks."""
+    import argparse
+
+    from dapq.bench.base import round_robin
+    from dapq.cli import _samples
+
+    assert round_robin([[1, 2, 3], [10, 20], [100]]) == [1, 10, 100, 2, 20, 3], "item i of every group, in order"
+    assert round_robin([]) == []
+    args = argparse.Namespace(
+        bench="ruler", tasks="niah_single_1,vt", lengths="1024,1200", samples=2, seed=0, data_dir=None
+    )
+    got = [(s.task, s.metadata["length"], s.metadata["seed"]) for s in _samples(args, smol)]
+    want = [(t, n, i) for i in range(2) for n in (1024, 1200) for t in ("ruler/niah_single_1", "ruler/vt")]
+    assert got == want, f"sample-major order expected, got {got}"

@@ -180,15 +180,16 @@ def _samples(args: argparse.Namespace, tok: Any) -> list[Any]:
 
         return niah_samples(tok, parse_lengths(args.lengths), args.depths, seed=args.seed)
     if args.bench == "ruler":
+        from .bench.base import round_robin
         from .bench.ruler import RULER_TASKS, ruler_samples
 
         tasks = RULER_TASKS if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
-        return [
-            s
+        groups = [
+            ruler_samples(tok, task, length, args.samples or 50, seed=args.seed, data_dir=args.data_dir)
             for length in parse_lengths(args.lengths)
             for task in tasks
-            for s in ruler_samples(tok, task, length, args.samples or 50, seed=args.seed, data_dir=args.data_dir)
         ]
+        return round_robin(groups)  # sample i of every (length, task) before sample i + 1: a stopped run is balanced
     if args.bench == "longbench":
         from .bench.longbench import LONGBENCH_SUBSETS, longbench_samples
 

@@ -8,7 +8,9 @@ context part is what question-agnostic mode compresses and context + question is
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -36,3 +38,13 @@ class Sample:
         return build_prompt(
             tokenizer, self.context, self.question, chat_template=self.chat_template, answer_prefix=self.answer_prefix
         )
+
+
+def round_robin(groups: list[list[T]]) -> list[T]:
+    """Item 0 of every group, then item 1 of every group, ...; groups may differ in length.
+
+    Task suites use it so that a run stopped part-way has the same number of samples in every task."""
+    out: list[T] = []
+    for i in range(max((len(g) for g in groups), default=0)):
+        out.extend(g[i] for g in groups if i < len(g))
+    return out
