@@ -85,3 +85,30 @@ def test_parse_lengths():
     assert parse_lengths("1k,2k") == [1000, 2000]
     with pytest.raises(DapqError, match="--lengths"):
         parse_lengths("abc")
+
+
+def test_ruler_run_with_two_lengths_gets_a_section_per_length(tmp_path):
+    """RULER at 2k and 4k: one table section and one budget curve per length, means computed within each length."""
+    rows = []
+    for length, score in [(2048, 80.0), (4096, 20.0)]:
+        for method, budget in [("full", None), ("dapq", 64)]:
+            for task in ("ruler/vt", "ruler/cwe"):
+                rows.append(
+                    {
+                        "sample_id": f"{task}-L{length}",
+                        "task": task,
+                        "method": method,
+                        "method_key": method,
+                        "budget": budget,
+                        "score": score if method == "full" else score / 2,
+                        "metadata": {"length": length},
+                    }
+                )
+    with open(tmp_path / "results.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    text = write_report(tmp_path, Console(file=open(tmp_path / "out.txt", "w"))).read_text()
+    assert "## 2048-token prompts" in text and "## 4096-token prompts" in text, text
+    part2k, part4k = text.split("## 4096-token prompts")
+    assert "| dapq | 40.00 | 40.00 | 40.00 |" in part2k, part2k
+    assert "| dapq | 10.00 | 10.00 | 10.00 |" in part4k, part4k
+    assert (tmp_path / "accuracy_vs_budget_L2048.png").exists() and (tmp_path / "accuracy_vs_budget_L4096.png").exists()

@@ -3,7 +3,8 @@
     dapq report runs/ruler-1a2b3c4d5e            # prints the tables, writes report.md and PNG figures there
 
 Tables follow the paper's layout: one block per budget, one row per method (FullKV repeated in every block for
-reference), one column per task, and an AVG column (the mean of the task columns). NIAH runs also get heatmaps like
+reference), one column per task, and an AVG column (the mean of the task columns); a run with several prompt
+lengths (RULER at 2k and 4k) gets one section per length. NIAH runs also get heatmaps like
 the paper's Figure 5 (depth x context length, red to green) and every run an accuracy-vs-budget plot.
 """
 
@@ -134,7 +135,20 @@ def niah_heatmaps(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     return paths
 
 
-def budget_curve(rows: list[dict[str, Any]], out_dir: Path) -> Path | None:
+def length_groups(rows: list[dict[str, Any]]) -> list[tuple[int | None, list[dict[str, Any]]]]:
+    """Rows split by prompt length when a run holds several lengths of tasks other than NIAH (RULER at 2k and 4k,
+    reported per length as in the paper); NIAH rows (whose lengths are heatmap columns) form the group `None`.
+    A run of one length is one group `None`."""
+    lengths = {(r.get("metadata") or {}).get("length") for r in rows if r["task"] != "niah"}
+    if len(lengths) <= 1:
+        return [(None, rows)]
+    groups: dict[int | None, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[None if r["task"] == "niah" else (r.get("metadata") or {}).get("length")].append(r)
+    return [(k, groups[k]) for k in sorted(groups, key=lambda k: (k is not None, k or 0))]
+
+
+def budget_curve(rows: list[dict[str, Any]], out_dir: Path, name: str = "accuracy_vs_budget") -> Path | None:
     """Average score over tasks vs budget, one line per method (FullKV as a dashed reference line)."""
     import matplotlib
 
@@ -166,7 +180,7 @@ def budget_curve(rows: list[dict[str, Any]], out_dir: Path) -> Path | None:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = out_dir / "accuracy_vs_budget.png"
+    path = out_dir / f"{name}.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -179,13 +193,18 @@ def write_report(path: str | Path, console: Console | None = None) -> Path:
     if not rows:
         raise DapqError(f"The results under {path} are empty.")
     out_dir = Path(path) if Path(path).is_dir() else Path(path).parent
-    print_tables(rows, console)
     figures = niah_heatmaps(rows, out_dir)
-    curve = budget_curve(rows, out_dir)
-    if curve is not None:
-        figures.append(curve)
-    md = markdown_tables(rows)
-    md += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in figures) + "\n"
+    md = ""
+    for length, group in length_groups(rows):
+        if length is not None:
+            console.print(f"[bold]{length}-token prompts[/bold]")
+            md += f"## {length}-token prompts\n\n"
+        print_tables(group, console)
+        md += markdown_tables(group) + "\n"
+        curve = budget_curve(group, out_dir, "accuracy_vs_budget" + (f"_L{length}" if length is not None else ""))
+        if curve is not None:
+            figures.append(curve)
+    md += "\n".join(f"![{p.stem}]({p.name})" for p in figures) + "\n"
     report = out_dir / "report.md"
     report.write_text(md)
     console.print(f"wrote {report} and {len(figures)} figure(s)")
