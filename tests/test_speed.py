@@ -105,6 +105,7 @@ def test_throughput_and_memory_cap(tiny_prompts):
         assert cell["memory_bytes"] == r["weights_bytes"] + peak, "memory = weights + measured decode peak"
     small = speed.bench_throughput(model, TOK, 64, 3, [1], ["full"], 16, repeats=1, memory_cap=1)
     assert small["rows"]["full"][1]["fits_cap"] is False, "nothing fits in 1 byte"
+    assert "- full: none of the tested sizes\n" in speed.markdown(small), "one batch size: no extrapolation printed"
     assert "OOM" not in speed.markdown(r) and "| snapkv |" in speed.markdown(r), "table rows"
 
 

@@ -79,13 +79,6 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
-def median_time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> tuple[float, list[float]]:
-    for _ in range(warmup):
-        fn()
-    times = [timed(fn, device)[0] for _ in range(repeats)]
-    return statistics.median(times), times
-
-
 def peak_allocated(fn: Callable[[], Any], device: torch.device) -> tuple[int, Any]:
     """Peak bytes allocated while fn runs, above what was allocated when it started; (bytes, fn's result).
 
@@ -409,10 +402,11 @@ def markdown(result: dict[str, Any]) -> str:
             cap = result["memory_cap"] / GiB
             lines += ["", f"Largest batch within {cap:g} GiB:", ""]
             for name, mb in result["max_batch"].items():
-                lines.append(
-                    f"- {name}: {mb['largest_tested_that_fits']} of the tested sizes; "
-                    f"about {mb['estimated_max_batch']} by a straight line through the measured memory"
-                )
+                est = mb["estimated_max_batch"]
+                line = f"- {name}: {mb['largest_tested_that_fits'] or 'none'} of the tested sizes"
+                if est is not None:
+                    line += f"; about {est} by a straight line through the measured memory"
+                lines.append(line)
     return "\n".join(lines) + "\n"
 
 
