@@ -13,8 +13,8 @@
    prefill per press of the WHOLE prompt, then greedy decoding at positions L, L+1, ... (as kvpress's pipeline).
    compression_ratio = 1 - (B + 0.25) / L keeps exactly B tokens per KV head of an L-token prompt
    (kvpress keeps int(L (1 - r)), or round(...) in PyramidKV's fallback; both give B).
-4. Our side: one prefill per sample (`dapq.evalpath.record`), every method x budget selected from it (`derive`),
-   decoded one cache at a time (`dapq.generation.greedy_decode`) and, separately, in merged batches as
+4. Our side: one prefill per sample (`dapq.engine.record`), every method x budget selected from it (`derive`),
+   decoded one cache at a time (`dapq.engine.greedy_decode`) and, separately, in merged batches as
    `dapq.bench.runner.run` does (`merge` + `decode_batches`); settings aligned with kvpress: window 32, kernel 7,
    AVG pooling (kvpress's SnapKV uses avg_pool1d; ours defaults to max), GQA mean over the group, one kept set per KV
    head, original positions kept (no re-rotation), 4 sinks. Our default max pooling is also run (labelled `-max`).
@@ -86,8 +86,9 @@ def kept_sets(cc: Any) -> list[torch.Tensor]:
 
 def run_ours(model: Any, tok: Any, samples: list[dict], budgets: list[int], max_new: int) -> list[dict]:
     from dapq.bench.runner import decode_batches
-    from dapq.evalpath import derive, merge, record
-    from dapq.generation import compress, greedy_decode, stop_token_ids
+    from dapq.engine import derive, merge, record
+    from dapq.engine import compress, greedy_decode
+    from dapq.prompts import stop_token_ids
     from dapq.methods.full import FullKV
 
     stops = stop_token_ids(tok)
@@ -241,7 +242,7 @@ def main() -> None:
 
     ensure_venv(args.setup, args.kvpress_version)
     from dapq.data import needle_sample
-    from dapq.generation import build_prompt, stop_token_ids
+    from dapq.prompts import build_prompt, stop_token_ids
     from dapq.models import bundled_model_path, load_model
 
     out_dir = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")

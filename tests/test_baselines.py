@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from dapq import DapqError, LayerInputs, get_method
-from dapq.generation import compress
+from dapq.engine import compress
 from dapq.methods.h2o import H2O
 from dapq.methods.lacache import LaCache, ladder_geometry, ladder_plan
+from dapq.methods.protocols import layer_budget
 from dapq.methods.pyramidkv import PyramidKV, pyramid_budgets
 from dapq.methods.streaming_llm import StreamingLLM
 from helpers import random_prompt
@@ -81,7 +82,7 @@ def test_pyramid_layer_budget_drives_selection():
     want = pyramid_budgets(16, 4, 20, n_layers, n)
     assert want[0] > want[-1]
     for layer in range(n_layers):
-        k = method.layer_budget(method.token_budget(n), layer, n_layers, n)
+        k = layer_budget(method, method.token_budget(n), layer, n_layers, n)
         assert k == want[layer]
         inp = make_inputs([n, 45], k, layer_idx=layer, n_layers=n_layers)
         for b, row in enumerate(kept_real(inp, method)):
@@ -169,7 +170,7 @@ def test_streaming_sinks_must_fit_the_budget():
 def test_streaming_rerotate_moves_kept_keys_to_contiguous_positions(layout):
     """Layer-0 keys depend only on the token and its position, so after re-rotation they must equal a plain
     transformers forward of the kept tokens as a fresh sequence at positions 0..B-1; decoding continues at B."""
-    from dapq.generation import compress, greedy_decode
+    from dapq.engine import compress, greedy_decode
     from helpers import TinyTokenizer, build_tiny, capture_qk
 
     model = build_tiny("llama")
@@ -265,7 +266,7 @@ L = 40
 
 
 def expected_positions(name: str, method, layer: int, n_layers: int, n: int) -> set[int] | None:
-    k = min(method.layer_budget(method.token_budget(n), layer, n_layers, n), n)
+    k = min(layer_budget(method, method.token_budget(n), layer, n_layers, n), n)
     if name == "streamingllm":
         return set(range(method.sinks)) | set(range(n - (k - method.sinks), n))
     if name == "lacache":
@@ -291,7 +292,9 @@ def test_compress_keeps_the_layer_budget(llama, tok, name, params, layout):
     lengths = [L, 29]
     cc = compress(llama, tok, [random_prompt(n, 50 + n) for n in lengths], method)
     h_c = llama.config.num_attention_heads if layout == "query_head" else llama.config.num_key_value_heads
-    budgets = [[min(method.layer_budget(method.token_budget(n), i, n_layers, n), n) for n in lengths] for i in range(3)]
+    budgets = [
+        [min(layer_budget(method, method.token_budget(n), i, n_layers, n), n) for n in lengths] for i in range(3)
+    ]
     if name == "pyramidkv":
         assert budgets[0][0] > budgets[-1][0], "the pyramid must decrease with depth"
         assert [b[0] for b in budgets] == pyramid_budgets(12, 4, 20, n_layers, L)

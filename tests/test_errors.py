@@ -9,7 +9,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM
 
 from dapq import DapQ, DapqError, FullKV, SnapKV, answer_many, generate, get_method, list_methods
-from dapq.generation import check_model, compress
+from dapq.engine import check_model, compress
 from helpers import MAX_POS, METHOD_PARAMS, TinyTokenizer, build_tiny, random_prompt
 
 TOK = TinyTokenizer()

@@ -7,9 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import dapq.generation as generation
 from dapq import SnapKV, get_method
-from dapq.generation import compress
+from dapq.engine import CompressedCache, compress
 from helpers import TinyTokenizer, build_tiny, cache_from_tensors, capture_qk, random_prompt
 
 TOK = TinyTokenizer()
@@ -25,13 +24,13 @@ def test_lookahead_positions_and_nothing_left_behind(name, monkeypatch):
     model = build_tiny("llama")
     prompts = [random_prompt(L, 1), random_prompt(L - 9, 2)]
     seen: list[torch.Tensor] = []
-    real_forward = generation._forward
+    real_forward = CompressedCache.forward
 
     def spy(cc, ids, pos, valid):
         seen.append(pos.clone())
         return real_forward(cc, ids, pos, valid)
 
-    monkeypatch.setattr(generation, "_forward", spy)
+    monkeypatch.setattr(CompressedCache, "forward", spy)
     cc = compress(model, TOK, prompts, _laq(name))
     lengths = torch.tensor([len(p) for p in prompts])
     got = torch.cat(seen, dim=1)  # [B, n]

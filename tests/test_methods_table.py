@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from dapq import LayerInputs, ScorerMethod, get_method, list_methods
-from dapq.generation import append, compress, greedy_decode
+from dapq.engine import append, compress, greedy_decode
+from dapq.methods.protocols import PseudoSuffix, layer_budget, pseudo_length
 from helpers import (
     METHOD_PARAMS,
     VOCAB,
@@ -65,7 +66,7 @@ def expected_kept(method, prompt_len: int, layer_idx: int, n_layers: int, slidin
     if sliding or not method.compresses:
         return prompt_len
     budget = method.token_budget(prompt_len)
-    return min(method.layer_budget(budget, layer_idx, n_layers, prompt_len), prompt_len)
+    return min(layer_budget(method, budget, layer_idx, n_layers, prompt_len), prompt_len)
 
 
 def n_cache_heads(model, layout: str) -> int:
@@ -107,15 +108,15 @@ def test_budget_and_no_pseudo_entries(model_name, method_name, layout, budget):
         for head, kept in enumerate(kept_sets(cc, i, 0)):
             assert len(kept) == want, f"layer {i} head {head}: duplicate kept positions"
     assert cc.stats["kv_bytes_compressed"] <= cc.stats["kv_bytes_full"] * (h_c // model.config.num_key_value_heads)
-    assert cc.stats["pseudo_tokens"] == method.n_pseudo
+    assert cc.stats["pseudo_tokens"] == pseudo_length(method)
 
 
 # ---------------------------------------------------------------------------------------------------- top-k
 def reference_inputs(model, method, prompt: list[int], layout: str) -> tuple[dict[int, LayerInputs], int]:
     """LayerInputs of every layer from a plain transformers forward of prompt + pseudo suffix (not dapq's hook)."""
     n = len(prompt)
-    ids = prompt + method.pseudo_ids(prompt, VOCAB, TOK)
-    pos = list(range(n)) + method.pseudo_positions(n)
+    ids = prompt + (method.pseudo_ids(prompt, VOCAB, TOK) if isinstance(method, PseudoSuffix) else [])
+    pos = list(range(n)) + (method.pseudo_positions(n) if isinstance(method, PseudoSuffix) else [])
     assert pos == sorted(pos), "the reference forward is causal by sequence order: positions must increase"
     groups = model.config.num_attention_heads // model.config.num_key_value_heads
     with capture_qk(model) as cap, torch.inference_mode():
@@ -149,7 +150,7 @@ def test_kept_tokens_are_top_scored(model_name, variant, layout):
     cc = compress(model, TOK, [prompt], method)
     ref, groups = reference_inputs(model, method, prompt, layout)
     for i, inp in ref.items():
-        want = min(method.layer_budget(method.token_budget(L), i, len(ref), L), L)
+        want = min(layer_budget(method, method.token_budget(L), i, len(ref), L), L)
         scores = method.scores(inp)[0]  # [H_c, L]
         ref_keys = inp.keys[0, :, :L]  # [H_c, L, D]
         layer = cc.cache.layers[i]

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import torch
 
-import dapq.generation as gen
+import dapq.engine.serve as gen
 from dapq import DapQ, FullKV, answer_many, generate, get_method, list_methods
-from dapq.generation import append, compress, greedy_decode
+from dapq.engine import append, compress, greedy_decode
 from dapq.hf.cache import restore, snapshot
 from helpers import METHOD_PARAMS, TinyTokenizer, build_tiny, max_diff, random_prompt
 

@@ -18,8 +18,7 @@ import torch
 from dapq import get_method, list_methods
 from dapq.bench.base import Sample
 from dapq.bench.runner import MethodSpec, RunConfig, decode_batches, load_rows, run
-from dapq.evalpath import derive, merge, record
-from dapq.generation import compress, generate, greedy_decode
+from dapq.engine import compress, derive, generate, greedy_decode, merge, record
 from helpers import METHOD_PARAMS, TinyTokenizer, build_tiny, random_prompt
 
 TOK = TinyTokenizer()

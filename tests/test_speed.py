@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dapq.bench import speed
-from dapq.generation import compress
+from dapq.engine import compress
 from dapq.methods.base import get_method
 from helpers import TinyTokenizer, build_tiny, random_prompt
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dapq import DapQ, FullKV, get_method
-from dapq.generation import compress
+from dapq.engine import compress
 from helpers import METHOD_PARAMS, TinyTokenizer, build_tiny, random_prompt
 
 TOK = TinyTokenizer()

@@ -6,10 +6,11 @@ against, for Hugging Face transformers models.
     out = generate(model, tok, context, question, method=DapQ(budget=128))
 """
 
+from .engine import GenerationOutput, answer_many, compress, generate
 from .errors import DapqError
-from .generation import GenerationOutput, answer_many, build_prompt, compress, generate
 from .methods import DapQ, FullKV, LayerInputs, Method, ScorerMethod, SnapKV, get_method, list_methods, register
 from .models import load_model
+from .prompts import build_prompt
 
 __version__ = "0.1.0"
 

@@ -19,8 +19,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from .engine import MODES, generate
 from .errors import DapqError
-from .generation import MODES, generate
 from .methods import get_method, list_methods
 
 

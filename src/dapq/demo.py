@@ -19,7 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from .data import needle_sample
-from .generation import generate
+from .engine import generate
 from .methods import get_method
 from .models import load_model
 

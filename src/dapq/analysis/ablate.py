@@ -40,6 +40,7 @@ from rich.table import Table
 from ..bench.base import Sample
 from ..bench.runner import RESULTS, MethodSpec, RunConfig, load_rows, run
 from ..errors import DapqError
+from ..methods.protocols import PseudoSuffix
 
 KINDS = ("content", "length", "position")
 FIGURES = {"content": "Figure 4a", "length": "Figure 4b", "position": "Figure 4c"}
@@ -254,7 +255,7 @@ def plan(
             continue
         method = item.spec.build(ok[0])
         try:
-            for sid, prompt in prompts:
+            for sid, prompt in prompts if isinstance(method, PseudoSuffix) else []:
                 try:
                     method.pseudo_ids(list(prompt), vocab_size, tokenizer)
                     method.pseudo_positions(len(prompt))

@@ -24,10 +24,11 @@ from typing import Any
 
 import torch
 
+from ..engine import compress, greedy_decode
 from ..errors import DapqError
-from ..generation import compress, greedy_decode, stop_token_ids
 from ..hf.capture import greedy_answer, prefill_prompt, queries_at
 from ..methods.base import get_method
+from ..prompts import stop_token_ids
 from .quantities import (
     attention_distribution,
     distribution_cosine,
@@ -53,9 +54,9 @@ def _lookahead_queries(model: Any, tokenizer: Any, prompt: list[int], budget: in
     window = max(1, min(laq.stage1_window, budget // 2))
     snap = get_method("snapkv", budget=budget, window=window, pooling=laq.pooling, kernel=laq.kernel)
     cc = compress(model, tokenizer, [prompt], snap)
-    cc.state.capture = [[] for _ in range(cc.state.n_layers)]
+    cc.state.start_capture()
     greedy_decode(cc, cc.first_logits, n + 1, set())  # n forward steps at L .. L+n-1
-    return [torch.cat(q, dim=2)[0].float() for q in cc.state.capture]
+    return [cc.state.captured_queries(i)[0].float() for i in range(cc.state.n_layers)]
 
 
 def streaming_keep(length: int, budget: int, sinks: int = 4) -> torch.Tensor:  # [L] bool

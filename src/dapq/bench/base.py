@@ -33,7 +33,7 @@ class Sample:
 
     def prompt_ids(self, tokenizer: Any) -> tuple[list[int], list[int]]:
         """(context part, question part) token ids, exactly as `generate` builds them for this sample."""
-        from ..generation import build_prompt
+        from ..prompts import build_prompt
 
         return build_prompt(
             tokenizer, self.context, self.question, chat_template=self.chat_template, answer_prefix=self.answer_prefix

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DapqError
-from ..generation import build_prompt
+from ..prompts import build_prompt
 from .base import Sample
 
 __all__ = [

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..data import essays_dir, haystack_text
 from ..errors import DapqError
-from ..generation import build_prompt
+from ..prompts import build_prompt
 from .base import Sample
 
 NIAH_NEEDLE = "\nThe best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.\n"

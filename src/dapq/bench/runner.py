@@ -27,10 +27,11 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ..engine import append, derive, greedy_decode, merge, record, suffix_key
 from ..errors import DapqError
-from ..evalpath import derive, merge, record, suffix_key
-from ..generation import append, greedy_decode, stop_token_ids
 from ..methods.base import Method, get_method
+from ..methods.protocols import pseudo_length
+from ..prompts import stop_token_ids
 from .base import Sample
 
 RESULTS = "results.jsonl"
@@ -199,7 +200,7 @@ def run(
             prompts = [ctx + q] if config.mode == "query_aware" else [ctx]
             built = [(spec, budget, spec.build(budget)) for spec, budget in todo]
             # record with a pseudo suffix first: methods without one can reuse that prefill (no second recording)
-            built.sort(key=lambda job: job[2].n_pseudo == 0)
+            built.sort(key=lambda job: pseudo_length(job[2]) == 0)
             recordings: dict[tuple, Any] = {}
             vocab = model.get_input_embeddings().weight.shape[0]
             prefill_s: dict[tuple, float] = {}

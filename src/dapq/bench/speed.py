@@ -34,11 +34,11 @@ from typing import Any
 
 import torch
 
+from ..engine import compress, greedy_decode, merge, sync_device
 from ..errors import DapqError
-from ..evalpath import merge
-from ..generation import _sync, compress, greedy_decode
 from ..hf.cache import kv_bytes, reserve
 from ..methods.base import Method, get_method
+from ..methods.protocols import extra_positions
 
 GiB = 2**30
 MiB = 2**20
@@ -72,10 +72,10 @@ def machine_info(model: Any) -> dict[str, Any]:
 
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     """Run fn with the device synchronised before and after; (seconds, result)."""
-    _sync(device)
+    sync_device(device)
     start = time.perf_counter()
     result = fn()
-    _sync(device)
+    sync_device(device)
     return time.perf_counter() - start, result
 
 
@@ -171,7 +171,7 @@ def bench_ttft(
         fns: dict[str, Callable[[], Any]] = {"transformers": lambda ids=ids: _plain_prefill(model, ids)}
         for name in methods:
             method = build_method(name, budget)
-            _check_fits(model, n, method.n_pseudo + getattr(method, "lookahead_tokens", 0) + 1)
+            _check_fits(model, n, extra_positions(method) + 1)
 
             def first_token(method: Method = method, ids: list[int] = ids) -> int:
                 cc = compress(model, tokenizer, [ids], method)
@@ -218,7 +218,7 @@ def bench_memory(
         rows["activations only"][length] = {"prompt_tokens": len(ids), "peak_bytes": act}
         for name in methods:
             method = build_method(name, budget)
-            _check_fits(model, len(ids), method.n_pseudo + getattr(method, "lookahead_tokens", 0) + 1)
+            _check_fits(model, len(ids), extra_positions(method) + 1)
             compress(model, tokenizer, [ids], method)  # warm-up (first-call allocations are not the method's)
             peak, cc = peak_allocated(lambda m=method, ids=ids: compress(model, tokenizer, [ids], m), device)
             stats = cc.stats
@@ -283,7 +283,7 @@ def bench_throughput(
     rows: dict[str, dict[int, Any]] = {m: {} for m in methods}
     for name in methods:
         method = build_method(name, budget)
-        _check_fits(model, len(ids), method.n_pseudo + new_tokens + getattr(method, "lookahead_tokens", 0))
+        _check_fits(model, len(ids), extra_positions(method) + new_tokens)
         cc = compress(model, tokenizer, [ids], method)
         for b in batch_sizes:
             try:

@@ -1,13 +1,14 @@
 """The attention hook: an attention function registered with transformers' AttentionInterface under "dapq".
 
-Nothing is patched at import time. `enable()` registers the function (idempotent); `activate(model, state)` switches
-a model to it for the duration of a `with` block and restores the model's own implementation afterwards. Inside,
-every attention call of every layer comes here with rotated queries [B, H_q, q, D] and the layer's full keys/values
-[B, H_c, T, D] (cache included). We build the mask ourselves from the tracked positions and validity of the cached
-entries (no mask function is registered for "dapq", so transformers hands us `attention_mask=None` and builds none),
+Nothing is patched at import time. `enable()` registers the function (idempotent); `activate(configs, state)`
+switches a model to it for the duration of a `with` block and restores the model's own implementation afterwards.
+Inside, every attention call of every layer comes here with rotated queries [B, H_q, q, D] and the layer's full
+keys/values [B, H_c, T, D] (cache included). We build the mask ourselves from the tracked positions and validity of
+the cached entries (no mask function is registered for "dapq", so transformers hands us `attention_mask=None` and builds none),
 delegate the attention itself to the model's own backend (sdpa, eager, or flash when no custom mask is needed), and,
-during the prefill step, let the method select the kept prompt tokens and prune this layer's cache right after the
-layer's output was computed with the full keys: the full KV of all layers never coexists.
+during the prefill step, call the engine's `state.prefill_layer(...)` right after the layer's output was computed
+with the full keys, so the engine prunes this layer before the next one runs: the full KV of all layers never
+coexists. This module knows nothing about methods or selection: the engine state is a `HookState`.
 """
 
 from __future__ import annotations
@@ -17,18 +18,16 @@ import contextvars
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from transformers import AttentionInterface
-from transformers.cache_utils import DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ..methods.base import LayerInputs, Method
-from .cache import LayerTrack, gather_tokens, set_layer
+from .cache import LayerTrack
 
 ATTN_NAME = "dapq"
-_STATE: contextvars.ContextVar[EngineState | None] = contextvars.ContextVar("dapq_state", default=None)
+_STATE: contextvars.ContextVar[HookState | None] = contextvars.ContextVar("dapq_state", default=None)
 
 
 @dataclass
@@ -40,6 +39,8 @@ class Step:
     prompt_len: int | None = None  # T (padded prompt length) during the compressing prefill, else None
     all_valid: bool = field(init=False)
     contiguous: bool = field(init=False)  # positions increase by exactly 1 along the step
+    prefill_mask: torch.Tensor | None = field(init=False, default=None)  # [B, 1, S, S] bool, shared by the layers
+    prefill_mask_ready: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:  # computed once per step, not per layer (each bool() is a device sync)
         self.all_valid = bool(self.valid.all())
@@ -47,50 +48,23 @@ class Step:
         self.contiguous = q == 1 or bool((self.pos[:, 1:] - self.pos[:, :-1] == 1).all())
 
 
-@dataclass
-class EngineState:
-    """Everything the hook needs that transformers no longer passes: the cache, the method, the current step."""
+class HookState(Protocol):
+    """What the attention function reads from the engine's state (`dapq.engine.state.EngineState` implements it)."""
 
-    cache: DynamicCache
-    method: Method
-    n_layers: int
+    step: Step | None
     inner: str  # the model's own attention implementation ("sdpa", "eager", "flash_attention_2", ...)
-    row_budgets: torch.Tensor  # [B] long, token budget per row (before per-layer adjustment)
-    row_lengths: torch.Tensor  # [B] long, real prompt tokens per row
-    sliding: list[bool]  # per layer: sliding-window layer (never evicted)
-    tracks: list[LayerTrack | None] = field(default_factory=list)
-    step: Step | None = None
-    prefill_mask: torch.Tensor | None = None  # cached [B, 1, S, S] bool for the prefill step
-    prefill_mask_ready: bool = False
-    configs: list[Any] = field(default_factory=list)  # model configs whose attention implementation we switch
-    kept: list[float] = field(default_factory=list)  # mean real tokens kept per head, per layer (after prefill)
-    observed: list[Any] = field(default_factory=list)  # deferred methods (LAQ): per-layer prefill observations
-    capture: list[list[torch.Tensor]] | None = None  # when set, decode steps record each layer's queries here
+    tracks: list[LayerTrack | None]  # per layer: positions and validity of the cached entries
+    capture: list[list[torch.Tensor]] | None  # when set, decode steps record each layer's queries here
 
-    def __post_init__(self) -> None:
-        self.tracks = [None] * self.n_layers
-        self.kept = [0.0] * self.n_layers
-        self.observed = [None] * self.n_layers
-        self._budget_list = [int(b) for b in self.row_budgets.tolist()]  # host copies: no per-layer device sync
-        self._length_list = [int(n) for n in self.row_lengths.tolist()]
-
-    def keep_rows(self, idx: torch.Tensor) -> None:
-        """Keep only batch rows `idx` [A] of the cache, the tracks and the per-row bookkeeping."""
-        for i, layer in enumerate(self.cache.layers):
-            rows = idx.to(layer.keys.device)
-            set_layer(layer, layer.keys.index_select(0, rows), layer.values.index_select(0, rows))
-            track = self.tracks[i]
-            if track is not None:
-                self.tracks[i] = LayerTrack(track.pos.index_select(0, rows), track.valid.index_select(0, rows))
-        self.row_budgets = self.row_budgets.index_select(0, idx.to(self.row_budgets.device))
-        self.row_lengths = self.row_lengths.index_select(0, idx.to(self.row_lengths.device))
-        self._budget_list = [int(b) for b in self.row_budgets.tolist()]
-        self._length_list = [int(n) for n in self.row_lengths.tolist()]
-
-    def set_step(self, step: Step) -> None:
-        self.step = step
-        self.prefill_mask = None
-        self.prefill_mask_ready = False
+    def prefill_layer(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,  # [B, H_q, T+N, D]
+        key: torch.Tensor,  # [B, H_c, T+N, D]
+        value: torch.Tensor,  # [B, H_c, T+N, D]
+        scaling: float | None,
+    ) -> None:
+        """Called once per layer of the compressing prefill, after the layer's attention output was computed."""
 
 
 def enable() -> None:
@@ -99,7 +73,8 @@ def enable() -> None:
         AttentionInterface.register(ATTN_NAME, dapq_attention)
 
 
-def _configs(model: Any) -> list[Any]:
+def attention_configs(model: Any) -> list[Any]:
+    """Every distinct config of the model whose attention implementation `activate` switches."""
     seen: dict[int, Any] = {}
     for module in model.modules():
         cfg = getattr(module, "config", None)
@@ -115,12 +90,10 @@ def model_attn_implementation(model_or_module: Any) -> str:
 
 
 @contextlib.contextmanager
-def activate(model: Any, state: EngineState) -> Iterator[EngineState]:
-    """Route the model's attention through dapq for the `with` block; restore everything afterwards."""
+def activate(configs: list[Any], state: HookState) -> Iterator[HookState]:
+    """Route attention through dapq for the `with` block (`configs`: `attention_configs(model)`); restore after."""
     enable()
-    if not state.configs:
-        state.configs = _configs(model)
-    with switched(state.configs, ATTN_NAME, _STATE, state):
+    with switched(configs, ATTN_NAME, _STATE, state):
         yield state
 
 
@@ -174,10 +147,8 @@ def _visible(
     return vis
 
 
-def _prefill_mask(state: EngineState, window: int | None, force: bool = False) -> torch.Tensor | None:
+def _prefill_mask(step: Step, window: int | None, force: bool = False) -> torch.Tensor | None:
     """[B, 1, S, S] bool, or None for plain causal attention (never None with `force`: eager has no is_causal)."""
-    step = state.step
-    assert step is not None
     s = step.pos.shape[1]
     monotone = bool((step.pos[:, 1:] > step.pos[:, :-1]).all()) if s > 1 else True
     has_pads = not step.all_valid
@@ -223,13 +194,13 @@ def dapq_attention(
     dev = key.device  # with device_map, layers live on different devices: bring our bookkeeping to this one
     window = _layer_window(module, kwargs)
     if step.prompt_len is not None:  # the compressing prefill step
-        if not state.prefill_mask_ready or window is not None:
+        if not step.prefill_mask_ready or window is not None:
             eager = _inner_attention(state.inner, module, True)[1] == "eager"  # eager treats None as "see all"
-            mask = _prefill_mask(state, window, force=eager)
+            mask = _prefill_mask(step, window, force=eager)
             if window is None:
-                state.prefill_mask, state.prefill_mask_ready = mask, True
+                step.prefill_mask, step.prefill_mask_ready = mask, True
         else:
-            mask = state.prefill_mask
+            mask = step.prefill_mask
     else:
         track = state.tracks[layer_idx]
         assert track is not None, "decode step before prefill"
@@ -257,63 +228,5 @@ def dapq_attention(
     out, weights = fn(target, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
 
     if step.prompt_len is not None:
-        _compress_layer(state, module, query, key, value, scaling)
+        state.prefill_layer(module, query, key, value, scaling)
     return out, weights
-
-
-def _compress_layer(
-    state: EngineState,
-    module: torch.nn.Module,
-    query: torch.Tensor,  # [B, H_q, T+N, D]
-    key: torch.Tensor,  # [B, H_c, T+N, D]
-    value: torch.Tensor,  # [B, H_c, T+N, D]
-    scaling: float | None,
-) -> None:
-    """The prefill hook's side of `apply_selection`: wrap this layer's step tensors into LayerInputs."""
-    step = state.step
-    assert step is not None and step.prompt_len is not None
-    inp = LayerInputs(
-        queries=query,
-        keys=key,
-        positions=step.pos.to(key.device),
-        valid=step.valid.to(key.device),
-        budgets=torch.empty(0),  # set by apply_selection
-        prompt_len=step.prompt_len,
-        scaling=float(scaling if scaling is not None else query.shape[-1] ** -0.5),
-        layer_idx=module.layer_idx,
-        n_layers=state.n_layers,
-    )
-    apply_selection(state, inp, value, step.all_valid)
-
-
-def apply_selection(state: EngineState, inp: LayerInputs, value: torch.Tensor, all_valid: bool | None = None) -> None:
-    """Select one layer's kept prompt tokens with `state.method`, store them in `state.cache`, drop the rest and
-    every pseudo entry, and record positions/validity. `inp.keys` and `value` are [B, H_c, T(+N), D].
-
-    Used by the prefill hook (layer by layer) and by the one-prefill evaluation path (from recorded inputs).
-    """
-    t, layer_idx = inp.prompt_len, inp.layer_idx
-    key = inp.keys
-    layer = state.cache.layers[layer_idx]
-    method = state.method
-    lengths = state._length_list
-    budget_list = [
-        min(method.layer_budget(b, layer_idx, state.n_layers, n), n) for b, n in zip(state._budget_list, lengths)
-    ]
-    inp.budgets = torch.tensor(budget_list, device=key.device)  # [B]
-    pos, valid = inp.positions, inp.valid  # [B, T+N]
-    # Hybrid models' sliding-window layers (config.layer_types) are left alone; a model whose every layer has a
-    # window (Mistral v0.1) is evicted normally and the window is applied by the mask.
-    evict = method.compresses and not state.sliding[layer_idx] and any(b < n for b, n in zip(budget_list, lengths))
-    if not evict or method.deferred:  # deferred methods (LAQ) keep the full prompt KV until their later stage
-        set_layer(layer, key[:, :, :t], value[:, :, :t])
-        state.tracks[layer_idx] = LayerTrack(pos[:, None, :t], valid[:, None, :t], all_valid)
-        state.kept[layer_idx] = sum(lengths) / len(lengths)
-        if evict:
-            state.observed[layer_idx] = method.observe(inp)
-        return
-    idx, kept_valid = method.select(inp, inp.budgets)  # [B, H_c, k], [B, H_c, k]
-    set_layer(layer, gather_tokens(key, idx), gather_tokens(value, idx))
-    prompt_pos = pos[:, None, :t].expand(-1, idx.shape[1], -1)  # [B, H_c, T]
-    state.tracks[layer_idx] = LayerTrack(prompt_pos.gather(-1, idx), kept_valid)
-    state.kept[layer_idx] = float(kept_valid.sum(-1).float().mean())

@@ -32,7 +32,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..errors import DapqError
-from .attention import _configs, model_attn_implementation, switched
+from .attention import attention_configs, model_attn_implementation, switched
 
 _RECORD: contextvars.ContextVar[_Record | None] = contextvars.ContextVar("dapq_capture", default=None)
 
@@ -91,7 +91,7 @@ def capture_queries(model: Any, keep_last: int | None = None) -> Iterator[_Recor
     name = _register(inner)
     layers = n_layers(model)
     rec = _Record(layers, keep_last, [[] for _ in range(layers)], [0.0] * layers)
-    with switched(_configs(model), name, _RECORD, rec):
+    with switched(attention_configs(model), name, _RECORD, rec):
         yield rec
 
 

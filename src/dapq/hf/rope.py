@@ -2,16 +2,19 @@
 
 A cached key was rotated at its original position p; RoPE rotations compose, R(p') = R(p' - p) R(p), so rotating
 it by the angle of (p' - p) with the model's own rotary embedding moves it to position p'. Only the first
-`cos.shape[-1]` dims are rotated (partial rotary models), with transformers' rotate_half convention.
+`cos.shape[-1]` dims are rotated (partial rotary models), with transformers' rotate_half convention
+(`dapq.methods.scoring.rotate`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..errors import DapqError
+from ..methods.scoring import rotate
 
 
 def rotary_module(model: Any) -> torch.nn.Module:
@@ -25,9 +28,22 @@ def rotary_module(model: Any) -> torch.nn.Module:
     return found[0]
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def find_rotary(model: Any) -> torch.nn.Module | None:
+    """The model's rotary embedding module when it has exactly one, else None."""
+    found = [m for name, m in model.named_modules() if name.endswith("rotary_emb")]
+    return found[0] if len(found) == 1 else None
+
+
+def rotary_fn(rotary: torch.nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """positions [B, S] -> (cos, sin) [B, S, D_rot] of the model's rotary embedding (for `LayerInputs.rotary`)."""
+    weight = next(iter(rotary.buffers()), None)
+
+    def at(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probe = torch.empty(0, dtype=torch.float32, device=positions.device if weight is None else weight.device)
+        cos, sin = rotary(probe, position_ids=positions.to(probe.device))
+        return cos.float(), sin.float()
+
+    return at
 
 
 def rerotate_keys(
@@ -39,9 +55,4 @@ def rerotate_keys(
     b, h, t, d = keys.shape
     delta = (new - old).reshape(b * h, t)  # [B*H, T]
     cos, sin = rotary(keys, position_ids=delta)  # [B*H, T, D_rot]
-    cos = cos.reshape(b, h, t, -1).to(keys.dtype)
-    sin = sin.reshape(b, h, t, -1).to(keys.dtype)
-    rot = cos.shape[-1]
-    k_rot, k_pass = keys[..., :rot], keys[..., rot:]
-    k_rot = k_rot * cos + _rotate_half(k_rot) * sin
-    return torch.cat([k_rot, k_pass], dim=-1)
+    return rotate(keys, cos.reshape(b, h, t, -1), sin.reshape(b, h, t, -1))

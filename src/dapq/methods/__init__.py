@@ -1,12 +1,23 @@
 """Eviction methods, one per file. Importing this package registers them all."""
 
 from . import dapq, full, h2o, lacache, laq, pyramidkv, snapkv, streaming_llm  # noqa: F401  (registration side effect)
-from .base import LayerInputs, Method, ScorerMethod, get_method, list_methods, register
+from .base import Method, ScorerMethod, get_method, list_methods, register
 from .dapq import DapQ
 from .full import FullKV
 from .h2o import H2O
+from .inputs import LayerInputs, layer_inputs
 from .lacache import LaCache
 from .laq import LAQ, LAQPlusPlus
+from .protocols import (
+    LayerBudgetSchedule,
+    PositionPolicy,
+    PseudoSuffix,
+    Staged,
+    StageOneObservation,
+    layer_budget,
+    pseudo_length,
+    renumbers,
+)
 from .pyramidkv import PyramidKV, pyramid_budgets
 from .snapkv import SnapKV
 from .streaming_llm import StreamingLLM
@@ -18,14 +29,23 @@ __all__ = [
     "LAQ",
     "LAQPlusPlus",
     "LaCache",
+    "LayerBudgetSchedule",
     "LayerInputs",
     "Method",
+    "PositionPolicy",
+    "PseudoSuffix",
     "PyramidKV",
     "ScorerMethod",
     "SnapKV",
+    "Staged",
+    "StageOneObservation",
     "StreamingLLM",
     "get_method",
+    "layer_budget",
+    "layer_inputs",
     "list_methods",
+    "pseudo_length",
     "pyramid_budgets",
     "register",
+    "renumbers",
 ]

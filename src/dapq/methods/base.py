@@ -1,8 +1,10 @@
 """The method interface and the registry.
 
-A method is a `@dataclass` whose fields are its hyperparameters. The `hf/` package hands it a `LayerInputs`
-(plain tensors of one layer's prefill step) and the method returns which prompt tokens each cache head keeps.
-Register a method with `@register("name")`; look it up with `get_method("name", budget=128, ...)`.
+A method is a `@dataclass` whose fields are its hyperparameters. The engine hands it a `LayerInputs` (plain
+tensors of one layer's prefill step, `dapq.methods.inputs`) and the method returns which prompt tokens each cache
+head keeps. What else a method does (a pseudo suffix, two stages, renumbered positions, per-layer budgets) it
+declares by inheriting the capability classes of `dapq.methods.protocols`. Register a method with
+`@register("name")`; look it up with `get_method("name", budget=128, ...)`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import DapqError
+from .inputs import LayerInputs
 from .scoring import aggregate_groups, pool_scores, select_topk
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -58,36 +61,6 @@ def get_method(name: str, **params: Any) -> Method:
 
 
 @dataclass
-class LayerInputs:
-    """What one layer's prefill step hands to a method. T = padded prompt length, N = pseudo tokens."""
-
-    queries: torch.Tensor  # [B, H_q, T + N, D] rotated queries of the prefill step (prompt + pseudo suffix)
-    keys: torch.Tensor  # [B, H_c, T + N, D] rotated keys (H_c = H_kv, or H_q in the query_head layout)
-    positions: torch.Tensor  # [B, T + N] position ids
-    valid: torch.Tensor  # [B, T + N] bool, False for left padding
-    budgets: torch.Tensor  # [B] long, tokens this layer keeps per head for each row
-    prompt_len: int  # T
-    scaling: float
-    layer_idx: int
-    n_layers: int
-    # Scores that do not depend on the budget, shared by the methods derived from one recording (evaluation path):
-    # key -> [B, H_q, T]. None (serving path): nothing is memoised.
-    memo: dict[Any, torch.Tensor] | None = None
-
-    @property
-    def n_pseudo(self) -> int:
-        return self.queries.shape[2] - self.prompt_len
-
-    def visible(self, q_slice: slice, k_slice: slice) -> torch.Tensor:  # [B, w, T_k] bool
-        """Causal visibility (by sequence order and by position) and padding, for queries and keys in the slices."""
-        seq = torch.arange(self.queries.shape[2], device=self.positions.device)
-        q_seq, k_seq = seq[q_slice], seq[k_slice]
-        q_pos, k_pos = self.positions[:, q_slice], self.positions[:, k_slice]
-        vis = (k_seq[None, None, :] <= q_seq[None, :, None]) & (k_pos[:, None, :] <= q_pos[:, :, None])
-        return vis & self.valid[:, None, k_slice]
-
-
-@dataclass
 class Method:
     """Base of all methods. `budget`: tokens kept per head per layer (int >= 1) or a prompt ratio (0 < float < 1).
 
@@ -112,42 +85,8 @@ class Method:
                 raise DapqError(f"budget as a ratio must be in (0, 1); got {b}. Pass an int for a token count.")
             if isinstance(b, int) and b < 1:
                 raise DapqError(f"budget must be >= 1 token per head; got {b}.")
-        _check_choice("layout", self.layout, LAYOUTS)
-        _check_choice("gqa", self.gqa, GQA_AGGREGATIONS)
-
-    # --- prefill suffix (DapQ overrides these) -------------------------------------------------------------
-    @property
-    def n_pseudo(self) -> int:
-        """Tokens appended after the prompt during prefill (0 for all methods but DapQ)."""
-        return 0
-
-    def pseudo_ids(self, prompt_ids: list[int], vocab_size: int, tokenizer: Any = None) -> list[int]:
-        """Token ids of the pseudo suffix for one row (`prompt_ids` are its real prompt tokens)."""
-        return []
-
-    def pseudo_positions(self, prompt_len: int) -> list[int]:
-        """Position ids of the pseudo suffix for a row of `prompt_len` real tokens."""
-        return []
-
-    @property
-    def deferred(self) -> bool:
-        """True for methods that select after extra decoding steps (LAQ): prefill keeps the full prompt KV and
-        calls `observe`; the engine then runs the method's later stage."""
-        return False
-
-    def observe(self, inp: LayerInputs) -> Any:
-        """Deferred methods: what to remember from this layer's prefill step."""
-        raise NotImplementedError
-
-    @property
-    def lookahead_tokens(self) -> int:
-        """Tokens a deferred method decodes after prefill before its final selection (LAQ); 0 otherwise."""
-        return 0
-
-    @property
-    def renumbers_positions(self) -> bool:
-        """True when kept keys are moved to contiguous positions 0..k-1 after selection (StreamingLLM rerotate)."""
-        return bool(getattr(self, "rerotate", False))
+        check_choice("layout", self.layout, LAYOUTS)
+        check_choice("gqa", self.gqa, GQA_AGGREGATIONS)
 
     # --- budgets -------------------------------------------------------------------------------------------
     @property
@@ -160,10 +99,6 @@ class Method:
             return prompt_len
         b = math.ceil(self.budget * prompt_len) if isinstance(self.budget, float) else self.budget
         return max(1, min(b, prompt_len))
-
-    def layer_budget(self, budget: int, layer_idx: int, n_layers: int, prompt_len: int) -> int:
-        """Per-layer budget (PyramidKV overrides this); default: the same budget on every layer."""
-        return budget
 
     # --- selection -----------------------------------------------------------------------------------------
     def select(self, inp: LayerInputs, budgets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,7 +123,7 @@ class ScorerMethod(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_choice("pooling", self.pooling, POOLINGS)
+        check_choice("pooling", self.pooling, POOLINGS)
         if not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
             raise DapqError(f"kernel must be an odd integer >= 1; got {self.kernel!r}")
 
@@ -233,7 +168,8 @@ def recent_mask(inp: LayerInputs, n: int) -> torch.Tensor:  # [B, T] bool
     return mask & inp.valid[:, :t]
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    """Validate a string hyperparameter against its choices."""
     if value not in choices:
         raise DapqError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
@@ -248,6 +184,7 @@ __all__ = [
     "LayerInputs",
     "Method",
     "ScorerMethod",
+    "check_choice",
     "field",
     "get_method",
     "list_methods",

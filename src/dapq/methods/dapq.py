@@ -31,6 +31,7 @@ import torch
 
 from ..errors import DapqError
 from .base import LayerInputs, ScorerMethod, positive_int, recent_mask, register
+from .protocols import PseudoSuffix
 from .scoring import window_attention
 
 CONTENTS = ("auto", "RS_C", "RC_C", "Fix_C", "random_vocab")
@@ -40,7 +41,7 @@ DEFAULT_FIXED_TEXT = "Sorry, I don't know. "
 
 @register("dapq")
 @dataclass
-class DapQ(ScorerMethod):
+class DapQ(ScorerMethod, PseudoSuffix):
     """DapQ with every knob of the paper's method and ablations.
 
     Fields: `n_pseudo` N (32), `content` (see module docstring), `fixed_text` (Fix_C sentence), `seed` (random

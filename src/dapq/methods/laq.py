@@ -9,27 +9,28 @@ via Pseudo Query"; abstract in ../shared/paper/laq-abstract.txt).
    (LAQ++, `prompt_queries=8`, those prompt tokens kept) score the full prompt keys; max pool 7; top B kept.
    The lookahead tokens and the temporary cache are discarded; decoding restarts at position L.
 
-The engine drives steps 2-3 (`dapq.generation`), this file holds the math: `observe` (stage 1, at prefill) and
-`stage2_select`. The peak KV memory (full cache + stage-1 cache + lookahead entries) is reported in
-`stats["kv_bytes_peak"]`: the DapQ paper's argument against LAQ is that peak.
+The engine drives steps 2-3 (`dapq.engine.stages`), this file holds the math behind the `Staged` protocol:
+`observe` (stage 1, at prefill, a `StageOneObservation`) and `stage2_select`. The peak KV memory (full cache +
+stage-1 cache + lookahead entries) is reported in `stats["kv_bytes_peak"]`: the DapQ paper's argument against LAQ
+is that peak.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from ..errors import DapqError
-from .base import POOLINGS, LayerInputs, Method, _check_choice, positive_int, register
+from .base import POOLINGS, LayerInputs, Method, check_choice, positive_int, register
+from .protocols import Staged, StageOneObservation
 from .scoring import aggregate_groups, pool_scores, select_topk, window_attention
 from .snapkv import window_scores
 
 
 @register("laq")
 @dataclass
-class LAQ(Method):
+class LAQ(Method, Staged):
     """Lookahead Q-Cache: queries of n tokens decoded on a SnapKV stage-1 cache choose the kept tokens.
 
     Fields: `n_lookahead` (8), `stage1_window` (SnapKV window of the temporary cache, 32),
@@ -50,7 +51,7 @@ class LAQ(Method):
         positive_int("n_lookahead", self.n_lookahead)
         positive_int("stage1_window", self.stage1_window)
         positive_int("prompt_queries", self.prompt_queries, minimum=0)
-        _check_choice("pooling", self.pooling, POOLINGS)
+        check_choice("pooling", self.pooling, POOLINGS)
         positive_int("kernel", self.kernel)
         if isinstance(self.budget, int) and self.budget <= max(self.stage1_window, self.prompt_queries):
             raise DapqError(
@@ -59,14 +60,10 @@ class LAQ(Method):
             )
 
     @property
-    def deferred(self) -> bool:
-        return True
-
-    @property
     def lookahead_tokens(self) -> int:
         return self.n_lookahead
 
-    def observe(self, inp: LayerInputs) -> dict[str, Any]:
+    def observe(self, inp: LayerInputs) -> StageOneObservation:
         """At prefill: the stage-1 SnapKV selection and the last prompt queries (LAQ++), for the lookahead stage."""
         t = inp.prompt_len
         w = min(self.stage1_window, int(inp.budgets.min().item()))
@@ -76,13 +73,12 @@ class LAQ(Method):
         recent[:, t - w :] = True
         s = s.masked_fill(recent[:, None, :], float("inf")).masked_fill(~inp.valid[:, None, :t], float("-inf"))
         p = min(self.prompt_queries, t)
-        return {
-            "stage1": select_topk(s, inp.budgets),  # ([B, H_c, k], [B, H_c, k])
+        idx, kept_valid = select_topk(s, inp.budgets)  # [B, H_c, k], [B, H_c, k]
+        extra = {
             "prompt_queries": inp.queries[:, :, t - p : t] if p else None,  # [B, H_q, p, D]
             "prompt_query_pos": inp.positions[:, t - p : t] if p else None,  # [B, p]
-            "budgets": inp.budgets,
-            "scaling": inp.scaling,
         }
+        return StageOneObservation(idx, kept_valid, inp.budgets, inp.scaling, extra)
 
     def stage2_select(
         self,
@@ -90,9 +86,9 @@ class LAQ(Method):
         keys: torch.Tensor,  # [B, H_c, T, D] the full prompt keys
         positions: torch.Tensor,  # [B, T]
         valid: torch.Tensor,  # [B, T]
-        observed: dict[str, Any],
+        observed: StageOneObservation,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # [B, H_c, k] indices, [B, H_c, k] valid
-        return select_topk(self.stage2_scores(lookahead_queries, keys, positions, valid, observed), observed["budgets"])
+        return select_topk(self.stage2_scores(lookahead_queries, keys, positions, valid, observed), observed.budgets)
 
     def stage2_scores(
         self,
@@ -100,18 +96,18 @@ class LAQ(Method):
         keys: torch.Tensor,  # [B, H_c, T, D]
         positions: torch.Tensor,  # [B, T]
         valid: torch.Tensor,  # [B, T]
-        observed: dict[str, Any],
+        observed: StageOneObservation,
     ) -> torch.Tensor:  # [B, H_c, T]
         t = keys.shape[2]
         n = lookahead_queries.shape[2]
-        scaling = observed["scaling"]
+        scaling = observed.scaling
         vis = valid[:, None, :].expand(-1, n, -1)  # lookahead queries come after every prompt key
         s = window_attention(lookahead_queries, keys, vis, scaling).sum(dim=2)  # [B, H_q, T]
-        prompt_q = observed["prompt_queries"]
+        prompt_q = observed.extra["prompt_queries"]
         forced = torch.zeros_like(valid)
         if prompt_q is not None:
             p = prompt_q.shape[2]
-            q_pos = observed["prompt_query_pos"]  # [B, p]
+            q_pos = observed.extra["prompt_query_pos"]  # [B, p]
             pvis = valid[:, None, :] & (positions[:, None, :] <= q_pos[:, :, None])  # [B, p, T]
             s = s + window_attention(prompt_q, keys, pvis, scaling).sum(dim=2)
             s[..., t - p :] = 0.0  # the prompt-query tokens are kept anyway (ranked among the others, as SnapKV)

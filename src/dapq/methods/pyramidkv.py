@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from ..errors import DapqError
 from .base import positive_int, register
+from .protocols import LayerBudgetSchedule
 from .snapkv import SnapKV
 
 
@@ -49,7 +50,7 @@ def pyramid_budgets(budget: int, window: int, beta: int, n_layers: int, prompt_l
 
 @register("pyramidkv")
 @dataclass
-class PyramidKV(SnapKV):
+class PyramidKV(SnapKV, LayerBudgetSchedule):
     """PyramidKV: SnapKV scoring with per-layer budgets decreasing linearly with depth (beta schedule).
 
     Fields: `beta` (20, the reference default), `window` (W = 32), `pooling` and `kernel` (max, 7), plus the base

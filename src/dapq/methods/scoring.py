@@ -80,3 +80,24 @@ def select_topk(
     order_key = torch.where(valid, top_indices, top_indices + big)
     order = torch.argsort(order_key, dim=-1)
     return top_indices.gather(-1, order), valid.gather(-1, order)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """transformers' RoPE convention: (x1, x2) -> (-x2, x1) over the two halves of the last axis."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Apply RoPE to x [B, H, S, D] with cos/sin [B, S, D_rot] (or [B, H, S, D_rot]); dims beyond D_rot pass."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    rot = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat([x_rot * cos + rotate_half(x_rot) * sin, x_pass], dim=-1)
+
+
+def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Undo RoPE: the rotation by -angle (cos, -sin)."""
+    return rotate(x, cos, -sin)

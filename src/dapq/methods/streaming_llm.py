@@ -14,6 +14,7 @@ import torch
 
 from ..errors import DapqError
 from .base import LayerInputs, Method, positive_int, register
+from .protocols import PositionPolicy
 from .scoring import select_topk
 
 
@@ -24,7 +25,7 @@ def real_token_index(valid: torch.Tensor) -> torch.Tensor:  # [B, T] long
 
 @register("streamingllm")
 @dataclass
-class StreamingLLM(Method):
+class StreamingLLM(Method, PositionPolicy):
     """StreamingLLM: the first `sinks` tokens (attention sinks) plus the most recent tokens, no scoring.
 
     Fields: `sinks` (4, the paper's setting), `rerotate` (False: keep original positions; True: move kept keys to
@@ -46,6 +47,10 @@ class StreamingLLM(Method):
                 f"StreamingLLM keeps its {self.sinks} sink tokens inside the budget: budget ({self.budget}) must be "
                 f"larger than sinks. Lower sinks or raise the budget."
             )
+
+    @property
+    def renumbers_positions(self) -> bool:
+        return self.rerotate
 
     def scores(self, inp: LayerInputs) -> torch.Tensor:  # [B, H_c, T]
         """Sinks +inf, then recency (the real-token index), pads -inf: the top-B are exactly sinks + recent."""

@@ -1,0 +1,48 @@
+"""The compression lifecycle, in one package (arrows point down):
+
+    serve.py       generate / answer_many: prompts -> compress -> (append question) -> greedy decode
+    replay.py      record / derive / merge: one recorded prefill serves every method and budget (the harness)
+    prefill.py     compress: the compressing prefill (pseudo suffix, hook, layer-by-layer pruning, peak accounting)
+    stages.py      after selection: a staged method's lookahead (LAQ), renumbered positions (StreamingLLM)
+    decode.py      CompressedCache, append, greedy_decode
+    state.py       EngineState (one constructor) and select_layer, the per-layer selection
+    model_info.py  what the engine reads from a model, once
+
+Methods (`dapq.methods`) are pure tensor math behind declared protocols; `dapq.hf` adapts transformers.
+"""
+
+from .decode import CompressedCache, append, greedy_decode
+from .model_info import ModelInfo, check_model, kv_groups, model_device, model_info, sync_device
+from .prefill import compress, prefill, prefill_peak
+from .replay import Recording, derive, merge, record, suffix_key
+from .serve import MODES, GenerationOutput, answer_many, generate, resolve_method
+from .stages import finish_selection
+from .state import EngineState, select_layer
+
+__all__ = [
+    "MODES",
+    "CompressedCache",
+    "EngineState",
+    "GenerationOutput",
+    "ModelInfo",
+    "Recording",
+    "answer_many",
+    "append",
+    "check_model",
+    "compress",
+    "derive",
+    "finish_selection",
+    "generate",
+    "greedy_decode",
+    "kv_groups",
+    "merge",
+    "model_device",
+    "model_info",
+    "prefill",
+    "prefill_peak",
+    "record",
+    "resolve_method",
+    "select_layer",
+    "suffix_key",
+    "sync_device",
+]

@@ -1,0 +1,178 @@
+"""One prefill, many methods: the recorded replay the evaluation harness uses.
+
+The prompt's KV (and its queries) is the same with or without a pseudo suffix (causal attention), so one prefill
+can serve every method and budget: `record` prefills the prompts once (with one method's pseudo suffix, e.g. DapQ's)
+keeping the full prompt KV and every layer's LayerInputs, and `derive` builds each method's compressed cache from
+that recording with the very selection code the serving path uses (`dapq.engine.state.select_layer` and
+`dapq.engine.stages.finish_selection`); `merge` stacks derived caches so several methods decode as one batch.
+Methods whose pseudo suffix differs from the recorded one need their own recording (`suffix_key` tells which
+recordings a method can use). Tests prove the predictions equal `generate`'s.
+
+    rec = record(model, tok, prompts, suffix=DapQ(budget=128))
+    for method in methods:
+        cc = derive(rec, method)
+        tokens = greedy_decode(cc, cc.first_logits, 32, stop_token_ids(tok))
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from ..hf.cache import LayerTrack, kv_bytes, make_cache, set_layer
+from ..methods.base import Method
+from ..methods.full import FullKV
+from ..methods.inputs import LayerInputs
+from ..methods.protocols import PseudoSuffix, pseudo_length
+from .decode import CompressedCache
+from .model_info import sync_device
+from .prefill import prefill, prefill_peak
+from .stages import finish_selection
+from .state import EngineState, select_layer
+
+
+def suffix_key(method: Method, prompts: list[list[int]], vocab_size: int, tokenizer: Any = None) -> tuple:
+    """Methods with equal keys can share a recording; () for methods without a pseudo suffix (any recording)."""
+    if not isinstance(method, PseudoSuffix) or method.n_pseudo == 0:
+        return ()
+    return tuple(
+        (tuple(method.pseudo_ids(list(p), vocab_size, tokenizer)), tuple(method.pseudo_positions(len(p))))
+        for p in prompts
+    )
+
+
+@dataclass
+class Recording:
+    """The full prompt cache of one prefill and every layer's recorded LayerInputs."""
+
+    full: CompressedCache
+    suffix: Method | None
+    key: tuple
+    prompts: list[list[int]]
+    tokenizer: Any = None
+    # per layer: budget-independent scores already computed for a method config (shared by its budgets)
+    memo: list[dict[Any, torch.Tensor]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.memo:
+            self.memo = [{} for _ in self.full.cache.layers]
+
+
+def record(model: Any, tokenizer: Any, prompts: list[list[int]], suffix: Method | None = None) -> Recording:
+    """Prefill `prompts` once (with `suffix`'s pseudo tokens, if any), keeping everything the methods need."""
+    cc = prefill(model, tokenizer, prompts, suffix if suffix is not None else FullKV(), recording=True)
+    key = suffix_key(suffix, prompts, cc.state.info.vocab_size, tokenizer) if suffix is not None else ()
+    return Recording(full=cc, suffix=suffix, key=key, prompts=prompts, tokenizer=tokenizer)
+
+
+def derive(rec: Recording, method: Method) -> CompressedCache:
+    """`method`'s compressed cache, selected from the recording exactly as the serving path would select it."""
+    full = rec.full
+    src = full.state
+    info = src.info
+    if pseudo_length(method) and suffix_key(method, rec.prompts, info.vocab_size, rec.tokenizer) != rec.key:
+        raise ValueError(f"{method.describe()} needs its own pseudo suffix: record(..., suffix=method) for it")
+    lengths = full.prompt_lengths
+    state = EngineState.create(info, method, lengths)
+    start = time.perf_counter()
+    for i, layer in enumerate(full.cache.layers):
+        recorded: LayerInputs | None = src.observed[i]
+        if recorded is None:  # a sliding layer: the recorder kept it whole
+            track = src.tracks[i]
+            assert track is not None
+            set_layer(
+                state.cache.layers[i],
+                layout(layer.keys, method, info.groups),
+                layout(layer.values, method, info.groups),
+            )
+            state.set_track(i, LayerTrack(track.pos, track.valid, track.all_valid), sum(lengths) / len(lengths))
+            continue
+        inp = recorded if pseudo_length(method) else recorded.prompt_only()
+        inp = replace(
+            inp,
+            keys=layout(inp.keys, method, info.groups),
+            values=layout(layer.values, method, info.groups),  # the prompt's values [B, H, T, D]
+            layer_idx=i,
+            memo=rec.memo[i],
+        )
+        select_layer(state, inp)
+    first_logits = full.first_logits
+    next_pos, stage_peak = finish_selection(full.model, state, first_logits, lengths)
+    sync_device(info.device)
+    t = max(lengths)
+    stats = {
+        "method": method.describe(),
+        "prompt_tokens": lengths,
+        "kept_per_layer": [round(k, 2) for k in state.kept],
+        "kept_mean": round(sum(state.kept) / len(state.kept), 2),
+        "kv_bytes_compressed": kv_bytes(state.cache),
+        # accounted exactly as `compress` accounts it for this method alone
+        "kv_bytes_peak": stage_peak if stage_peak is not None else prefill_peak(state.cache, t + pseudo_length(method)),
+        "select_s": time.perf_counter() - start,
+    }
+    return CompressedCache(full.model, state.cache, state, first_logits, next_pos, lengths, stats)
+
+
+def merge(caches: list[CompressedCache]) -> CompressedCache:
+    """Stack compressed caches of the same prompt(s) along the batch axis, so several methods decode as one batch.
+
+    Layers of different lengths (other budgets, PyramidKV's per-layer budgets) are padded at the end with invalid
+    entries (zeros, masked out by their tracked validity), so any caches of one layout merge; the padding costs
+    attention work on the longest row's length, which is why the runner groups caches of similar lengths. The result
+    is always a copy (decoding it leaves the inputs untouched), also for one cache."""
+    first = caches[0]
+    layouts = {type(cc.cache.layers[0]) for cc in caches}
+    if len(layouts) > 1:
+        raise ValueError("merge needs caches of one layout (kv_head or query_head)")
+    info = first.state.info
+    cache = make_cache(info.n_layers)
+    cache.layers = [type(layer)(**_layer_kwargs(layer)) for layer in first.cache.layers]
+    state = EngineState.create(
+        info,
+        first.state.method,
+        torch.cat([cc.state.row_lengths for cc in caches]),
+        budgets=torch.cat([cc.state.row_budgets for cc in caches]),
+        cache=cache,
+    )
+    for i in range(info.n_layers):
+        layers = [cc.cache.layers[i] for cc in caches]
+        tracks = [cc.state.tracks[i] for cc in caches]
+        t = max(x.keys.shape[2] for x in layers)
+        h = max(tr.pos.shape[1] for tr in tracks)
+        keys = torch.cat([pad_tokens(x.keys, t, 0) for x in layers])  # [sum B, H_c, t, D]
+        values = torch.cat([pad_tokens(x.values, t, 0) for x in layers])
+        set_layer(cache.layers[i], keys, values)
+        pos = torch.cat([pad_tokens(tr.pos.expand(-1, h, -1), t, 0) for tr in tracks])  # [sum B, H_s, t]
+        valid = torch.cat([pad_tokens(tr.valid.expand(-1, h, -1), t, False) for tr in tracks])
+        state.set_track(i, LayerTrack(pos, valid))
+    return CompressedCache(
+        first.model,
+        cache,
+        state,
+        torch.cat([cc.first_logits for cc in caches]),
+        torch.cat([cc.next_pos for cc in caches]),
+        [n for cc in caches for n in cc.prompt_lengths],
+        {},
+    )
+
+
+def pad_tokens(x: torch.Tensor, length: int, fill: float | bool) -> torch.Tensor:
+    """Pad the token axis (dim 2) of [B, H, T(, D)] at the end to `length` with `fill`."""
+    short = length - x.shape[2]
+    if short == 0:
+        return x
+    shape = list(x.shape)
+    shape[2] = short
+    return torch.cat([x, torch.full(shape, fill, dtype=x.dtype, device=x.device)], dim=2)
+
+
+def _layer_kwargs(layer: Any) -> dict[str, Any]:
+    return {"groups": layer.groups} if hasattr(layer, "groups") else {}
+
+
+def layout(states: torch.Tensor, method: Method, groups: int) -> torch.Tensor:
+    """Recorded KV is per KV head; the query_head layout repeats it per query head."""
+    return states.repeat_interleave(groups, dim=1) if method.layout == "query_head" and groups > 1 else states

@@ -1,0 +1,93 @@
+"""The stages after a prefill's selection: a staged method's lookahead (LAQ) and renumbered positions
+(StreamingLLM rerotate). `finish_selection` runs whichever the method declares; serving and replay both call it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import DapqError
+from ..hf.cache import LayerTrack, gather_tokens, kv_bytes, set_layer
+from ..hf.rope import rerotate_keys, rotary_module
+from ..methods.protocols import Staged, StageOneObservation, renumbers
+from .decode import CompressedCache, greedy_decode
+from .state import EngineState
+
+
+def finish_selection(
+    model: Any, state: EngineState, first_logits: torch.Tensor, lengths: list[int]
+) -> tuple[torch.Tensor, int | None]:
+    """Run the post-selection stages of `state.method` on `state.cache`; returns each row's next position [B] and,
+    for staged methods, the peak KV bytes of the lookahead stage (else None)."""
+    device = state.info.device
+    next_pos = torch.tensor(lengths, device=device)
+    if renumbers(state.method):
+        next_pos = renumber_positions(model, state)
+    peak = None
+    if isinstance(state.method, Staged) and any(o is not None for o in state.observed):
+        peak = lookahead_stage(model, state, first_logits, next_pos)
+    return next_pos, peak
+
+
+def lookahead_stage(model: Any, state: EngineState, first_logits: torch.Tensor, next_pos: torch.Tensor) -> int:
+    """A staged method's second stage on a full prompt cache: build the stage-1 cache from the observed
+    selections, decode the lookahead tokens on it at positions L.. while capturing their queries, then select from
+    the full cache with them. Returns the peak KV bytes (full + stage-1 + lookahead). The lookahead tokens leave
+    nothing behind."""
+    method = state.method
+    assert isinstance(method, Staged)
+    cache = state.cache
+    s1_state = EngineState.create(state.info, state.method, state.length_list, budgets=state.row_budgets)
+    stage1 = s1_state.cache
+    for i, layer in enumerate(cache.layers):
+        obs: StageOneObservation | None = state.observed[i]
+        track = state.tracks[i]
+        assert track is not None
+        if obs is None:  # not evicted (sliding layer, or budget >= prompt): the stage-1 layer is the full one
+            set_layer(stage1.layers[i], layer.keys, layer.values)
+            s1_state.set_track(i, LayerTrack(track.pos, track.valid, track.all_valid))  # a copy: decoding appends
+            continue
+        idx = obs.indices  # [B, H_c, k]
+        set_layer(stage1.layers[i], gather_tokens(layer.keys, idx), gather_tokens(layer.values, idx))
+        s1_state.set_track(i, LayerTrack(track.pos.expand(-1, idx.shape[1], -1).gather(-1, idx), obs.kept_valid))
+    s1_state.start_capture()
+    s1 = CompressedCache(model, stage1, s1_state, first_logits, next_pos.clone(), [], {})
+    greedy_decode(s1, first_logits, method.lookahead_tokens + 1, set())  # n forward steps at L .. L+n-1
+    peak = kv_bytes(cache) + kv_bytes(stage1)
+    for i, layer in enumerate(cache.layers):
+        obs = state.consume_observation(i)
+        if obs is None:
+            continue
+        lookahead_q = s1_state.captured_queries(i)  # [B, H_q, n, D]
+        track = state.tracks[i]  # the full prompt: pos/valid [B, 1, T]
+        assert track is not None
+        idx, kept_valid = method.stage2_select(lookahead_q, layer.keys, track.pos[:, 0], track.valid[:, 0], obs)
+        layer.keys, layer.values = gather_tokens(layer.keys, idx), gather_tokens(layer.values, idx)
+        kept = float(kept_valid.sum(-1).float().mean())
+        state.set_track(i, LayerTrack(track.pos.expand(-1, idx.shape[1], -1).gather(-1, idx), kept_valid), kept)
+    return peak
+
+
+def renumber_positions(model: Any, state: EngineState) -> torch.Tensor:
+    """Re-rotate every layer's kept keys to contiguous positions 0..k-1 (row order kept); returns each row's next
+    position k. Needs the same kept count per row in every layer and head (StreamingLLM with a uniform budget)."""
+    if any(state.info.sliding):
+        raise DapqError("rerotate=True is not supported for models with sliding-window layers: use rerotate=False.")
+    rotary = rotary_module(model)
+    counts = None
+    for layer, track in zip(state.cache.layers, state.tracks):
+        assert track is not None
+        kept = track.valid.sum(-1)  # [B, H_s]
+        if counts is None:
+            counts = kept[:, 0]
+        if not bool((kept == counts[:, None]).all()):
+            raise DapqError("rerotate=True needs every layer and head to keep the same number of tokens per row.")
+        # valid entries come first in ascending original order (select_topk); filler slots go to the end
+        rank = torch.cumsum(track.valid.long(), dim=-1) - 1  # [B, H_s, T]
+        new = torch.where(track.valid, rank, track.pos)
+        h = layer.keys.shape[1]
+        layer.keys = rerotate_keys(rotary, layer.keys, track.pos.expand(-1, h, -1), new.expand(-1, h, -1))
+        track.pos = new
+    assert counts is not None
+    return counts.to(torch.long)

@@ -1,0 +1,122 @@
+"""The capabilities a method can declare, as explicit base classes the engine checks with `isinstance`.
+
+A method is a `Method` (budget, layout, `select`). On top of that it may declare, by inheriting:
+
+- `Scorer` (via `ScorerMethod`): per-query-head scores of every prompt key; the base pools, reduces over the GQA
+  group and keeps the top-B. SnapKV, H2O, DapQ, PyramidKV.
+- `PseudoSuffix`: tokens appended after the prompt during prefill (ids and position ids per row); their queries
+  are in `LayerInputs` and their KV is dropped after selection. DapQ.
+- `Staged`: selection in two stages. At prefill `observe` returns a typed `StageOneObservation` (the full prompt KV
+  is kept for now); the engine then decodes `lookahead_tokens` tokens on the stage-1 cache, capturing their queries,
+  and calls `stage2_select` on the full prompt keys. LAQ, LAQ++.
+- `PositionPolicy`: kept keys are moved to contiguous positions 0..k-1 after selection (`renumbers_positions`).
+  StreamingLLM with `rerotate=True`.
+- `LayerBudgetSchedule`: a per-layer budget (`layer_budget`). PyramidKV.
+
+Module-level helpers (`pseudo_length`, `layer_budget`, `renumbers`) answer for any method, declared or not.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .inputs import LayerInputs
+
+
+class PseudoSuffix(abc.ABC):
+    """A method that appends pseudo tokens after the prompt during prefill."""
+
+    @property
+    @abc.abstractmethod
+    def n_pseudo(self) -> int:
+        """Tokens appended after each row's prompt."""
+
+    @abc.abstractmethod
+    def pseudo_ids(self, prompt_ids: list[int], vocab_size: int, tokenizer: Any = None) -> list[int]:
+        """Token ids of the suffix for one row (`prompt_ids` are its real prompt tokens); `n_pseudo` of them."""
+
+    @abc.abstractmethod
+    def pseudo_positions(self, prompt_len: int) -> list[int]:
+        """Position ids of the suffix for a row of `prompt_len` real tokens; `n_pseudo` of them."""
+
+
+@dataclass
+class StageOneObservation:
+    """What a staged method keeps from one layer's prefill step for its second stage."""
+
+    indices: torch.Tensor  # [B, H_c, k] the stage-1 kept prompt tokens (the temporary cache)
+    kept_valid: torch.Tensor  # [B, H_c, k] bool
+    budgets: torch.Tensor  # [B] long, the final tokens per head of this layer
+    scaling: float
+    extra: dict[str, Any]  # method-specific tensors (e.g. LAQ++'s last prompt queries)
+
+
+class Staged(abc.ABC):
+    """A method that selects after decoding a few lookahead tokens on a temporary stage-1 cache (LAQ)."""
+
+    @property
+    @abc.abstractmethod
+    def lookahead_tokens(self) -> int:
+        """Tokens decoded on the stage-1 cache (at positions L, L+1, ...) before the final selection."""
+
+    @abc.abstractmethod
+    def observe(self, inp: LayerInputs) -> StageOneObservation:
+        """At prefill: the stage-1 selection of this layer and whatever stage 2 needs."""
+
+    @abc.abstractmethod
+    def stage2_select(
+        self,
+        lookahead_queries: torch.Tensor,  # [B, H_q, n, D] rotated queries of the lookahead tokens
+        keys: torch.Tensor,  # [B, H_c, T, D] the full prompt keys
+        positions: torch.Tensor,  # [B, T]
+        valid: torch.Tensor,  # [B, T]
+        observed: StageOneObservation,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # kept indices [B, H_c, k] into [0, T), their validity [B, H_c, k]
+        """The final selection from the full prompt keys."""
+
+
+class PositionPolicy(abc.ABC):
+    """A method that decides where kept keys sit after selection."""
+
+    @property
+    @abc.abstractmethod
+    def renumbers_positions(self) -> bool:
+        """True: kept keys are re-rotated to positions 0..k-1 and decoding continues at k."""
+
+
+class LayerBudgetSchedule(abc.ABC):
+    """A method whose budget differs per layer."""
+
+    @abc.abstractmethod
+    def layer_budget(self, budget: int, layer_idx: int, n_layers: int, prompt_len: int) -> int:
+        """Tokens kept per head by layer `layer_idx` when the method's budget for the row is `budget`."""
+
+
+def pseudo_length(method: Any) -> int:
+    """Pseudo tokens `method` appends (0 unless it declares `PseudoSuffix`)."""
+    return method.n_pseudo if isinstance(method, PseudoSuffix) else 0
+
+
+def layer_budget(method: Any, budget: int, layer_idx: int, n_layers: int, prompt_len: int) -> int:
+    """The layer's budget: the schedule's when `method` declares `LayerBudgetSchedule`, else `budget`."""
+    if isinstance(method, LayerBudgetSchedule):
+        return method.layer_budget(budget, layer_idx, n_layers, prompt_len)
+    return budget
+
+
+def renumbers(method: Any) -> bool:
+    """True when `method` declares `PositionPolicy` and asks for renumbered positions."""
+    return isinstance(method, PositionPolicy) and method.renumbers_positions
+
+
+def is_staged(method: Any) -> bool:
+    return isinstance(method, Staged)
+
+
+def extra_positions(method: Any) -> int:
+    """Positions a method uses beyond the prompt before decoding: pseudo tokens plus lookahead tokens."""
+    return pseudo_length(method) + (method.lookahead_tokens if isinstance(method, Staged) else 0)
