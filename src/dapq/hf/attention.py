@@ -4,11 +4,11 @@ Nothing is patched at import time. `enable()` registers the function (idempotent
 switches a model to it for the duration of a `with` block and restores the model's own implementation afterwards.
 Inside, every attention call of every layer comes here with rotated queries [B, H_q, q, D] and the layer's full
 keys/values [B, H_c, T, D] (cache included). We build the mask ourselves from the tracked positions and validity of
-the cached entries (no mask function is registered for "dapq", so transformers hands us `attention_mask=None` and builds none),
-delegate the attention itself to the model's own backend (sdpa, eager, or flash when no custom mask is needed), and,
-during the prefill step, call the engine's `state.prefill_layer(...)` right after the layer's output was computed
-with the full keys, so the engine prunes this layer before the next one runs: the full KV of all layers never
-coexists. This module knows nothing about methods or selection: the engine state is a `HookState`.
+the cached entries (no mask function is registered for "dapq", so transformers hands us `attention_mask=None` and
+builds none), delegate the attention itself to the model's own backend (sdpa, eager, or flash when no custom mask is
+needed), and, during the prefill step, call the engine's `state.prefill_layer(...)` right after the layer's output
+was computed with the full keys, so the engine prunes this layer before the next one runs: the full KV of all layers
+never coexists. This module knows nothing about methods or selection: the engine state is a `HookState`.
 """
 
 from __future__ import annotations
