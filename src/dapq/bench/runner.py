@@ -245,6 +245,7 @@ def run(
                         "prompt_tokens": len(prompts[0]) + (0 if config.mode == "query_aware" else len(q)),
                         "kept_mean": cc.stats["kept_mean"],
                         "kv_bytes_compressed": cc.stats["kv_bytes_compressed"],
+                        "kv_bytes_peak": cc.stats["kv_bytes_peak"],  # accounted as `generate` accounts it
                         "prefill_s": prefill_s.get(rec_key, 0.0),
                         "select_s": cc.stats["select_s"],
                         "decode_s": decode_s,

@@ -1,0 +1,199 @@
+"""The engine's house rules: no module imports another's private names, no import circles, nothing imported from
+outside the package; a method defined outside the package registers and runs through `generate` and through the
+harness with equal results; eval rows carry the peak KV that `generate` accounts."""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from dapq import ScorerMethod, generate, get_method, list_methods, register
+from dapq.bench.base import Sample
+from dapq.bench.runner import MethodSpec, RunConfig, load_rows, run
+from dapq.engine import compress, derive, record
+from dapq.methods.inputs import LayerInputs
+from helpers import METHOD_PARAMS, TinyTokenizer, build_tiny, random_prompt
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "dapq"
+TOK = TinyTokenizer()
+
+
+def _module(path: Path) -> str:
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> list[tuple[int, str, list[str]]]:
+    """(line, absolute module, imported names) of every import in a source file, relative ones resolved."""
+    mod = _module(path)
+    package = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            out.append((node.lineno, target, [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            out.extend((node.lineno, a.name, []) for a in node.names)
+    return out
+
+
+FILES = sorted(SRC.rglob("*.py"))
+
+
+def test_no_module_imports_another_modules_private_names():
+    bad = []
+    for path in FILES:
+        for line, target, names in _imports(path):
+            if not target.startswith("dapq"):
+                continue
+            if any(part.startswith("_") and part != "__init__" for part in target.split(".")):
+                bad.append(f"{path.relative_to(SRC)}:{line} imports module {target}")
+            for name in names:
+                if name.startswith("_") and name != "__version__" and target != _module(path):
+                    bad.append(f"{path.relative_to(SRC)}:{line} imports {target}.{name}")
+    assert not bad, "private imports:\n" + "\n".join(bad)
+
+
+def test_no_import_circles_and_nothing_from_outside_the_package():
+    modules = {_module(p): p for p in FILES}
+    graph: dict[str, set[str]] = {}
+    for mod, path in modules.items():
+        deps = set()
+        for _, target, names in _imports(path):
+            assert target.split(".")[0] not in ("scripts", "tests"), f"{mod} imports {target} from outside dapq"
+            for cand in [f"{target}.{n}" for n in names] + [target]:
+                if cand in modules and cand != mod:
+                    deps.add(cand)
+                    break
+        graph[mod] = deps
+    # a package's __init__ re-exports its children: parent -> child edges are not circles
+    seen: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> None:
+        seen[m] = 1
+        stack.append(m)
+        for d in sorted(graph[m]):
+            if d.startswith(m + "."):
+                continue
+            if seen.get(d) == 1:
+                cycle = stack[stack.index(d) :] + [d]
+                if not all(b.startswith(a + ".") or a.startswith(b + ".") for a, b in zip(cycle, cycle[1:])):
+                    raise AssertionError("import circle: " + " -> ".join(cycle))
+            elif d not in seen:
+                visit(d)
+        stack.pop()
+        seen[m] = 2
+
+    for m in sorted(graph):
+        if m not in seen:
+            visit(m)
+    assert not any("parents[" in p.read_text(encoding="utf-8") for p in FILES), "a module reaches outside src/"
+
+
+# ---------------------------------------------------------------------------------------------------- a new method
+@register("test-keynorm")
+@dataclass
+class KeyNorm(ScorerMethod):
+    """Keep the keys of smallest L2 norm (the worked example of docs/adding-a-method.md), defined in a test file.
+
+    Shapes: keys [B, H_c, T, D] -> scores [B, H_q, T] (each query head gets its KV head's score)."""
+
+    pooling: str = "none"
+    recent: int = 2
+
+    def query_head_scores(self, inp: LayerInputs) -> torch.Tensor:  # [B, H_q, T]
+        t = inp.prompt_len
+        norms = inp.keys[:, :, :t].float().norm(dim=-1)  # [B, H_c, T]
+        groups = inp.queries.shape[1] // inp.keys.shape[1]
+        return (-norms).repeat_interleave(groups, dim=1)
+
+    def forced_keep(self, inp: LayerInputs) -> torch.Tensor:  # [B, T]
+        keep = torch.zeros_like(inp.valid[:, : inp.prompt_len])
+        keep[:, inp.prompt_len - self.recent :] = True
+        return keep & inp.valid[:, : inp.prompt_len]
+
+
+def test_a_method_defined_outside_the_package_runs_through_generate_and_the_harness(tmp_path):
+    assert "test-keynorm" in list_methods()
+    model = build_tiny("llama")
+    method = get_method("test-keynorm", budget=10)
+    prompt = random_prompt(40, 3)
+    cc = compress(model, TOK, [prompt], method)
+    keys = cc.cache.layers[0].keys  # the kept keys: the smallest norms among the first 38 plus the last 2
+    assert keys.shape[2] == 10
+    for track in cc.state.tracks:
+        kept = sorted(track.pos[0, 0].tolist())
+        assert kept[-2:] == [38, 39], "the forced recent tokens are kept"
+    sample = Sample(
+        id="x",
+        task="toy",
+        context="abc " * 12,
+        question="q?",
+        references=["x"],
+        metric="string_match_all",
+        max_new_tokens=5,
+    )
+    out = generate(model, TOK, sample.context, sample.question, method, max_new_tokens=5)
+    path = run(model, TOK, [sample], [MethodSpec("test-keynorm")], [10], tmp_path, config=RunConfig(model="tiny"))
+    rows = load_rows(path)
+    assert len(rows) == 1 and rows[0]["method"] == "test-keynorm"
+    assert rows[0]["prediction"] == out.text, "harness and generate disagree for an outside method"
+    assert rows[0]["kept_mean"] == out.stats["kept_mean"]
+
+
+def test_keynorm_keeps_the_smallest_norm_keys():
+    model = build_tiny("qwen3")
+    prompt = random_prompt(40, 4)
+    method = get_method("test-keynorm", budget=8)
+    full = compress(model, TOK, [prompt], get_method("full"))
+    cc = compress(model, TOK, [prompt], method)
+    for i in range(len(cc.cache.layers)):
+        k = full.cache.layers[i].keys[0]  # [H_kv, 40, D]
+        for h in range(k.shape[0]):
+            norms = k[h, :38].float().norm(dim=-1)
+            want = set(torch.argsort(norms, stable=True)[:6].tolist()) | {38, 39}
+            got = set(cc.state.tracks[i].pos[0, h].tolist())
+            assert got == want, f"layer {i} head {h}: {sorted(got)} != {sorted(want)}"
+
+
+# ---------------------------------------------------------------------------------------------------- peak KV
+@pytest.mark.parametrize("name", sorted(set(list_methods()) - {"test-keynorm"}))
+def test_replayed_peak_equals_the_serving_peak(name):
+    model = build_tiny("llama")
+    prompts = [random_prompt(40, 1), random_prompt(31, 2)]
+    method = get_method(name, budget=12, **METHOD_PARAMS.get(name, {}))
+    suffix = method if name == "dapq" else None
+    served = compress(model, TOK, prompts, method)
+    derived = derive(record(model, TOK, prompts, suffix=suffix), method)
+    assert derived.stats["kv_bytes_peak"] == served.stats["kv_bytes_peak"]
+
+
+def test_eval_rows_record_the_peak_kv(tmp_path):
+    model = build_tiny("llama")
+    sample = Sample(
+        id="p",
+        task="toy",
+        context="hello " * 10,
+        question="q?",
+        references=["x"],
+        metric="string_match_all",
+        max_new_tokens=3,
+    )
+    specs = [MethodSpec("full"), MethodSpec.of("laq", **METHOD_PARAMS["laq"]), MethodSpec.of("snapkv", window=4)]
+    rows = load_rows(run(model, TOK, [sample], specs, [12], tmp_path, config=RunConfig(model="tiny")))
+    ctx, q = sample.prompt_ids(TOK)
+    peaks = {r["method"]: r["kv_bytes_peak"] for r in rows}
+    for spec in specs:
+        served = compress(model, TOK, [ctx + q], spec.build(None if spec.name == "full" else 12))
+        assert peaks[spec.name] == served.stats["kv_bytes_peak"], spec.name
+    assert peaks["laq"] > peaks["full"] > peaks["snapkv"], "LAQ's peak exceeds FullKV's, SnapKV's is below it"
