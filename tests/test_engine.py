@@ -15,6 +15,7 @@ from dapq import ScorerMethod, generate, get_method, list_methods, register
 from dapq.bench.base import Sample
 from dapq.bench.runner import MethodSpec, RunConfig, load_rows, run
 from dapq.engine import compress, derive, record
+from dapq.methods.base import unregister
 from dapq.methods.inputs import LayerInputs
 from helpers import METHOD_PARAMS, TinyTokenizer, build_tiny, random_prompt
 
@@ -101,7 +102,6 @@ def test_no_import_circles_and_nothing_from_outside_the_package():
 
 
 # ---------------------------------------------------------------------------------------------------- a new method
-@register("test-keynorm")
 @dataclass
 class KeyNorm(ScorerMethod):
     """Keep the keys of smallest L2 norm (the worked example of docs/adding-a-method.md), defined in a test file.
@@ -123,6 +123,17 @@ class KeyNorm(ScorerMethod):
         return keep & inp.valid[:, : inp.prompt_len]
 
 
+@pytest.fixture
+def outside_methods():
+    """Register the test file's methods for one test only (the table-driven tests see the package's methods)."""
+    register("test-keynorm")(KeyNorm)
+    register("test-seen")(_Seen)
+    yield
+    unregister("test-keynorm")
+    unregister("test-seen")
+
+
+@pytest.mark.usefixtures("outside_methods")
 def test_a_method_defined_outside_the_package_runs_through_generate_and_the_harness(tmp_path):
     assert "test-keynorm" in list_methods()
     model = build_tiny("llama")
@@ -151,6 +162,7 @@ def test_a_method_defined_outside_the_package_runs_through_generate_and_the_harn
     assert rows[0]["kept_mean"] == out.stats["kept_mean"]
 
 
+@pytest.mark.usefixtures("outside_methods")
 def test_keynorm_keeps_the_smallest_norm_keys():
     model = build_tiny("qwen3")
     prompt = random_prompt(40, 4)
@@ -167,7 +179,7 @@ def test_keynorm_keeps_the_smallest_norm_keys():
 
 
 # ---------------------------------------------------------------------------------------------------- peak KV
-@pytest.mark.parametrize("name", sorted(set(list_methods()) - {"test-keynorm"}))
+@pytest.mark.parametrize("name", sorted(list_methods()))
 def test_replayed_peak_equals_the_serving_peak(name):
     model = build_tiny("llama")
     prompts = [random_prompt(40, 1), random_prompt(31, 2)]
@@ -197,3 +209,42 @@ def test_eval_rows_record_the_peak_kv(tmp_path):
         served = compress(model, TOK, [ctx + q], spec.build(None if spec.name == "full" else 12))
         assert peaks[spec.name] == served.stats["kv_bytes_peak"], spec.name
     assert peaks["laq"] > peaks["full"] > peaks["snapkv"], "LAQ's peak exceeds FullKV's, SnapKV's is below it"
+
+
+# ---------------------------------------------------------------------------------------------------- LayerInputs
+@dataclass
+class _Seen(ScorerMethod):
+    """SnapKV-like scorer that keeps every LayerInputs the engine hands it (for the tests below)."""
+
+    def query_head_scores(self, inp: LayerInputs) -> torch.Tensor:
+        type(self).seen.append(inp)
+        return inp.queries[:, :, -1:].float().sum(-1).expand(-1, -1, inp.prompt_len).clone()
+
+
+_Seen.seen = []
+
+
+@pytest.mark.usefixtures("outside_methods")
+def test_layer_inputs_carry_values_config_and_pre_rope_queries():
+    model = build_tiny("llama")
+    prompt = random_prompt(30, 5)
+    projected: dict[int, torch.Tensor] = {}
+    hooks = [
+        layer.self_attn.q_proj.register_forward_hook(lambda m, a, out, i=i: projected.__setitem__(i, out.detach()))
+        for i, layer in enumerate(model.model.layers)
+    ]
+    _Seen.seen.clear()
+    try:
+        full = compress(model, TOK, [prompt], get_method("full"))
+        compress(model, TOK, [prompt], get_method("test-seen", budget=8))
+    finally:
+        for h in hooks:
+            h.remove()
+    cfg = model.config
+    assert len(_Seen.seen) == cfg.num_hidden_layers
+    for inp in _Seen.seen:
+        i = inp.layer_idx
+        assert inp.config is not None and inp.config.num_hidden_layers == cfg.num_hidden_layers
+        assert torch.allclose(inp.values[:, :, :30], full.cache.layers[i].values, atol=1e-6), "values"
+        q = projected[i].view(1, 30, cfg.num_attention_heads, -1).transpose(1, 2)  # [1, H_q, 30, D] before RoPE
+        assert torch.allclose(inp.pre_rope_queries(), q, atol=1e-5), f"layer {i}: pre-RoPE queries"

@@ -41,6 +41,13 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
     return wrap
 
 
+def unregister(name: str) -> None:
+    """Remove a registered method (for plugins and tests that register temporary methods)."""
+    if name not in _REGISTRY:
+        raise DapqError(f"Unknown method {name!r}. Valid methods: {', '.join(sorted(_REGISTRY))}.")
+    del _REGISTRY[name]
+
+
 def list_methods() -> dict[str, type[Method]]:
     """All registered methods, by name."""
     return dict(sorted(_REGISTRY.items()))
@@ -191,4 +198,5 @@ __all__ = [
     "positive_int",
     "recent_mask",
     "register",
+    "unregister",
 ]
