@@ -44,8 +44,11 @@ def test_budget_wrong_type(budget):
         SnapKV(budget=budget)
 
 
-def test_whole_float_budget_is_a_token_count():
-    assert DapQ(budget=64.0).budget == 64 and isinstance(DapQ(budget=64.0).budget, int)
+@pytest.mark.parametrize("budget", [1.0, 2.0, 64.0])
+def test_whole_float_budget_is_refused_with_a_hint(budget):
+    # issue 12: 1.0 silently meant 1 token while 1.5 was rejected; an integer-valued float is now an error
+    with raises(f"pass an int ({int(budget)}) for a token count, or a ratio in (0, 1)"):
+        DapQ(budget=budget)
     assert DapQ(budget=0.5).token_budget(101) == 51
 
 

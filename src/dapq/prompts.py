@@ -15,7 +15,9 @@ def build_prompt(
     """Token ids of the context part and of the question part; concatenated they are the full prompt.
 
     With a chat template (default when the tokenizer has one), the user message is `context + "\\n\\n" + question`
-    and the question part runs to the end of the generation prompt, followed by `answer_prefix`.
+    and the question part runs to the end of the generation prompt, followed by `answer_prefix`. The whole text is
+    tokenized once, as the chat template tokenizes it (`split_encode`), so context + question ids are exactly the
+    template's own prompt ids; the boundary between the parts is taken from the token offsets.
     """
     if not isinstance(context, str) or not isinstance(question, str):
         raise DapqError("context and question must be strings")
@@ -28,12 +30,34 @@ def build_prompt(
         messages = [{"role": "user", "content": f"{context}\n\n{_QUESTION_MARK}" if context else _QUESTION_MARK}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         before, after = text.split(_QUESTION_MARK)
-        ctx_ids = tokenizer.encode(before, add_special_tokens=False)
-        q_ids = tokenizer.encode(question + after + answer_prefix, add_special_tokens=False)
+        ctx_ids, q_ids = split_encode(tokenizer, before, question + after + answer_prefix, add_special_tokens=False)
     else:
-        ctx_ids = tokenizer.encode(f"{context}\n\n" if context else "", add_special_tokens=True)
-        q_ids = tokenizer.encode(question + answer_prefix, add_special_tokens=False)
+        before = f"{context}\n\n" if context else ""
+        ctx_ids, q_ids = split_encode(tokenizer, before, question + answer_prefix, add_special_tokens=True)
     return ctx_ids, q_ids
+
+
+def split_encode(tokenizer: Any, head: str, tail: str, *, add_special_tokens: bool) -> tuple[list[int], list[int]]:
+    """Token ids of `head + tail` tokenized as one text, split into (the tokens inside `head`, the rest).
+
+    Fast tokenizers give character offsets: a token belongs to the head part when it ends at or before the
+    boundary (a token straddling it goes to the tail). Without offsets the head part is the longest common prefix
+    of the whole text's ids and the head's own ids. Either way head + tail ids == tokenizer(head + tail)."""
+    text = head + tail
+    boundary = len(head)
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        k = 0
+        while k < len(ids) and offsets[k][1] <= boundary:  # added special tokens (BOS) have offsets (0, 0)
+            k += 1
+        return ids[:k], ids[k:]
+    ids = tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    head_ids = tokenizer.encode(head, add_special_tokens=add_special_tokens) if head else []
+    k = 0
+    while k < min(len(ids), len(head_ids)) and ids[k] == head_ids[k]:
+        k += 1
+    return ids[:k], ids[k:]
 
 
 def stop_token_ids(tokenizer: Any, extra: list[str] | None = None) -> set[int]:

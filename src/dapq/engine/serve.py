@@ -52,17 +52,31 @@ def resolve_method(method: Method | str | None, **params: Any) -> Method:
 
 
 def _as_rows(context: str | list[str], question: str | list[str]) -> tuple[list[str], list[str], bool]:
-    single = isinstance(context, str)
-    contexts = [context] if single else list(context)
-    if isinstance(question, str):
-        questions = [question] * len(contexts)
-    else:
-        questions = list(question)
+    def strings(value: Any, what: str) -> list[str] | None:
+        if isinstance(value, str):
+            return None
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise DapqError(f"{what} must be a string or a list of strings; got {type(value).__name__}.")
+        return list(value)
+
+    listed = strings(context, "context")
+    single = listed is None
+    contexts = [context] if listed is None else listed
+    q_list = strings(question, "question")
+    questions = [question] * len(contexts) if q_list is None else q_list
     if len(questions) != len(contexts):
         raise DapqError(f"{len(contexts)} contexts but {len(questions)} questions: pass one question per context.")
     if not contexts:
         raise DapqError("No prompt given.")
+    check_questions(questions)
     return contexts, questions, single
+
+
+def check_questions(questions: list[str]) -> None:
+    """An empty question makes the model answer nothing in particular: refuse it."""
+    for q in questions:
+        if not q.strip():
+            raise DapqError("The question is empty: pass the question to answer about the context.")
 
 
 def generate(
@@ -99,7 +113,7 @@ def generate(
         cc = compress(model, tokenizer, [c + q for c, q in parts], method)
         logits = cc.first_logits
     else:
-        if any(not c for c, _ in parts):
+        if any(not c for c, _ in parts) or any(not c.strip() for c in contexts):
             raise DapqError("question_agnostic mode needs a non-empty context to compress.")
         cc = compress(model, tokenizer, [c for c, _ in parts], method)
         logits = append(cc, [q for _, q in parts], int(tokenizer.pad_token_id or 0))
@@ -131,6 +145,11 @@ def answer_many(
     method = resolve_method(method)
     if not questions:
         raise DapqError("answer_many needs at least one question.")
+    if not isinstance(context, str) or not isinstance(questions, (list, tuple)):
+        raise DapqError("answer_many takes one context string and a list of question strings.")
+    if not context.strip():
+        raise DapqError("answer_many needs a non-empty context to compress.")
+    check_questions([q if isinstance(q, str) else "" for q in questions])
     parts = [
         build_prompt(tokenizer, context, q, chat_template=chat_template, answer_prefix=answer_prefix) for q in questions
     ]

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache
 
+from ..errors import DapqError
 from ..hf.attention import Step
 from ..hf.cache import LayerTrack, gather_tokens, make_cache, set_layer
 from ..methods.base import Method
@@ -58,6 +59,13 @@ class EngineState:
         device = info.device
         if budgets is None:
             budgets = [method.token_budget(n) for n in lengths]
+            for n, b in zip(lengths, budgets):
+                if b < n and b < method.min_budget:  # a ratio budget too small for this prompt
+                    raise DapqError(
+                        f"{method.name}: budget {method.budget} of a {n}-token prompt is {b} tokens, fewer than the "
+                        f"{method.min_budget} it needs (its window, sinks or recent tokens are kept inside the "
+                        "budget). Raise the budget or shrink the window."
+                    )
         row_budgets = budgets if isinstance(budgets, torch.Tensor) else torch.tensor(budgets, device=device)
         row_lengths = torch.tensor(lengths, device=device) if not isinstance(lengths, torch.Tensor) else lengths
         if cache is None:

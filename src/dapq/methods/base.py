@@ -87,13 +87,24 @@ class Method:
             if isinstance(b, bool) or not isinstance(b, (int, float)):
                 raise DapqError(f"budget must be a number of tokens (int >= 1) or a ratio in (0, 1); got {b!r}")
             if isinstance(b, float) and b.is_integer() and b >= 1:
-                self.budget = b = int(b)
+                raise DapqError(
+                    f"budget {b} is a float: pass an int ({int(b)}) for a token count, or a ratio in (0, 1)."
+                )
             if isinstance(b, float) and not 0 < b < 1:
                 raise DapqError(f"budget as a ratio must be in (0, 1); got {b}. Pass an int for a token count.")
             if isinstance(b, int) and b < 1:
                 raise DapqError(f"budget must be >= 1 token per head; got {b}.")
         check_choice("layout", self.layout, LAYOUTS)
         check_choice("gqa", self.gqa, GQA_AGGREGATIONS)
+        check_field_types(self)
+
+    @property
+    def min_budget(self) -> int:
+        """The smallest token budget the method can evict with (windows, sinks and recent tokens fit inside it).
+
+        Token budgets are checked against it at construction; ratio budgets by the engine once the prompt length
+        is known (a budget that leaves the whole prompt is always fine)."""
+        return 1
 
     # --- budgets -------------------------------------------------------------------------------------------
     @property
@@ -131,8 +142,7 @@ class ScorerMethod(Method):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("pooling", self.pooling, POOLINGS)
-        if not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
-            raise DapqError(f"kernel must be an odd integer >= 1; got {self.kernel!r}")
+        check_kernel(self.kernel)
 
     def query_head_scores(self, inp: LayerInputs) -> torch.Tensor:  # [B, H_q, T]
         raise NotImplementedError
@@ -181,6 +191,66 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise DapqError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
+def check_kernel(value: Any) -> None:
+    """The pooling kernel: an odd integer >= 1 (the same rule for every method that pools)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
+        raise DapqError(f"kernel must be an odd integer >= 1; got {value!r}")
+
+
+# field annotations (strings under `from __future__ import annotations`) -> accepted Python types
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "bool": (bool,),
+    "int": (int,),
+    "str": (str,),
+    "float": (float, int),
+    "int | None": (int, type(None)),
+    "str | None": (str, type(None)),
+    "float | None": (float, int, type(None)),
+}
+BOOL_TEXT = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def check_field_types(method: Any) -> None:
+    """Every hyperparameter annotated bool / int / str / float (optionally `| None`) has a value of that type
+    (`True` is not an int here, and `"no"` is not a bool)."""
+    for f in dataclasses.fields(method):
+        want = _FIELD_TYPES.get(str(f.type))
+        if want is None or f.name == "budget":
+            continue
+        value = getattr(method, f.name)
+        ok = isinstance(value, want) and not (isinstance(value, bool) and bool not in want)
+        if not ok:
+            raise DapqError(f"{method.name}: {f.name} must be {f.type}; got {value!r} ({type(value).__name__}).")
+
+
+def parse_param(cls: type[Method], name: str, text: str) -> Any:
+    """A command-line value for field `name` of `cls`, converted by the field's type: booleans accept
+    true/false/1/0/yes/no only, ints and floats must parse, `none` gives None where the field allows it; the budget
+    is an int (token count) or a ratio in (0, 1)."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    if name not in fields:
+        raise DapqError(f"Method {cls.name!r} has no parameter {name}. Its parameters: {', '.join(sorted(fields))}.")
+    kind = str(fields[name].type)
+    raw = text.strip()
+    if raw.lower() in ("none", "null") and "None" in kind:
+        return None
+    try:
+        if kind == "bool":
+            if raw.lower() not in BOOL_TEXT:
+                raise ValueError
+            return BOOL_TEXT[raw.lower()]
+        if name == "budget" or kind.startswith("int | float"):
+            return int(raw) if raw.lstrip("+-").isdigit() else float(raw)
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+    except ValueError:
+        allowed = "true/false, 1/0 or yes/no" if kind == "bool" else kind
+        raise DapqError(f"{cls.name}.{name} takes {allowed}; got {text!r}.") from None
+    return raw
+
+
 def positive_int(name: str, value: Any, minimum: int = 1) -> None:
     """Validate an integer hyperparameter."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -192,9 +262,12 @@ __all__ = [
     "Method",
     "ScorerMethod",
     "check_choice",
+    "check_field_types",
+    "check_kernel",
     "field",
     "get_method",
     "list_methods",
+    "parse_param",
     "positive_int",
     "recent_mask",
     "register",

@@ -85,6 +85,10 @@ class DapQ(ScorerMethod, PseudoSuffix):
             raise DapqError(f"keep_recent ({self.keep_recent}) must be smaller than the budget ({self.budget}).")
 
     @property
+    def min_budget(self) -> int:
+        return self.keep_recent + 1
+
+    @property
     def n_pseudo(self) -> int:
         return self.n_pseudo_tokens
 

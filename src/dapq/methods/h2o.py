@@ -71,6 +71,10 @@ class H2O(ScorerMethod):
                 f"than recent. Lower recent (e.g. recent={self.budget // 4}) or raise the budget."
             )
 
+    @property
+    def min_budget(self) -> int:
+        return self.recent + 1
+
     def query_head_scores(self, inp: LayerInputs) -> torch.Tensor:  # [B, H_q, T]
         return column_attention_sums(inp, self.block_size)
 

@@ -127,6 +127,10 @@ class LaCache(Method):
                 f"larger than sinks. Lower sinks or raise the budget."
             )
 
+    @property
+    def min_budget(self) -> int:
+        return self.sinks + 1
+
     def keep_mask(self, inp: LayerInputs, budgets: torch.Tensor) -> torch.Tensor:  # [B, T] bool
         """Tokens this layer keeps: exactly budgets[b] real tokens of each row."""
         t = inp.prompt_len

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import DapqError
-from .base import POOLINGS, LayerInputs, Method, check_choice, positive_int, register
+from .base import POOLINGS, LayerInputs, Method, check_choice, check_kernel, positive_int, register
 from .protocols import Staged, StageOneObservation
 from .scoring import aggregate_groups, pool_scores, select_topk, window_attention
 from .snapkv import window_scores
@@ -52,12 +52,16 @@ class LAQ(Method, Staged):
         positive_int("stage1_window", self.stage1_window)
         positive_int("prompt_queries", self.prompt_queries, minimum=0)
         check_choice("pooling", self.pooling, POOLINGS)
-        positive_int("kernel", self.kernel)
+        check_kernel(self.kernel)
         if isinstance(self.budget, int) and self.budget <= max(self.stage1_window, self.prompt_queries):
             raise DapqError(
                 f"LAQ's stage-1 SnapKV cache keeps a {self.stage1_window}-token window inside the budget: budget "
                 f"({self.budget}) must be larger than stage1_window (and prompt_queries). Lower stage1_window."
             )
+
+    @property
+    def min_budget(self) -> int:
+        return max(self.stage1_window, self.prompt_queries) + 1
 
     @property
     def lookahead_tokens(self) -> int:

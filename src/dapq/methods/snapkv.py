@@ -51,6 +51,10 @@ class SnapKV(ScorerMethod):
                 f"than window. Lower window (e.g. window={max(1, self.budget // 4)}) or raise the budget."
             )
 
+    @property
+    def min_budget(self) -> int:
+        return self.window + 1
+
     def query_head_scores(self, inp: LayerInputs) -> torch.Tensor:
         return window_scores(inp, self.window)
 

@@ -49,6 +49,10 @@ class StreamingLLM(Method, PositionPolicy):
             )
 
     @property
+    def min_budget(self) -> int:
+        return self.sinks + 1
+
+    @property
     def renumbers_positions(self) -> bool:
         return self.rerotate
 
