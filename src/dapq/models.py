@@ -119,3 +119,28 @@ def load_model(
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def model_fingerprint(name_or_path: str | None = None) -> str:
+    """What identifies the weights a run used: the bundled GGUF's sha256, a local folder's config and weight files
+    (sha256 of config.json plus weight file names and sizes), or a hub id as given (pin a revision to be exact)."""
+    import hashlib
+
+    if name_or_path is None or name_or_path == BUNDLED_NAME:
+        path = bundled_model_path()
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return f"{BUNDLED_NAME}@sha256:{digest.hexdigest()[:16]}"
+    folder = Path(name_or_path)
+    if folder.is_dir():
+        digest = hashlib.sha256()
+        config = folder / "config.json"
+        if config.is_file():
+            digest.update(config.read_bytes())
+        for f in sorted(folder.iterdir()):
+            if f.suffix in (".safetensors", ".bin", ".gguf", ".pt"):
+                digest.update(f"{f.name}:{f.stat().st_size}".encode())
+        return f"{folder.resolve()}@sha256:{digest.hexdigest()[:16]}"
+    return str(name_or_path)

@@ -63,11 +63,30 @@ class MethodSpec:
 
 @dataclass
 class RunConfig:
+    """Everything besides the method and budget that changes a row. A run folder holds one configuration."""
+
     model: str
     mode: str = "query_aware"
     seed: int = 0
     decode_batch: int = 16  # methods (caches of similar length, padded) decode together, up to this many rows
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # bench arguments: task options, prompt options, ...
+    model_id: str = ""  # what identifies the weights (models.model_fingerprint): file hash or revision
+    dtype: str | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """The run's configuration as recorded in run.json (JSON-able, sorted keys)."""
+        from .. import __version__
+
+        base = {
+            "model": self.model,
+            "model_id": self.model_id or self.model,
+            "dtype": self.dtype,
+            "mode": self.mode,
+            "seed": self.seed,
+            "decode_batch": self.decode_batch,
+            "dapq": __version__,
+        }
+        return json.loads(json.dumps({**base, **{f"bench.{k}": v for k, v in self.extra.items()}}, default=str))
 
 
 def versions() -> dict[str, str]:
@@ -88,24 +107,160 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def row_key(sample_id: str, method_key: str, budget: Any) -> tuple[str, str, str]:
-    return (sample_id, method_key, json.dumps(budget))
+RUN_FILE = "run.json"
+LOCK_FILE = ".lock"
+ROW_FIELDS = {"sample_id": str, "task": str, "method_key": str, "score": (int, float)}
 
 
-def load_rows(path: Path) -> list[dict[str, Any]]:
-    """All complete rows of a results file; a torn last line (a run killed mid-write) is cut off the file."""
+def row_key(sample_id: str, method_key: str, budget: Any, method_config: dict[str, Any] | None = None) -> tuple:
+    """What identifies a row inside one run folder (whose configuration is fixed by run.json)."""
+    cfg = json.dumps(method_config, sort_keys=True, default=str) if method_config is not None else ""
+    return (sample_id, method_key, json.dumps(budget), cfg)
+
+
+def check_row(row: Any, where: str) -> dict[str, Any]:
+    """A results row with the fields reports and resumes rely on, else a one-line DapqError naming `where`."""
+    if not isinstance(row, dict):
+        raise DapqError(f"{where}: a results row must be a JSON object; got {type(row).__name__}.")
+    for name, kind in ROW_FIELDS.items():
+        if not isinstance(row.get(name), kind) or isinstance(row.get(name), bool):
+            raise DapqError(f"{where}: row has no valid {name!r}; fix or delete that line.")
+    budget = row.get("budget")
+    if isinstance(budget, bool) or not (budget is None or isinstance(budget, (int, float))):
+        raise DapqError(f"{where}: budget must be a number or null; got {budget!r}. Fix or delete that line.")
+    return row
+
+
+def load_rows(path: Path, *, repair: bool = True) -> list[dict[str, Any]]:
+    """All complete rows of a results file; a torn last line (a run killed mid-write) is cut off the file when
+    `repair` (else ignored). A line that is not a valid row is a DapqError naming the file and line."""
+    path = Path(path)
     if not path.exists():
         return []
+    if not path.is_file():
+        raise DapqError(f"{path} is not a file.")
     data = path.read_bytes()
     good_end = data.rfind(b"\n") + 1  # everything after the last newline is a partial row
     rows = []
-    for line in data[:good_end].splitlines():
-        if line.strip():
-            rows.append(json.loads(line))
-    if good_end != len(data):
+    for lineno, line in enumerate(data[:good_end].splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            msg = getattr(exc, "msg", "not UTF-8")
+            raise DapqError(f"{path}:{lineno}: not a JSON row ({msg}); fix or delete that line.") from None
+        rows.append(check_row(row, f"{path}:{lineno}"))
+    if good_end != len(data) and repair:
         with open(path, "r+b") as f:
             f.truncate(good_end)
     return rows
+
+
+def _differences(recorded: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    keys = sorted(set(recorded) | set(settings))
+    return [
+        f"{k}: folder {recorded.get(k)!r}, this run {settings.get(k)!r}"
+        for k in keys
+        if recorded.get(k) != settings.get(k)
+    ]
+
+
+def legacy_settings(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The settings a folder written before run.json existed can be checked against (from its rows)."""
+    first = rows[0]
+    out = {k: first.get(k) for k in ("model", "mode", "seed")}
+    out["dapq"] = (first.get("versions") or {}).get("dapq")
+    return out
+
+
+def open_run(out_dir: str | Path, config: RunConfig, *, new_run: bool = False) -> Path:
+    """The run folder for `config`: created with its run.json, or an existing one written with the same settings.
+
+    A folder written with other settings is refused with a one-line error that says which setting differs; with
+    `new_run=True` the run goes to a new folder beside it (`<name>-2`, `<name>-3`, ...) instead."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DapqError(f"--out {out} is an existing file: pass a folder.")
+    settings = config.settings()
+    candidate, n = out, 1
+    while True:
+        problem = _folder_mismatch(candidate, settings)
+        if problem is None:
+            break
+        if not new_run:
+            raise DapqError(
+                f"{candidate} holds a run with other settings ({problem}). Use another --out, or --new-run to write a "
+                "new folder beside it."
+            )
+        n += 1
+        candidate = out.with_name(f"{out.name}-{n}")
+    candidate.mkdir(parents=True, exist_ok=True)
+    run_file = candidate / RUN_FILE
+    if not run_file.exists():
+        write_text_safely(run_file, json.dumps({"settings": settings}, indent=2, sort_keys=True) + "\n")
+    return candidate
+
+
+def _folder_mismatch(folder: Path, settings: dict[str, Any]) -> str | None:
+    run_file = folder / RUN_FILE
+    if run_file.is_file():
+        try:
+            recorded = json.loads(run_file.read_text(encoding="utf-8"))["settings"]
+        except (ValueError, KeyError, TypeError):
+            raise DapqError(f"{run_file} is not a dapq run file: delete it or use another --out.") from None
+        diff = _differences(recorded, settings)
+        return "; ".join(diff) if diff else None
+    rows = load_rows(folder / RESULTS) if (folder / RESULTS).is_file() else []
+    if not rows:
+        return None
+    recorded = legacy_settings(rows)
+    diff = _differences(recorded, {k: settings.get(k) for k in recorded})
+    return "; ".join(diff) if diff else None
+
+
+class RunLock:
+    """An exclusive lock on a run folder (`.lock`, flock): a second process writing the same run is refused."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / LOCK_FILE
+        self._f: Any = None
+
+    def __enter__(self) -> RunLock:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return self
+        self._f = open(self.path, "a+")  # noqa: SIM115 (held until __exit__)
+        try:
+            fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._f.seek(0)
+            holder = self._f.read().strip() or "another process"
+            self._f.close()
+            self._f = None
+            raise DapqError(
+                f"{self.path.parent} is being written by {holder}: wait for it, or use another --out."
+            ) from None
+        self._f.seek(0)
+        self._f.truncate()
+        self._f.write(f"pid {os.getpid()}")
+        self._f.flush()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def write_text_safely(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename: an existing symlink at `path` is replaced,
+    never followed."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _append_row(f: Any, row: dict[str, Any]) -> None:
@@ -152,10 +307,12 @@ def run(
     config: RunConfig | None = None,
     console: Console | None = None,
     total: int | None = None,
+    new_run: bool = False,
 ) -> Path:
-    """Evaluate every sample with every method and budget; append rows to `out_dir/results.jsonl`; resume."""
-    from .metrics import METRICS, score_prediction
+    """Evaluate every sample with every method and budget; append rows to `out_dir/results.jsonl`; resume.
 
+    The folder records its configuration (run.json); rerunning another configuration into it is refused (or, with
+    `new_run=True`, goes to a new folder beside it). Returns the results file."""
     config = config or RunConfig(model="unknown")
     if config.mode not in ("query_aware", "question_agnostic"):
         raise DapqError(f"mode must be query_aware or question_agnostic; got {config.mode!r}")
@@ -164,13 +321,37 @@ def run(
     for spec in methods:  # validate every method x budget before the long run starts
         for budget in budgets if spec.uses_budget else [None]:
             spec.build(budget)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = open_run(out_dir, config, new_run=new_run)
+    with RunLock(out):
+        return _run_locked(model, tokenizer, samples, methods, budgets, out, config, console, total)
+
+
+def _run_locked(
+    model: Any,
+    tokenizer: Any,
+    samples: Iterable[Sample],
+    methods: list[MethodSpec],
+    budgets: list[int | float],
+    out: Path,
+    config: RunConfig,
+    console: Console | None,
+    total: int | None,
+) -> Path:
+    from .metrics import METRICS, score_prediction
+
     path = out / RESULTS
-    done = {row_key(r["sample_id"], r["method_key"], r["budget"]) for r in load_rows(path)}
+    done = {row_key(r["sample_id"], r["method_key"], r["budget"], r.get("method_config")) for r in load_rows(path)}
     samples = list(samples)
     stops = stop_token_ids(tokenizer)
-    meta = {"model": config.model, "mode": config.mode, "seed": config.seed, "versions": versions(), **config.extra}
+    settings = config.settings()
+    meta = {
+        "model": config.model,
+        "mode": config.mode,
+        "seed": config.seed,
+        "versions": versions(),
+        **config.extra,
+        "config_id": config_hash(settings),
+    }
     console = console or Console(stderr=True)
     jobs_per_sample = sum(len(budgets) if s.uses_budget else 1 for s in methods)
     with (
@@ -185,12 +366,17 @@ def run(
         ) as progress,
     ):
         task = progress.add_task("eval", total=(total or len(samples)) * jobs_per_sample)
+        configs = {  # the method fields of every job: part of the resume key
+            (spec.key, json.dumps(budget)): dataclasses.asdict(spec.build(budget))
+            for spec in methods
+            for budget in (budgets if spec.uses_budget else [None])
+        }
         for sample in samples:
             todo = [
                 (spec, budget)
                 for spec in methods
                 for budget in (budgets if spec.uses_budget else [None])
-                if row_key(sample.id, spec.key, budget) not in done
+                if row_key(sample.id, spec.key, budget, configs[(spec.key, json.dumps(budget))]) not in done
             ]
             progress.advance(task, jobs_per_sample - len(todo))
             if not todo:
@@ -255,6 +441,6 @@ def run(
                         **meta,
                     }
                     _append_row(f, row)
-                    done.add(row_key(sample.id, spec.key, budget))
+                    done.add(row_key(sample.id, spec.key, budget, row["method_config"]))
                     progress.advance(task)
     return path
