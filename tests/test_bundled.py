@@ -93,7 +93,8 @@ GENEROUS = {"h2o": 0.95}
 def test_every_method_answers_a_short_needle_prompt_at_a_generous_budget(bundled, needle):
     from dapq import get_method, list_methods
     from dapq.evalpath import derive, record
-    from dapq.generation import build_prompt, greedy_decode, stop_token_ids
+    from dapq.generation import greedy_decode
+    from dapq.prompts import build_prompt, stop_token_ids
 
     model, tok = bundled
     ctx, q = build_prompt(tok, needle.context, needle.question, answer_prefix=needle.answer_prefix)

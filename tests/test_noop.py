@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dapq import FullKV, generate, get_method, list_methods
-from dapq.generation import append, compress, greedy_decode, stop_token_ids
+from dapq.generation import append, compress, greedy_decode
+from dapq.prompts import stop_token_ids
 from helpers import METHOD_PARAMS, TINY, TinyTokenizer, build_tiny, max_diff, plain_greedy, random_prompt
 
 METHODS = sorted(list_methods())

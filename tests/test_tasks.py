@@ -29,7 +29,7 @@ from dapq.bench.base import Sample
 from dapq.bench.niah import NIAH_ANSWER, NIAH_NEEDLE, niah_samples
 from dapq.bench.ruler import NOISE, RULER_TASKS, ruler_samples
 from dapq.errors import DapqError
-from dapq.generation import build_prompt
+from dapq.prompts import build_prompt
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ruler_qa"
 LENGTHS = (1024, 2048)

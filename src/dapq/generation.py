@@ -25,9 +25,9 @@ from .hf.attention import EngineState, Step, activate, model_attn_implementation
 from .hf.cache import LayerTrack, gather_tokens, kv_bytes, make_cache, reserve, restore, set_layer, snapshot
 from .methods.base import Method, get_method
 from .methods.full import FullKV
+from .prompts import build_prompt, stop_token_ids
 
 MODES = ("query_aware", "question_agnostic")
-_QUESTION_MARK = "\x00DAPQ-QUESTION\x00"
 
 
 @dataclass
@@ -37,34 +37,6 @@ class GenerationOutput:
     text: str | list[str]
     token_ids: list[list[int]]
     stats: dict[str, Any] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------------------------------------- prompts
-def build_prompt(
-    tokenizer: Any, context: str, question: str, *, chat_template: bool | None = None, answer_prefix: str = ""
-) -> tuple[list[int], list[int]]:
-    """Token ids of the context part and of the question part; concatenated they are the full prompt.
-
-    With a chat template (default when the tokenizer has one), the user message is `context + "\\n\\n" + question`
-    and the question part runs to the end of the generation prompt, followed by `answer_prefix`.
-    """
-    if not isinstance(context, str) or not isinstance(question, str):
-        raise DapqError("context and question must be strings")
-    if not context.strip() and not question.strip():
-        raise DapqError("The prompt is empty: pass a non-empty context or question.")
-    use_chat = tokenizer.chat_template is not None if chat_template is None else chat_template
-    if use_chat:
-        if tokenizer.chat_template is None:
-            raise DapqError("This tokenizer has no chat template: pass chat_template=False (CLI: --no-chat-template).")
-        messages = [{"role": "user", "content": f"{context}\n\n{_QUESTION_MARK}" if context else _QUESTION_MARK}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        before, after = text.split(_QUESTION_MARK)
-        ctx_ids = tokenizer.encode(before, add_special_tokens=False)
-        q_ids = tokenizer.encode(question + after + answer_prefix, add_special_tokens=False)
-    else:
-        ctx_ids = tokenizer.encode(f"{context}\n\n" if context else "", add_special_tokens=True)
-        q_ids = tokenizer.encode(question + answer_prefix, add_special_tokens=False)
-    return ctx_ids, q_ids
 
 
 # ---------------------------------------------------------------------------------------------------- checks
@@ -404,19 +376,6 @@ def _select_rows(cc: CompressedCache, idx: torch.Tensor) -> None:
     cc.next_pos = cc.next_pos.index_select(0, idx.to(cc.next_pos.device))
     cc.first_logits = cc.first_logits.index_select(0, idx.to(cc.first_logits.device))
     cc.prompt_lengths = [cc.prompt_lengths[j] for j in idx.tolist()] if cc.prompt_lengths else []
-
-
-def stop_token_ids(tokenizer: Any, extra: list[str] | None = None) -> set[int]:
-    """EOS plus the chat end-of-turn tokens the tokenizer knows, plus `extra` strings (single tokens)."""
-    ids = set()
-    for tok_id in [tokenizer.eos_token_id, getattr(tokenizer, "pad_token_id", None)]:
-        if isinstance(tok_id, int):
-            ids.add(tok_id)
-    vocab = tokenizer.get_vocab()
-    for name in ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", *(extra or [])]:
-        if name in vocab:
-            ids.add(vocab[name])
-    return ids
 
 
 def _as_rows(context: str | list[str], question: str | list[str]) -> tuple[list[str], list[str], bool]:

@@ -25,9 +25,10 @@ from typing import Any
 import torch
 
 from ..errors import DapqError
-from ..generation import compress, greedy_decode, stop_token_ids
+from ..generation import compress, greedy_decode
 from ..hf.capture import greedy_answer, prefill_prompt, queries_at
 from ..methods.base import get_method
+from ..prompts import stop_token_ids
 from .quantities import (
     attention_distribution,
     distribution_cosine,

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from ..errors import DapqError
-from ..generation import stop_token_ids
 from ..hf.capture import PromptState, greedy_answer, prefill_prompt, queries_at, to_pre_rope
+from ..prompts import stop_token_ids
 from .quantities import mean_query_cosine
 
 FIXED_TEXT = "Sorry, I don't know. "

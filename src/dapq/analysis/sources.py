@@ -10,7 +10,7 @@ from typing import Any
 
 from ..data import haystack_text
 from ..errors import DapqError
-from ..generation import build_prompt
+from ..prompts import build_prompt
 
 SUMMARY_QUESTION = "Summarize the essays above in a few paragraphs."
 TASK_HELP = "summary, niah, ruler/<task> (e.g. ruler/niah_single_1) or longbench/<subset> (with --data-dir)"
