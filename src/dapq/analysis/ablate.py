@@ -40,6 +40,7 @@ from rich.table import Table
 from ..bench.base import Sample
 from ..bench.runner import RESULTS, MethodSpec, RunConfig, load_rows, run
 from ..errors import DapqError
+from ..extras import require
 
 KINDS = ("content", "length", "position")
 FIGURES = {"content": "Figure 4a", "length": "Figure 4b", "position": "Figure 4c"}
@@ -502,8 +503,7 @@ def print_table(summary: dict[str, Any], console: Console) -> None:
 def figure(summary: dict[str, Any], path: str | Path) -> Path:
     """One panel per budget: bars (content), score vs N on a log2 axis (length), or bars grouped into inside the
     prompt / shifted after it (position); SnapKV and FullKV as horizontal reference lines. Returns the PNG path."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "eval")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

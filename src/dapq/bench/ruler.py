@@ -43,6 +43,7 @@ import numpy as np
 
 from ..data import haystack_text
 from ..errors import DapqError
+from ..extras import require
 from ..prompts import fit_units, prompt_tokens, tokenizer_cache
 from .base import Sample
 
@@ -154,10 +155,7 @@ _NIAH = {
 # ---------------------------------------------------------------------------------------------------- word sources
 @functools.lru_cache(maxsize=4)
 def _wonderwords(name: str) -> tuple[str, ...]:
-    try:
-        from wonderwords import random_word
-    except ImportError as exc:
-        raise DapqError("RULER's word lists come from the wonderwords package: pip install wonderwords") from exc
+    random_word = require("wonderwords.random_word", "eval")  # RULER's word lists
     return tuple(random_word._get_words_from_text_file(name))
 
 
