@@ -19,9 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from ..errors import DapqError
+from ..lazy import torch
 from .base import POOLINGS, LayerInputs, Method, _check_choice, positive_int, register
 from .scoring import aggregate_groups, pool_scores, select_topk, window_attention
 from .snapkv import window_scores
