@@ -185,41 +185,36 @@ def variants(
 
 
 # ---------------------------------------------------------------------------------------------------- samples
+#: The tasks an ablation can use: generated at each prompt length and scored (see `dapq.bench.tasks`).
+ABLATE_TASK_HELP = "niah (default) or ruler/<task> (e.g. ruler/niah_single_1)"
+
+
+def ablation_tasks() -> list[str]:
+    """Registry names an ablation can run on: niah and the RULER tasks."""
+    from ..bench.tasks import task_names
+
+    return [*task_names("niah"), *task_names("ruler")]
+
+
 def build_samples(
     tokenizer: Any, task: str, lengths: Sequence[int], n: int, seed: int = 0, data_dir: str | None = None
 ) -> list[Sample]:
     """Samples of `task`: "niah" (n depths per length, Kamradt grid) or "ruler/<task>" (n samples per length)."""
+    from ..bench.tasks import TaskArgs, task_samples
+
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise DapqError(f"--samples must be an integer >= 1; got {n!r}")
     if not lengths:
         raise DapqError("--lengths is empty; pass prompt lengths in tokens, e.g. 2000 or 2000,4000.")
-    if task == "niah":
-        from ..bench.niah import niah_samples
-
-        return niah_samples(tokenizer, list(lengths), n, seed=seed)
-    if task.startswith("ruler/"):
-        from ..bench.ruler import ruler_samples
-
-        return [
-            s
-            for length in lengths
-            for s in ruler_samples(tokenizer, task.split("/", 1)[1], length, n, seed=seed, data_dir=data_dir)
-        ]
-    raise DapqError(f"Unknown task {task!r}; use niah or ruler/<task> (e.g. ruler/niah_single_1).")
+    check_task(task)
+    return task_samples(tokenizer, task, TaskArgs(lengths=list(lengths), n=n, seed=seed, data_dir=data_dir))
 
 
 def check_task(task: str) -> None:
-    """Fail fast (before the model load) on a task `build_samples` does not know."""
-    from ..bench.ruler import ALL_TASKS
+    """Fail fast (before the model load) on a task an ablation cannot use (see `ablation_tasks`)."""
+    from ..bench.tasks import check_task as check
 
-    if task == "niah":
-        return
-    if task.startswith("ruler/"):
-        name = task.split("/", 1)[1]
-        if name not in ALL_TASKS:
-            raise DapqError(f"Unknown RULER task {name!r} in --task {task}. Valid tasks: {', '.join(ALL_TASKS)}.")
-        return
-    raise DapqError(f"Unknown task {task!r}; use niah or ruler/<task> (e.g. ruler/niah_single_1).")
+    check(task, ablation_tasks(), purpose="an ablation")
 
 
 # ---------------------------------------------------------------------------------------------------- running
