@@ -20,6 +20,8 @@ import dapq.models
 from dapq.analysis import ablate
 from dapq.bench.base import Sample
 from dapq.bench.runner import RESULTS, load_rows
+from dapq.cli import ablate as ablate_cli
+from dapq.cli.args import parse_budgets
 from dapq.errors import DapqError
 from helpers import TinyTokenizer, build_tiny
 
@@ -150,10 +152,10 @@ def test_bad_contents_tasks_and_budgets_give_dapq_errors():
     with pytest.raises(DapqError, match="Unknown RULER task 'nope'"):
         ablate.check_task("ruler/nope")
     with pytest.raises(DapqError, match="--budgets takes"):
-        ablate.parse_budgets("64,abc")
+        parse_budgets("64,abc")
     with pytest.raises(DapqError, match="ratio in"):
-        ablate.parse_budgets("0")
-    assert ablate.parse_budgets("64, 128,0.1") == [64, 128, 0.1]
+        parse_budgets("0")
+    assert parse_budgets("64, 128,0.1") == [64, 128, 0.1]
 
 
 # ---------------------------------------------------------------------------------------------------- summaries
@@ -288,7 +290,7 @@ def test_variants_that_cannot_be_placed_are_skipped_with_a_note(tmp_path):
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dapq")
     sub = parser.add_subparsers(dest="command", required=True)
-    ablate.add_ablate_parser(sub)
+    ablate_cli.add_parser(sub)
     return parser
 
 
@@ -305,7 +307,7 @@ def test_cli_runs_into_the_config_hashed_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     argv = ["ablate", "length", "--values", "1,8", "--budgets", "40", "--samples", "2", "--lengths", "1k"]
     args = _parser().parse_args(argv)
-    assert args.func is ablate.cmd_ablate, "add_ablate_parser must set func"
+    assert args.func is ablate_cli.cmd_ablate, "add_parser must set func"
     console = _quiet()
     assert args.func(args, console) == 0
     assert calls == [("niah", [1000], 2, 0)], f"defaults: task niah, the parsed lengths, --samples: {calls}"
@@ -336,9 +338,9 @@ def test_cli_rejects_bad_input_before_loading_the_model(argv, match, monkeypatch
     monkeypatch.setattr(dapq.models, "load_model", no_model)
     args = _parser().parse_args(argv)
     with pytest.raises(DapqError, match=match):
-        ablate.cmd_ablate(args, _quiet())
+        ablate_cli.cmd_ablate(args, _quiet())
     with pytest.raises(DapqError, match="Unknown ablation"):
-        ablate.cmd_ablate(argparse.Namespace(kind="speed"), _quiet())
+        ablate_cli.cmd_ablate(argparse.Namespace(kind="speed"), _quiet())
 
 
 def test_outputs_from_rows_alone(tmp_path):

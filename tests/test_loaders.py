@@ -27,12 +27,12 @@ from dapq.bench.longbench import (
     LONGBENCH_PROMPTS,
     LONGBENCH_SUBSETS,
     longbench_samples,
-    prompt_tokens,
-    split_at_junction,
 )
 from dapq.bench.longbench_v2 import longbench_v2_samples
 from dapq.bench.metrics import METRICS
 from dapq.errors import DapqError
+from dapq.prompts import sample_prompt_tokens as prompt_tokens
+from dapq.prompts import split_at_junction
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LB_DIR = FIXTURES / "longbench"

@@ -8,7 +8,7 @@ import pytest
 from rich.console import Console
 
 from dapq.bench.report import markdown_tables, summarize, write_report
-from dapq.cli import parse_lengths
+from dapq.cli.args import parse_lengths
 from dapq.errors import DapqError
 
 

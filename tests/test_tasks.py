@@ -304,13 +304,13 @@ def test_round_robin_and_balanced_ruler_order(smol: Any) -> None:
     import argparse
 
     from dapq.bench.base import round_robin
-    from dapq.cli import _samples
+    from dapq.cli.evaluate import eval_samples
 
     assert round_robin([[1, 2, 3], [10, 20], [100]]) == [1, 10, 100, 2, 20, 3], "item i of every group, in order"
     assert round_robin([]) == []
     args = argparse.Namespace(
         bench="ruler", tasks="niah_single_1,vt", lengths="1024,1200", samples=2, seed=0, data_dir=None
     )
-    got = [(s.task, s.metadata["length"], s.metadata["seed"]) for s in _samples(args, smol)]
+    got = [(s.task, s.metadata["length"], s.metadata["seed"]) for s in eval_samples(args, smol)]
     want = [(t, n, i) for i in range(2) for n in (1024, 1200) for t in ("ruler/niah_single_1", "ruler/vt")]
     assert got == want, f"sample-major order expected, got {got}"

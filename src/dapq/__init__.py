@@ -4,15 +4,38 @@ against, for Hugging Face transformers models.
     from dapq import load_model, DapQ, generate
     model, tok = load_model()                      # bundled SmolLM2-135M-Instruct, offline
     out = generate(model, tok, context, question, method=DapQ(budget=128))
+
+`import dapq` is cheap: the public names below are imported from their modules on first use (torch and transformers
+load when you first touch `generate`, `load_model`, ...).
 """
 
-from .engine import GenerationOutput, answer_many, compress, generate
-from .errors import DapqError
-from .methods import DapQ, FullKV, LayerInputs, Method, ScorerMethod, SnapKV, get_method, list_methods, register
-from .models import load_model
-from .prompts import build_prompt
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .errors import DapqError
+
+__version__ = "0.2.0"
+
+#: public name -> the submodule it comes from
+_LAZY = {
+    "GenerationOutput": "engine",
+    "answer_many": "engine",
+    "compress": "engine",
+    "generate": "engine",
+    "build_prompt": "prompts",
+    "DapQ": "methods",
+    "FullKV": "methods",
+    "LayerInputs": "methods",
+    "Method": "methods",
+    "ScorerMethod": "methods",
+    "SnapKV": "methods",
+    "get_method": "methods",
+    "list_methods": "methods",
+    "register": "methods",
+    "load_model": "models",
+}
 
 __all__ = [
     "DapQ",
@@ -32,3 +55,22 @@ __all__ = [
     "load_model",
     "register",
 ]
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time `__getattr__` imports these on first use
+    from .engine import GenerationOutput, answer_many, compress, generate
+    from .methods import DapQ, FullKV, LayerInputs, Method, ScorerMethod, SnapKV, get_method, list_methods, register
+    from .models import load_model
+    from .prompts import build_prompt
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dapq' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # the next access is a plain attribute lookup
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -1,14 +1,66 @@
-"""Prompts: the chat template's message around a context and a question, and the stop tokens of a tokenizer."""
+"""Prompts in one place: chat-template prompts split into a context part and a question part, stop tokens, exact
+prompt lengths, and fitting a prompt to a token budget.
+
+    from dapq.prompts import build_prompt, prompt_tokens, stop_token_ids
+    ctx_ids, q_ids = build_prompt(tokenizer, context, question)   # ctx_ids + q_ids is the prompt the model sees
+    prompt_tokens(tokenizer, context, question)                    # == len(ctx_ids) + len(q_ids)
+
+The fitting helpers are what the benchmark tasks (`dapq.bench`) use to hit a target length with the evaluated
+model's own tokenizer and chat template:
+
+- `fit_units` finds the largest haystack size (in task-defined units: tokens, lines, words) whose exact prompt fits a
+  token limit, from a cheap estimate plus a few exact measurements (NIAH, RULER);
+- `fit_prompt` cuts a long document (keeping head and tail, or the head) until the whole prompt fits (LongBench v1/v2,
+  HELMET);
+- `split_at_junction` splits an official one-string prompt into (context, question) so that `build_prompt`'s join
+  reproduces it;
+- `tokenizer_cache` is a dict that lives as long as a tokenizer, for token counts worth keeping across samples.
+
+Nothing here imports torch or transformers: a tokenizer is anything with `encode`, `decode`, `chat_template`,
+`apply_chat_template` and `get_vocab` (the Hugging Face tokenizer interface).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import weakref
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 from .errors import DapqError
 
+__all__ = [
+    "PromptSample",
+    "build_prompt",
+    "fit_prompt",
+    "fit_units",
+    "prompt_tokens",
+    "sample_prompt_tokens",
+    "split_at_junction",
+    "split_encode",
+    "stop_token_ids",
+    "tokenizer_cache",
+]
+
 _QUESTION_MARK = "\x00DAPQ-QUESTION\x00"
+_CHAT_STOPS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 
+class PromptSample(Protocol):
+    """What the fitting helpers read and write on a sample (`dapq.bench.base.Sample` has all of it)."""
+
+    id: str
+    task: str
+    context: str
+    question: str
+    answer_prefix: str
+    chat_template: bool | None
+    metadata: dict[str, Any]
+
+
+S = TypeVar("S", bound=PromptSample)
+
+
+# ---------------------------------------------------------------------------------------------------- prompts
 def build_prompt(
     tokenizer: Any, context: str, question: str, *, chat_template: bool | None = None, answer_prefix: str = ""
 ) -> tuple[list[int], list[int]]:
@@ -67,7 +119,166 @@ def stop_token_ids(tokenizer: Any, extra: list[str] | None = None) -> set[int]:
         if isinstance(tok_id, int):
             ids.add(tok_id)
     vocab = tokenizer.get_vocab()
-    for name in ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", *(extra or [])]:
+    for name in [*_CHAT_STOPS, *(extra or [])]:
         if name in vocab:
             ids.add(vocab[name])
     return ids
+
+
+def prompt_tokens(
+    tokenizer: Any, context: str, question: str, answer_prefix: str = "", chat_template: bool | None = None
+) -> int:
+    """The exact number of prompt tokens a model sees: len(context part) + len(question part) of `build_prompt`."""
+    ctx, q = build_prompt(tokenizer, context, question, chat_template=chat_template, answer_prefix=answer_prefix)
+    return len(ctx) + len(q)
+
+
+def sample_prompt_tokens(tokenizer: Any, sample: PromptSample) -> int:
+    """`prompt_tokens` of a sample (its chat-template choice and answer prefix included)."""
+    return prompt_tokens(tokenizer, sample.context, sample.question, sample.answer_prefix, sample.chat_template)
+
+
+# ---------------------------------------------------------------------------------------------------- caching
+_CACHES: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
+_STRONG: dict[int, tuple[Any, dict[Any, Any]]] = {}
+
+
+def tokenizer_cache(tokenizer: Any) -> dict[Any, Any]:
+    """A dict that lives as long as `tokenizer`, for token counts that are expensive to recompute."""
+    try:
+        return _CACHES.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable: keep it alive with its cache
+        entry = _STRONG.setdefault(id(tokenizer), (tokenizer, {}))
+        return entry[1]
+
+
+# ---------------------------------------------------------------------------------------------------- fitting
+def _largest_within(est: Callable[[int], float], target: float, lo: int, hi: int) -> int:
+    """Largest n in [lo, hi] with est(n) <= target (est non-decreasing); lo when none.
+
+    Gallops up from lo before bisecting, so a lazily counted `est` is only evaluated near the answer."""
+    if est(lo) > target:
+        return lo
+    step = 1
+    while lo + step <= hi and est(lo + step) <= target:
+        lo, step = lo + step, step * 2
+    hi = min(hi, lo + step - 1)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if est(mid) <= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def fit_units(
+    measure: Callable[[int], int], est: Callable[[int], float], limit: int, n_min: int, n_max: int, what: str
+) -> tuple[int, int]:
+    """Largest haystack size n in [n_min, n_max] whose exact prompt length `measure(n)` is <= `limit`.
+
+    `est(n)` is a cheap, non-decreasing estimate of the tokens that n haystack units add (from token counts cached per
+    unit); the difference between `measure` and `est` at the last candidate corrects the next guess (a secant step on a
+    binary-search bracket), so a sample costs a few exact measurements instead of a full binary search over
+    re-tokenized haystacks. Stops when one more unit would not fit. Returns (n, measure(n)).
+    """
+    seen: dict[int, int] = {}
+
+    def m(n: int) -> int:
+        if n not in seen:
+            seen[n] = measure(n)
+        return seen[n]
+
+    if m(n_min) > limit:
+        raise DapqError(
+            f"The target length is too short for {what}: even the smallest prompt has {seen[n_min]} tokens, more "
+            f"than the {limit} available. Use a longer length."
+        )
+    lo, hi = n_min, n_max + 1  # lo fits; hi is the smallest size known not to fit (n_max + 1: none known)
+    n = lo
+    for _ in range(64):
+        t = m(n)
+        if t <= limit:
+            lo = max(lo, n)
+            if n == lo and (n >= n_max or limit - t < est(n + 1) - est(n)):
+                break  # the next unit would not fit
+        else:
+            hi = min(hi, n)
+        if hi - lo <= 1:
+            break
+        guess = _largest_within(est, limit - (m(lo) - est(lo)), lo, hi - 1)
+        if guess <= lo:
+            guess = lo + 1
+        if guess in seen:  # the secant step stalls: bisect the bracket
+            guess = (lo + hi) // 2
+        n = min(guess, hi - 1)
+    return lo, seen[lo]
+
+
+def split_at_junction(head: str, tail: str, sep: str = "\n\n") -> tuple[str, str]:
+    """Split `head + tail` into (context, question) so that `context + sep + question` reproduces it.
+
+    `build_prompt` puts "\\n\\n" between the context part and the question part. The newlines found at the
+    junction (trailing ones of `head`, leading ones of `tail`) are consumed for it, from `tail` first. When there are
+    fewer than two, they are all removed and the joined prompt has extra newlines there.
+    """
+    n_sep = len(sep)
+    lead = len(tail) - len(tail.lstrip("\n"))
+    trail = len(head) - len(head.rstrip("\n"))
+    from_tail = min(lead, n_sep)
+    from_head = min(trail, n_sep - from_tail)
+    return head[: len(head) - from_head], tail[from_tail:]
+
+
+def fit_prompt(
+    tokenizer: Any,
+    make: Callable[[str], S],
+    document: str,
+    max_prompt_tokens: int,
+    *,
+    keep: str = "middle",
+    marker: str = "",
+) -> S:
+    """Build `make(document)`, cutting `document` by tokens so the whole prompt fits `max_prompt_tokens`.
+
+    keep="middle" (LongBench v1/v2 pred.py): keep the document's head and tail; the cut sits where the official cut
+    of the whole prompt at its token midpoint would fall (prompt[:M//2] + prompt[-M//2:]), so the head gets
+    M//2 - (tokens before the document) and the tail the rest. Head and tail are decoded separately and concatenated,
+    as pred.py does. keep="head" (HELMET): keep the beginning and drop the end, then append `marker`.
+    The question part is never cut; the prompt is re-measured after decoding and the cut is widened until it fits.
+    Adds metadata `prompt_tokens`, `truncated` and `document_tokens` (before the cut).
+    """
+    if max_prompt_tokens <= 0:
+        raise DapqError(f"max_prompt_tokens must be positive; got {max_prompt_tokens}.")
+    sample = make(document)
+    total = sample_prompt_tokens(tokenizer, sample)
+    doc_ids = list(tokenizer.encode(document, add_special_tokens=False))
+    sample.metadata.update(prompt_tokens=total, truncated=False, document_tokens=len(doc_ids))
+    if total <= max_prompt_tokens:
+        return sample
+    bare = make("")
+    n_before = len(build_prompt(tokenizer, bare.context or " ", "", chat_template=bare.chat_template)[0])
+    n_keep = len(doc_ids) - (total - max_prompt_tokens)
+    for _ in range(32):
+        if n_keep <= 0:
+            break
+        if keep == "middle":
+            n_head = min(max(max_prompt_tokens // 2 - n_before, 0), n_keep)
+            n_tail = n_keep - n_head
+            text = tokenizer.decode(doc_ids[:n_head], skip_special_tokens=True)
+            if n_tail:
+                text += tokenizer.decode(doc_ids[len(doc_ids) - n_tail :], skip_special_tokens=True)
+        elif keep == "head":
+            text = tokenizer.decode(doc_ids[:n_keep], skip_special_tokens=True) + marker
+        else:
+            raise DapqError(f"keep must be 'middle' or 'head'; got {keep!r}")
+        sample = make(text)
+        total = sample_prompt_tokens(tokenizer, sample)
+        if total <= max_prompt_tokens:
+            sample.metadata.update(prompt_tokens=total, truncated=True, document_tokens=len(doc_ids))
+            return sample
+        n_keep -= max(total - max_prompt_tokens, 1)
+    raise DapqError(
+        f"Sample {sample.id} of {sample.task} does not fit max_prompt_tokens={max_prompt_tokens} even with its long "
+        "context cut away (the instruction and question alone are too long): raise max_prompt_tokens."
+    )

@@ -20,27 +20,28 @@ A variant that cannot be built for a budget or a sample (e.g. SnapKV's window do
 insert_part needs each third of the prompt to hold N positions) is skipped with a printed note, never a crash.
 
 The summarising and plotting functions (`summarize`, `markdown`, `figure`, `write_outputs`) take rows (dicts as
-written by the runner), so they also work on results copied from another machine.
+written by the runner), so they also work on results copied from another machine. The command line is
+`dapq.cli.ablate`; this module imports neither torch nor rich at its top level (the command's `--help` stays fast).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from ..bench.base import Sample
-from ..bench.runner import RESULTS, MethodSpec, RunConfig, load_rows, run
 from ..errors import DapqError
 from ..methods.protocols import PseudoSuffix
+
+if TYPE_CHECKING:  # the runner imports torch: imported where used, so that `dapq ablate --help` stays fast
+    from rich.console import Console
+
+    from ..bench.runner import MethodSpec, RunConfig
+from ..extras import require
 
 KINDS = ("content", "length", "position")
 FIGURES = {"content": "Figure 4a", "length": "Figure 4b", "position": "Figure 4c"}
@@ -74,14 +75,15 @@ class Variant:
 
 
 # ---------------------------------------------------------------------------------------------------- variants
-def _check_kind(kind: str) -> None:
+def check_kind(kind: str) -> None:
+    """Fail on an ablation kind other than content, length and position."""
     if kind not in KINDS:
         raise DapqError(f"Unknown ablation {kind!r}; choose one of {', '.join(KINDS)}.")
 
 
 def parse_values(kind: str, text: str) -> list[Any]:
     """Parse `--values` for `kind`: content names (str), N values (int) or positions ("part<k>" / int offsets)."""
-    _check_kind(kind)
+    check_kind(kind)
     items = [x.strip() for x in text.split(",") if x.strip()]
     if not items:
         raise DapqError(f"--values is empty; for {kind} it takes {VALUES_HELP[kind]}.")
@@ -121,7 +123,7 @@ def parse_values(kind: str, text: str) -> list[Any]:
 def default_values(kind: str, n_pseudo: int = 32) -> list[Any]:
     """The paper's variant list of `kind` (DEFAULT_VALUES), for N = 32; another N scales what depends on it: the
     F<m>_L<n> contents keep m = N/8, N/4, N/16 and the offsets stay multiples of N (0, N, 2N, 4N, 8N, 16N)."""
-    _check_kind(kind)
+    check_kind(kind)
     if n_pseudo == 32 or kind == "length":
         return list(DEFAULT_VALUES[kind])
     if kind == "content":
@@ -153,7 +155,9 @@ def variants(
     'auto', N = `n_pseudo`, "part<k>" -> insert_part=k, an int -> position_offset. Every DapQ variant carries `seed`
     (it drives RS_C, RC_C, random_vocab and the insert_part spans). Raises DapqError for values DapQ rejects.
     """
-    _check_kind(kind)
+    from ..bench.runner import MethodSpec
+
+    check_kind(kind)
     values = list(default_values(kind, n_pseudo) if values is None else values)
     if not values:
         raise DapqError(f"No values for the {kind} ablation; pass {VALUES_HELP[kind]}.")
@@ -185,41 +189,36 @@ def variants(
 
 
 # ---------------------------------------------------------------------------------------------------- samples
+#: The tasks an ablation can use: generated at each prompt length and scored (see `dapq.bench.tasks`).
+ABLATE_TASK_HELP = "niah (default) or ruler/<task> (e.g. ruler/niah_single_1)"
+
+
+def ablation_tasks() -> list[str]:
+    """Registry names an ablation can run on: niah and the RULER tasks."""
+    from ..bench.tasks import task_names
+
+    return [*task_names("niah"), *task_names("ruler")]
+
+
 def build_samples(
     tokenizer: Any, task: str, lengths: Sequence[int], n: int, seed: int = 0, data_dir: str | None = None
 ) -> list[Sample]:
     """Samples of `task`: "niah" (n depths per length, Kamradt grid) or "ruler/<task>" (n samples per length)."""
+    from ..bench.tasks import TaskArgs, task_samples
+
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise DapqError(f"--samples must be an integer >= 1; got {n!r}")
     if not lengths:
         raise DapqError("--lengths is empty; pass prompt lengths in tokens, e.g. 2000 or 2000,4000.")
-    if task == "niah":
-        from ..bench.niah import niah_samples
-
-        return niah_samples(tokenizer, list(lengths), n, seed=seed)
-    if task.startswith("ruler/"):
-        from ..bench.ruler import ruler_samples
-
-        return [
-            s
-            for length in lengths
-            for s in ruler_samples(tokenizer, task.split("/", 1)[1], length, n, seed=seed, data_dir=data_dir)
-        ]
-    raise DapqError(f"Unknown task {task!r}; use niah or ruler/<task> (e.g. ruler/niah_single_1).")
+    check_task(task)
+    return task_samples(tokenizer, task, TaskArgs(lengths=list(lengths), n=n, seed=seed, data_dir=data_dir))
 
 
 def check_task(task: str) -> None:
-    """Fail fast (before the model load) on a task `build_samples` does not know."""
-    from ..bench.ruler import ALL_TASKS
+    """Fail fast (before the model load) on a task an ablation cannot use (see `ablation_tasks`)."""
+    from ..bench.tasks import check_task as check
 
-    if task == "niah":
-        return
-    if task.startswith("ruler/"):
-        name = task.split("/", 1)[1]
-        if name not in ALL_TASKS:
-            raise DapqError(f"Unknown RULER task {name!r} in --task {task}. Valid tasks: {', '.join(ALL_TASKS)}.")
-        return
-    raise DapqError(f"Unknown task {task!r}; use niah or ruler/<task> (e.g. ruler/niah_single_1).")
+    check(task, ablation_tasks(), purpose="an ablation")
 
 
 # ---------------------------------------------------------------------------------------------------- running
@@ -285,7 +284,12 @@ def run_ablation(
 ) -> dict[str, Any]:
     """Run one ablation through the harness into `out_dir/results.jsonl` (resuming), write the JSON, markdown and
     PNG outputs, print the table, and return the summary (see `summarize`)."""
-    _check_kind(kind)
+    from rich.console import Console
+    from rich.markup import escape
+
+    from ..bench.runner import RESULTS, RunConfig, load_rows, run
+
+    check_kind(kind)
     if not budgets:
         raise DapqError("--budgets is empty; pass token counts such as 128 or 64,128.")
     console = console or Console(stderr=True)
@@ -381,7 +385,7 @@ def summarize(rows: Sequence[dict[str, Any]], kind: str, labels: Sequence[str] |
     appearance) and references last; for `content` also "cv": {budget_key: {"cv", "n_variants"}}, the coefficient of
     variation of the content variants' means at each budget.
     """
-    _check_kind(kind)
+    check_kind(kind)
     acc: dict[str, dict[Any, list[float]]] = {}
     first: dict[str, dict[str, Any]] = {}
     for r in rows:
@@ -489,6 +493,9 @@ def markdown(summary: dict[str, Any]) -> str:
 
 def print_table(summary: dict[str, Any], console: Console) -> None:
     """Print the summary table (rich) and, for content, the coefficient of variation."""
+    from rich.markup import escape
+    from rich.table import Table
+
     header, body = _table_rows(summary)
     table = Table(title=f"DapQ ablation: {summary['kind']} ({summary['figure']}), mean score")
     for col in header:
@@ -503,8 +510,7 @@ def print_table(summary: dict[str, Any], console: Console) -> None:
 def figure(summary: dict[str, Any], path: str | Path) -> Path:
     """One panel per budget: bars (content), score vs N on a log2 axis (length), or bars grouped into inside the
     prompt / shifted after it (position); SnapKV and FullKV as horizontal reference lines. Returns the PNG path."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "eval")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -602,112 +608,3 @@ def write_outputs(
     if console is not None:
         print_table(summary, console)
     return summary
-
-
-# ---------------------------------------------------------------------------------------------------- the CLI
-def parse_budgets(text: str) -> list[int | float]:
-    """'128' or '64,128' (tokens per head) or ratios such as '0.1'."""
-    out: list[int | float] = []
-    for item in (x.strip() for x in text.split(",")):
-        if not item:
-            continue
-        try:
-            value: int | float = int(item)
-        except ValueError:
-            try:
-                value = float(item)
-            except ValueError:
-                raise DapqError(f"--budgets takes token counts (e.g. 64,128) or ratios < 1; got {item!r}") from None
-        if isinstance(value, float) and value >= 1 and value.is_integer():
-            value = int(value)
-        if not (isinstance(value, int) and value >= 1) and not (isinstance(value, float) and 0 < value < 1):
-            raise DapqError(f"--budgets: a budget is a token count >= 1 or a ratio in (0, 1); got {item!r}")
-        out.append(value)
-    if not out:
-        raise DapqError("--budgets is empty; pass token counts such as 128 or 64,128.")
-    return out
-
-
-def _value_text(kind: str, value: Any) -> str:
-    return f"+{value}" if kind == "position" and isinstance(value, int) else str(value)
-
-
-def add_ablate_parser(sub: Any) -> None:
-    """Add `ablate` and its subcommands content|length|position to the top-level subparsers (sets `func`)."""
-    ab = sub.add_parser("ablate", help="the paper's DapQ ablations: pseudo-query content, length N, position (Fig. 4)")
-    kinds = ab.add_subparsers(dest="kind", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--task", default="niah", help="niah (default) or ruler/<task> (e.g. ruler/niah_single_1)")
-    common.add_argument("--lengths", default=str(DEFAULT_LENGTH), help="prompt lengths in tokens, comma list")
-    common.add_argument(
-        "--samples", type=int, default=DEFAULT_SAMPLES, help="per length: NIAH depths or RULER samples (default 10)"
-    )
-    common.add_argument("--budgets", default="128", help="comma-separated cache budgets (default 128)")
-    common.add_argument("--values", default=None, help="override the variant list (see each subcommand's help)")
-    common.add_argument("--seed", type=int, default=0, help="task generation and DapQ's random contents / spans")
-    common.add_argument("--mode", choices=("query_aware", "question_agnostic"), default="query_aware")
-    common.add_argument("--data-dir", default=None, help="SQuAD/HotpotQA files for ruler/qa_1 and ruler/qa_2")
-    common.add_argument("--out", default=None, help="output folder (default: runs/ablate-<kind>-<hash>; resumes)")
-    common.add_argument("--model", default=None, help="hub id or local folder (default: bundled SmolLM2)")
-    common.add_argument("--dtype", default=None)
-    common.add_argument("--device", default=None)
-    common.add_argument("--attn", default="sdpa")
-    helps = {
-        "content": "Figure 4a: N fixed, pseudo-query content varied (F4_L28, F8_L24, F2_L30, RS_C, RC_C, Fix_C, ...)",
-        "length": "Figure 4b: pseudo-query count N in 1, 2, 4, ..., 128 (content auto)",
-        "position": "Figure 4c: pseudo positions inside the prompt (part1-3) or shifted after it (+0 .. +512)",
-    }
-    for kind in KINDS:
-        p = kinds.add_parser(
-            kind,
-            parents=[common],
-            help=helps[kind],
-            description=f"{helps[kind]}. --values: "
-            f"{VALUES_HELP[kind]}; default (N = 32) {','.join(_value_text(kind, v) for v in DEFAULT_VALUES[kind])}.",
-        )
-        if kind != "length":
-            p.add_argument("--n-pseudo", type=int, default=32, help="pseudo queries N (default 32, as the paper)")
-    ab.set_defaults(func=cmd_ablate)
-
-
-def cmd_ablate(args: argparse.Namespace, console: Console) -> int:
-    """Run `dapq ablate <kind>`: validate everything, load the model, run, write and print the outputs."""
-    from ..bench.runner import config_hash
-    from ..cli import parse_lengths
-    from ..models import load_model
-
-    kind = args.kind
-    _check_kind(kind)
-    values = parse_values(kind, args.values) if args.values else None
-    n_pseudo = getattr(args, "n_pseudo", 32)
-    variants(kind, values, n_pseudo=n_pseudo, seed=args.seed)  # fail fast, before the model load
-    budgets = parse_budgets(args.budgets)
-    lengths = parse_lengths(args.lengths)
-    if not lengths or any(n < 1 for n in lengths):
-        raise DapqError(f"--lengths needs positive token counts; got {args.lengths!r}")
-    if args.samples < 1:
-        raise DapqError(f"--samples must be >= 1; got {args.samples}")
-    check_task(args.task)
-    config = {k: v for k, v in vars(args).items() if k not in ("func", "out", "command", "device", "attn")}
-    out = Path(args.out) if args.out else Path("runs") / f"ablate-{kind}-{config_hash(config)}"
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
-    samples = build_samples(tok, args.task, lengths, args.samples, seed=args.seed, data_dir=args.data_dir)
-    model_name = args.model or "smollm2-135m-instruct"
-    console.print(f"ablate {kind}: {len(samples)} sample(s), budgets {', '.join(map(str, budgets))} -> {out}")
-    run_ablation(
-        model,
-        tok,
-        samples,
-        kind,
-        budgets,
-        out,
-        values=values,
-        n_pseudo=n_pseudo,
-        seed=args.seed,
-        config=RunConfig(model=model_name, mode=args.mode, seed=args.seed, extra={"bench": args.task}),
-        console=console,
-        extra={"lengths": lengths, "budgets": budgets},
-    )
-    stem = out / f"ablate-{kind}"
-    console.print(f"wrote {stem}.json, {stem}.md, {stem}.png (rows: {out / RESULTS})")
-    return 0

@@ -26,6 +26,7 @@ import torch
 
 from ..engine import compress, greedy_decode
 from ..errors import DapqError
+from ..extras import require
 from ..hf.capture import greedy_answer, prefill_prompt, queries_at
 from ..methods.base import get_method
 from ..prompts import stop_token_ids
@@ -250,8 +251,7 @@ def markdown(result: dict[str, Any], quantity: str) -> str:
 
 def figure(result: dict[str, Any], quantity: str, path: str) -> None:
     """Figure 3 in the paper's style: the quantity vs window size (log2 axis), one line per method."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "eval")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import DapqError
+from ..extras import require
 from ..hf.capture import PromptState, greedy_answer, prefill_prompt, queries_at, to_pre_rope
 from ..prompts import stop_token_ids
 from .quantities import mean_query_cosine
@@ -236,8 +237,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def figure(result: dict[str, Any], path: str) -> None:
     """Figure 2 in the paper's style: (a) box plots per condition, (b) offset curves per context length."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "eval")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

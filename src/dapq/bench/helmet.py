@@ -51,8 +51,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DapqError
+from ..prompts import fit_prompt
 from .base import Sample
-from .longbench import fit_prompt, import_datasets, read_records
+from .longbench import import_datasets, read_records
 
 __all__ = ["HELMET_SUBSETS", "HELMET_LENGTHS", "HELMET_METRICS", "helmet_samples"]
 

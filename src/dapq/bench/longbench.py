@@ -11,24 +11,23 @@ holding the jsonl files or the one holding `data/`. `from_hub=True` loads throug
 Prompts follow config/dataset2prompt.json, max new tokens config/dataset2maxlen.json, metrics eval.py; the long
 context is cut in the middle (pred.py keeps the first and last halves of the prompt's tokens). How a template becomes
 a `Sample`: the text up to and including `{context}` is `Sample.context`, the rest (with `{input}` filled) is
-`Sample.question`. `dapq.generation.build_prompt` joins the two with "\\n\\n"; `split_at_junction` moves that many
+`Sample.question`. `dapq.prompts.build_prompt` joins the two with "\\n\\n"; `split_at_junction` moves that many
 newlines out of the text at the junction, so the joined prompt equals the official one whenever the template and
 data put at least two newlines there (10 of the 13 templates do by construction; trec, lcc and repobench-p depend on
 whether the data's context ends with newlines, else their prompt has one or two extra newlines at the junction).
 
-This module also holds the token-fitting helpers shared by the LongBench v2 and HELMET loaders. Tests:
-tests/test_loaders.py.
+Long contexts are fitted with `dapq.prompts.fit_prompt`; this module also holds the file helpers shared by the
+LongBench v2 and HELMET loaders (`read_records`, `import_datasets`). Tests: tests/test_loaders.py.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..errors import DapqError
-from ..prompts import build_prompt
+from ..prompts import fit_prompt, split_at_junction
 from .base import Sample
 
 __all__ = [
@@ -40,9 +39,8 @@ __all__ = [
     "FIRST_LINE_SUBSETS",
     "DEFAULT_MAX_PROMPT_TOKENS",
     "longbench_samples",
-    "split_at_junction",
-    "fit_prompt",
-    "prompt_tokens",
+    "read_records",
+    "import_datasets",
 ]
 
 LONGBENCH_SUBSETS: tuple[str, ...] = (
@@ -172,82 +170,7 @@ _HUB_HINT = (
 )
 
 
-# ---------------------------------------------------------------------------------------------------- shared helpers
-def split_at_junction(head: str, tail: str, sep: str = "\n\n") -> tuple[str, str]:
-    """Split `head + tail` into (context, question) so that `context + sep + question` reproduces it.
-
-    `build_prompt` puts "\\n\\n" between the context part and the question part. The newlines found at the
-    junction (trailing ones of `head`, leading ones of `tail`) are consumed for it, from `tail` first. When there are
-    fewer than two, they are all removed and the joined prompt has extra newlines there.
-    """
-    n_sep = len(sep)
-    lead = len(tail) - len(tail.lstrip("\n"))
-    trail = len(head) - len(head.rstrip("\n"))
-    from_tail = min(lead, n_sep)
-    from_head = min(trail, n_sep - from_tail)
-    return head[: len(head) - from_head], tail[from_tail:]
-
-
-def prompt_tokens(tokenizer: Any, sample: Sample) -> int:
-    """Number of tokens `build_prompt` gives for the sample (chat template, special tokens, answer prefix included)."""
-    ctx, q = sample.prompt_ids(tokenizer)
-    return len(ctx) + len(q)
-
-
-def fit_prompt(
-    tokenizer: Any,
-    make: Callable[[str], Sample],
-    document: str,
-    max_prompt_tokens: int,
-    *,
-    keep: str = "middle",
-    marker: str = "",
-) -> Sample:
-    """Build `make(document)`, cutting `document` by tokens so the whole prompt fits `max_prompt_tokens`.
-
-    keep="middle" (LongBench v1/v2 pred.py): keep the document's head and tail; the cut sits where the official cut
-    of the whole prompt at its token midpoint would fall (prompt[:M//2] + prompt[-M//2:]), so the head gets
-    M//2 - (tokens before the document) and the tail the rest. Head and tail are decoded separately and concatenated,
-    as pred.py does. keep="head" (HELMET): keep the beginning and drop the end, then append `marker`.
-    The question part is never cut; the prompt is re-measured after decoding and the cut is widened until it fits.
-    Adds metadata `prompt_tokens`, `truncated` and `document_tokens` (before the cut).
-    """
-    if max_prompt_tokens <= 0:
-        raise DapqError(f"max_prompt_tokens must be positive; got {max_prompt_tokens}.")
-    sample = make(document)
-    total = prompt_tokens(tokenizer, sample)
-    doc_ids = list(tokenizer.encode(document, add_special_tokens=False))
-    sample.metadata.update(prompt_tokens=total, truncated=False, document_tokens=len(doc_ids))
-    if total <= max_prompt_tokens:
-        return sample
-    bare = make("")
-    n_before = len(build_prompt(tokenizer, bare.context or " ", "", chat_template=bare.chat_template)[0])
-    n_keep = len(doc_ids) - (total - max_prompt_tokens)
-    for _ in range(32):
-        if n_keep <= 0:
-            break
-        if keep == "middle":
-            n_head = min(max(max_prompt_tokens // 2 - n_before, 0), n_keep)
-            n_tail = n_keep - n_head
-            text = tokenizer.decode(doc_ids[:n_head], skip_special_tokens=True)
-            if n_tail:
-                text += tokenizer.decode(doc_ids[len(doc_ids) - n_tail :], skip_special_tokens=True)
-        elif keep == "head":
-            text = tokenizer.decode(doc_ids[:n_keep], skip_special_tokens=True) + marker
-        else:
-            raise DapqError(f"keep must be 'middle' or 'head'; got {keep!r}")
-        sample = make(text)
-        total = prompt_tokens(tokenizer, sample)
-        if total <= max_prompt_tokens:
-            sample.metadata.update(prompt_tokens=total, truncated=True, document_tokens=len(doc_ids))
-            return sample
-        n_keep -= max(total - max_prompt_tokens, 1)
-    raise DapqError(
-        f"Sample {sample.id} of {sample.task} does not fit max_prompt_tokens={max_prompt_tokens} even with its long "
-        "context cut away (the instruction and question alone are too long): raise max_prompt_tokens."
-    )
-
-
+# ---------------------------------------------------------------------------------------------------- file helpers
 def read_records(path: Path) -> list[dict[str, Any]]:
     """Records of a JSONL file, or of a JSON file holding a list (or {"data": [...]})."""
     text = path.read_text(encoding="utf-8")

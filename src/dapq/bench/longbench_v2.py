@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DapqError
+from ..prompts import fit_prompt
 from .base import Sample
-from .longbench import fit_prompt, read_records
+from .longbench import read_records
 
 __all__ = ["longbench_v2_samples", "V2_GROUPS", "V2_MAX_NEW_TOKENS"]
 

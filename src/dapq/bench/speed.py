@@ -19,6 +19,8 @@ versions go into the JSON next to the numbers.
   building the batch's cache, reserving room for every new token and decoding two steps; a batch "fits" when that is
   within `--memory-cap` (on CUDA a batch that runs out of memory is reported as OOM instead); beyond the tested
   sizes, a straight line through the two largest measured points estimates the largest batch that fits.
+
+The command line is `dapq.cli.bench` (which also runs the kvpress side-by-side, scripts/vs_kvpress.py).
 """
 
 from __future__ import annotations
@@ -110,12 +112,13 @@ def peak_allocated(fn: Callable[[], Any], device: torch.device) -> tuple[int, An
 # ---------------------------------------------------------------------------------------------------- inputs
 def bench_prompt(tokenizer: Any, length: int, seed: int = 0) -> list[int]:
     """A prompt of about `length` tokens: the bundled essays with a summarisation request."""
-    from ..analysis.sources import summary_prompt
+    from .summary import summary_prompt
 
     return summary_prompt(tokenizer, length, seed)
 
 
 def build_method(name: str, budget: int | float) -> Method:
+    """The method `name` at `budget` (FullKV takes none)."""
     return get_method(name) if name == "full" else get_method(name, budget=budget)
 
 
@@ -408,133 +411,3 @@ def markdown(result: dict[str, Any]) -> str:
                     line += f"; about {est} by a straight line through the measured memory"
                 lines.append(line)
     return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------------- CLI
-def _size(text: str) -> int:
-    """'4GiB', '512MiB', '2.5GB' or a byte count."""
-    t = text.strip()
-    units = {"gib": GiB, "mib": MiB, "gb": 10**9, "mb": 10**6, "g": GiB, "m": MiB}
-    for unit, mult in units.items():
-        if t.lower().endswith(unit):
-            try:
-                return int(float(t[: -len(unit)]) * mult)
-            except ValueError:
-                break
-    try:
-        return int(t)
-    except ValueError:
-        raise DapqError(f"--memory-cap takes a size such as 4GiB or 512MiB; got {text!r}") from None
-
-
-def _int_list(text: str, name: str) -> list[int]:
-    from ..cli import parse_lengths
-
-    try:
-        values = parse_lengths(text)
-    except DapqError:
-        raise DapqError(f"{name} takes comma-separated sizes such as 1k,2k or 1,4,8; got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise DapqError(f"{name} needs positive sizes; got {text!r}")
-    return values
-
-
-def add_bench_parser(sub: Any) -> None:
-    """Add `bench` with ttft / throughput / memory / vs-kvpress to the top-level subparsers."""
-    import argparse
-
-    bp = sub.add_parser("bench", help="efficiency: time to first token, decode throughput, peak memory, vs kvpress")
-    kinds = bp.add_subparsers(dest="kind", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--methods", default="full,snapkv,pyramidkv,h2o,streamingllm,lacache,laq,dapq")
-    common.add_argument("--budget", default="256", help="tokens kept per head (or a ratio < 1)")
-    common.add_argument("--out", default=None, help="output folder (default: runs/bench-<kind>-<config hash>)")
-    common.add_argument("--model", default=None, help="hub id or local folder (default: bundled SmolLM2)")
-    common.add_argument("--dtype", default=None)
-    common.add_argument("--device", default=None)
-    common.add_argument("--attn", default="sdpa", help="sdpa, eager or flash_attention_2 (under the hook)")
-    common.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p = kinds.add_parser("ttft", parents=[common], help="time to first token per method and prompt length")
-    p.add_argument("--lengths", default="1k,2k,4k")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per cell, interleaved across methods")
-    p.add_argument("--warmup", type=int, default=1)
-    p = kinds.add_parser("memory", parents=[common], help="peak allocated memory of the compressing prefill")
-    p.add_argument("--lengths", default="1k,2k,4k")
-    p = kinds.add_parser("throughput", parents=[common], help="decode tokens/s per batch size, memory per batch")
-    p.add_argument("--context", default="4k")
-    p.add_argument("--new-tokens", type=int, default=150)
-    p.add_argument("--batch-sizes", default="1,4,8,16")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--memory-cap", default=None, help="e.g. 4GiB: which batch sizes fit (the paper's OOM column)")
-    p = kinds.add_parser("vs-kvpress", help="side by side with NVIDIA kvpress (own venv; scripts/vs_kvpress.py)")
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to scripts/vs_kvpress.py")
-    bp.set_defaults(func=cmd_bench)
-
-
-def cmd_bench(args: Any, console: Any) -> int:
-    from rich.markdown import Markdown
-
-    from ..bench.runner import config_hash
-    from ..models import load_model
-
-    if args.kind == "vs-kvpress":
-        return _vs_kvpress(args.rest, console)
-    from ..cli import _budget
-
-    budget = _budget(args.budget)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for name in methods:
-        build_method(name, budget)  # unknown names and bad budgets fail before the model load
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    config = {k: v for k, v in vars(args).items() if k not in ("func", "out", "command")}
-    out = Path(args.out) if args.out else Path("runs") / f"bench-{args.kind}-{config_hash(config)}"
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
-
-    def progress(msg: str) -> None:
-        console.print(f"  {msg}")
-
-    if args.kind == "ttft":
-        lengths = _int_list(args.lengths, "--lengths")
-        result = bench_ttft(
-            model, tok, lengths, methods, budget, repeats=args.repeats, warmup=args.warmup, progress=progress
-        )
-    elif args.kind == "memory":
-        result = bench_memory(model, tok, _int_list(args.lengths, "--lengths"), methods, budget, progress=progress)
-    else:
-        cap = _size(args.memory_cap) if args.memory_cap else None
-        result = bench_throughput(
-            model,
-            tok,
-            _int_list(args.context, "--context")[0],
-            args.new_tokens,
-            _int_list(args.batch_sizes, "--batch-sizes"),
-            methods,
-            budget,
-            repeats=args.repeats,
-            memory_cap=cap,
-            progress=progress,
-        )
-    result["machine"] = machine_info(model)
-    result["config"] = {**config, "model": args.model or "smollm2-135m-instruct"}
-    md = markdown(result)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.kind}.json").write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
-    (out / f"{args.kind}.md").write_text(md, encoding="utf-8")
-    console.print(Markdown(md))
-    m = result["machine"]
-    console.print(f"{m['device_name']} ({m['device']}), {m['torch_threads']} threads -> {out / (args.kind + '.json')}")
-    return 0
-
-
-def _vs_kvpress(rest: list[str], console: Any) -> int:
-    import subprocess
-    import sys
-
-    script = Path(__file__).resolve().parents[3] / "scripts" / "vs_kvpress.py"
-    if not script.exists():
-        raise DapqError(
-            "scripts/vs_kvpress.py is not here: the kvpress comparison runs from a source checkout of dapq "
-            "(git clone ...; python scripts/vs_kvpress.py)."
-        )
-    return subprocess.call([sys.executable, str(script), *rest])

@@ -68,7 +68,6 @@ def _as_rows(context: str | list[str], question: str | list[str]) -> tuple[list[
         raise DapqError(f"{len(contexts)} contexts but {len(questions)} questions: pass one question per context.")
     if not contexts:
         raise DapqError("No prompt given.")
-    check_questions(questions)
     return contexts, questions, single
 
 
@@ -108,6 +107,7 @@ def generate(
         build_prompt(tokenizer, c, q, chat_template=chat_template, answer_prefix=answer_prefix)
         for c, q in zip(contexts, questions)
     ]
+    check_questions(questions)
     _check_length(model, max(len(c) + len(q) for c, q in parts) + pseudo_length(method) + max_new_tokens)
     if mode == "query_aware":
         cc = compress(model, tokenizer, [c + q for c, q in parts], method)
@@ -147,15 +147,13 @@ def answer_many(
         raise DapqError("answer_many needs at least one question.")
     if not isinstance(context, str) or not isinstance(questions, (list, tuple)):
         raise DapqError("answer_many takes one context string and a list of question strings.")
-    if not context.strip():
-        raise DapqError("answer_many needs a non-empty context to compress.")
-    check_questions([q if isinstance(q, str) else "" for q in questions])
     parts = [
         build_prompt(tokenizer, context, q, chat_template=chat_template, answer_prefix=answer_prefix) for q in questions
     ]
     ctx_ids = parts[0][0]
-    if not ctx_ids:
+    if not ctx_ids or not context.strip():
         raise DapqError("answer_many needs a non-empty context to compress.")
+    check_questions(questions)
     _check_length(model, len(ctx_ids) + max(len(q) for _, q in parts) + pseudo_length(method) + max_new_tokens)
     cc = compress(model, tokenizer, [ctx_ids], method)
     snap = snapshot(cc.cache, cc.state.tracks)

@@ -15,9 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import torch
-
 from ..errors import DapqError
+from ..lazy import torch
 from .inputs import LayerInputs
 from .scoring import aggregate_groups, pool_scores, select_topk
 

@@ -27,9 +27,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from ..errors import DapqError
+from ..lazy import torch
 from .base import LayerInputs, ScorerMethod, positive_int, recent_mask, register
 from .protocols import PseudoSuffix
 from .scoring import window_attention

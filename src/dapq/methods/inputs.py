@@ -11,13 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-import torch
-
 from ..errors import DapqError
+from ..lazy import torch
 from .scoring import unrotate
 
 # positions [B, S] long -> (cos, sin) [B, S, D_rot]: the layer's rotary embedding at those positions
-Rotary = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Rotary = Callable[[Any], tuple[Any, Any]]
 
 
 @dataclass

@@ -34,9 +34,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 from ..errors import DapqError
+from ..lazy import torch
 from .base import LayerInputs, Method, positive_int, register
 from .scoring import select_topk
 from .streaming_llm import real_token_index

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..errors import DapqError
+from ..lazy import torch
 from .base import POOLINGS, LayerInputs, Method, check_choice, check_kernel, positive_int, register
 from .protocols import Staged, StageOneObservation
 from .scoring import aggregate_groups, pool_scores, select_topk, window_attention

@@ -22,8 +22,7 @@ import abc
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
+from ..lazy import torch
 from .inputs import LayerInputs
 
 

@@ -7,8 +7,8 @@ w = observation-window length, T = key length, k = kept tokens.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from ..lazy import torch
+from ..lazy import torch_functional as F
 
 
 def window_attention(

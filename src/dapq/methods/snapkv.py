@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..errors import DapqError
+from ..lazy import torch
 from .base import LayerInputs, ScorerMethod, positive_int, recent_mask, register
 from .scoring import window_attention
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..errors import DapqError
+from ..lazy import torch
 from .base import LayerInputs, Method, positive_int, register
 from .protocols import PositionPolicy
 from .scoring import select_topk

@@ -1,0 +1,25 @@
+"""Resumable analysis runs: finished items appended to a JSON-lines file as they finish."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+class Checkpoint:
+    """Finished items of a run (key -> JSON value), appended with flush + fsync; a torn last line is ignored."""
+
+    def __init__(self, path: Path):
+        from ..bench.runner import load_rows
+
+        self.path = path
+        self.items = {row["key"]: row["value"] for row in load_rows(path, fields={"key": str, "value": object})}
+
+    def save(self, key: str, value: Any) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"key": key, "value": value}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.items[key] = value

@@ -1,0 +1,60 @@
+"""The `dapq` command line: one module per command, shared argument parsers in `args.py`.
+
+    dapq list                                    # methods and their parameters
+    dapq generate --method dapq --budget 128 --context-file report.txt --question "Who signed it?"
+    dapq demo                                    # the README demo on the bundled model
+    dapq eval niah|ruler|longbench|longbench-v2|helmet ...      # the evaluation harness (resumable)
+    dapq report runs/<folder>                    # tables and figures from result files
+    dapq analyze similarity|recall|attention     # the paper's observations
+    dapq ablate content|length|position          # the paper's DapQ ablations
+    dapq bench ttft|throughput|memory|vs-kvpress # efficiency
+
+Building the parser imports no model code: torch, transformers, matplotlib, rich's progress bars and the harness are
+imported inside the command that needs them, so `dapq --help`, `dapq list` and `dapq <command> --help` are fast.
+Bad input is a one-line error and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import __version__
+from ..errors import DapqError
+from . import ablate, analyze, bench, demo, evaluate, generate, listing, report
+from .args import Parser
+
+__all__ = ["build_parser", "main"]
+
+#: command modules in the order `dapq --help` lists them; each has add_parser(subparsers)
+COMMANDS = (listing, generate, demo, evaluate, analyze, ablate, bench, report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `dapq` parser; every subcommand sets `func(args, console) -> exit code`."""
+    parser = Parser(prog="dapq", description="KV-cache eviction with position-aware pseudo queries.")
+    parser.add_argument("--version", action="version", version=f"dapq {__version__}", help="print the version")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in COMMANDS:
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line (`argv` without the program name; default sys.argv[1:]) and return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["bench", "vs-kvpress"]:  # everything after it goes to scripts/vs_kvpress.py, options included
+        args = argparse.Namespace(func=bench.cmd_vs_kvpress, rest=[a for a in argv[2:] if a != "--"])
+    else:
+        args = build_parser().parse_args(argv)
+    from rich.console import Console
+
+    console = Console()
+    try:
+        return args.func(args, console)
+    except DapqError as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)  # one line, however long
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        return 130

@@ -1,0 +1,7 @@
+"""`python -m dapq.cli ...` is `dapq ...`."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

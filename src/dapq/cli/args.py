@@ -1,0 +1,179 @@
+"""Arguments shared by the commands: one parser each for budgets, comma lists, lengths, sizes and `--param`
+values, the model options, and the output-folder name.
+
+Options hold the text the user typed (so the config hash that names a run's folder stays what it was); the commands
+parse them with these functions before any model is loaded. Every parser raises a one-line DapqError (exit code 2)
+that names the option and shows an example. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+from pathlib import Path
+from typing import Any, NoReturn
+
+from ..errors import DapqError
+
+#: = dapq.engine.MODES (kept here so that `--help` does not import the engine; a test checks they agree)
+MODES = ("query_aware", "question_agnostic")
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ---------------------------------------------------------------------------------------------------- values
+def parse_value(text: str) -> Any:
+    """A Python literal (16, 0.5, True, None, 'x', [1, 2]); anything else stays a string."""
+    if text in ("None", "none", "null"):
+        return None
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_params(items: list[str], option: str = "--param") -> dict[str, Any]:
+    """`key=value` items (repeatable option) -> {key: parsed value}."""
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise DapqError(f"{option} takes key=value (e.g. {option} n_pseudo_tokens=16); got {item!r}")
+        params[key.strip()] = parse_value(value.strip())
+    return params
+
+
+def parse_method_params(items: list[str], option: str = "--param") -> dict[str, dict[str, Any]]:
+    """`method.key=value` items (repeatable option) -> {method: {key: parsed value}}."""
+    per_method: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        name, dot, field = key.partition(".")
+        if not sep or not dot or not name.strip() or not field.strip():
+            raise DapqError(f"{option} takes method.key=value (e.g. {option} dapq.n_pseudo_tokens=16); got {item!r}")
+        per_method.setdefault(name.strip(), {})[field.strip()] = parse_value(value.strip())
+    return per_method
+
+
+# ---------------------------------------------------------------------------------------------------- budgets
+def parse_budget(text: str, option: str = "--budget") -> int | float:
+    """A budget: tokens kept per head (an int >= 1, e.g. 128) or a ratio of the prompt in (0, 1) (e.g. 0.1)."""
+    item = str(text).strip()
+    try:
+        value: int | float = int(item)
+    except ValueError:
+        try:
+            value = float(item)
+        except ValueError:
+            value = float("nan")
+    if isinstance(value, float) and value >= 1 and value.is_integer():
+        value = int(value)
+    if not (isinstance(value, int) and value >= 1) and not (isinstance(value, float) and 0 < value < 1):
+        raise DapqError(
+            f"{option} takes a token count >= 1 (e.g. 128) or a ratio in (0, 1) of the prompt (e.g. 0.1); got {item!r}"
+        )
+    return value
+
+
+def parse_budgets(text: str, option: str = "--budgets") -> list[int | float]:
+    """Comma-separated budgets ('64,128', '0.1'), each as `parse_budget`; at least one."""
+    out = [parse_budget(item, option) for item in (x.strip() for x in str(text).split(",")) if item]
+    if not out:
+        raise DapqError(f"{option} is empty; pass token counts such as 128 or 64,128 (or ratios such as 0.1).")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- lists
+def parse_names(text: str, option: str) -> list[str]:
+    """Comma-separated names ('full,snapkv,dapq'), blanks dropped; at least one."""
+    out = [x.strip() for x in str(text).split(",") if x.strip()]
+    if not out:
+        raise DapqError(f"{option} is empty; pass comma-separated names (e.g. full,snapkv,dapq).")
+    return out
+
+
+def parse_ints(text: str, option: str, minimum: int = 1) -> list[int]:
+    """Comma-separated integers ('1,2,4'), each >= `minimum`; at least one."""
+    try:
+        values = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise DapqError(f"{option} takes comma-separated integers (e.g. 1,2,4); got {text!r}") from None
+    if not values or any(v < minimum for v in values):
+        raise DapqError(f"{option} needs integers >= {minimum}; got {text!r}")
+    return values
+
+
+def parse_lengths(
+    text: str, option: str = "--lengths", example: str = "1000-4000:500 or 2048,4096 or 1k,2k"
+) -> list[int]:
+    """Positive integers such as token counts: a range 'start-stop:step' (inclusive; step 500 when left out), or a
+    comma list such as '2048,4096' or '1k,2k' (k = 1000). `example` goes into the error message."""
+
+    def one(x: str) -> int:
+        x = x.strip().lower()
+        return int(float(x[:-1]) * 1000) if x.endswith("k") else int(x)
+
+    try:
+        if "-" in text:
+            span, _, step = text.partition(":")
+            lo, hi = (one(x) for x in span.split("-"))
+            values = list(range(lo, hi + 1, one(step) if step else 500))
+        else:
+            values = [one(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise DapqError(f"{option} takes a range or a comma list, e.g. {example}; got {text!r}") from exc
+    if not values or any(v < 1 for v in values):
+        raise DapqError(f"{option} needs positive integers, e.g. {example}; got {text!r}")
+    return values
+
+
+def parse_size(text: str, option: str = "--memory-cap") -> int:
+    """Bytes: '4GiB', '512MiB', '2.5GB', '4g' or a plain byte count."""
+    t = str(text).strip()
+    units = {"gib": 2**30, "mib": 2**20, "gb": 10**9, "mb": 10**6, "g": 2**30, "m": 2**20}
+    for unit, mult in units.items():
+        if t.lower().endswith(unit):
+            try:
+                return int(float(t[: -len(unit)]) * mult)
+            except ValueError:
+                break
+    try:
+        return int(t)
+    except ValueError:
+        raise DapqError(f"{option} takes a size such as 4GiB or 512MiB; got {text!r}") from None
+
+
+# ---------------------------------------------------------------------------------------------------- options
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """--model, --dtype, --device, --attn (the same for every command that loads a model)."""
+    parser.add_argument(
+        "--model", default=None, help="hub id or local folder (default: the bundled SmolLM2-135M-Instruct)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="float32, bfloat16, float16 or auto (default: float32 on CPU, else the checkpoint's dtype)",
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: where it loads, the CPU)")
+    parser.add_argument(
+        "--attn", default="sdpa", help="attention backend under the hook: sdpa (default), eager or flash_attention_2"
+    )
+
+
+def run_dir(args: argparse.Namespace, prefix: str, exclude: tuple[str, ...]) -> Path:
+    """`--out`, or runs/<prefix>-<hash of the options except `exclude`>: the same command reuses (resumes) its
+    folder."""
+    if getattr(args, "out", None):
+        return Path(args.out)
+    from ..bench.runner import config_hash
+
+    config = {k: v for k, v in vars(args).items() if k not in exclude}
+    return Path("runs") / f"{prefix}-{config_hash(config)}"

@@ -1,0 +1,144 @@
+"""`dapq bench ttft|throughput|memory|vs-kvpress`: efficiency (the paper's Tables 3, 4 and 7), `dapq.bench.speed`.
+
+dapq bench ttft       --lengths 1k,2k,4k --methods full,snapkv,dapq,laq --budget 256
+dapq bench throughput --context 4k --new-tokens 150 --batch-sizes 1,4,8,16 --budget 256 --memory-cap 4GiB
+dapq bench memory     --lengths 1k,2k,4k --methods full,snapkv,dapq,laq --budget 256
+dapq bench vs-kvpress [ARGS]      # scripts/vs_kvpress.py of a source checkout (own virtualenv, not part of CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ..errors import DapqError
+from .args import DEFAULT_MODEL_NAME, add_model_options, parse_budget, parse_lengths, parse_names, parse_size, run_dir
+
+NOT_HASHED = ("func", "out", "command")
+ALL_METHODS = "full,snapkv,pyramidkv,h2o,streamingllm,lacache,laq,dapq"
+VS_KVPRESS = Path("scripts") / "vs_kvpress.py"
+
+
+def add_parser(sub: Any) -> None:
+    """Add `bench` with ttft / throughput / memory / vs-kvpress to the top-level subparsers."""
+    bp = sub.add_parser(
+        "bench",
+        help="efficiency: time to first token, decode throughput, peak memory, vs kvpress",
+        description="Efficiency benchmarks; JSON and a markdown table in runs/bench-<kind>-<config hash>/.",
+    )
+    kinds = bp.add_subparsers(dest="kind", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--methods", default=ALL_METHODS, help=f"comma-separated method names (default {ALL_METHODS})")
+    common.add_argument("--budget", default="256", help="tokens kept per head (or a ratio < 1); default 256")
+    common.add_argument("--out", default=None, help="output folder (default: runs/bench-<kind>-<config hash>)")
+    add_model_options(common)
+    common.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p = kinds.add_parser("ttft", parents=[common], help="time to first token per method and prompt length")
+    p.add_argument("--lengths", default="1k,2k,4k", help="prompt lengths in tokens (default 1k,2k,4k)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per cell, interleaved across methods")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per cell before the timed ones (default 1)")
+    p = kinds.add_parser("memory", parents=[common], help="peak allocated memory of the compressing prefill")
+    p.add_argument("--lengths", default="1k,2k,4k", help="prompt lengths in tokens (default 1k,2k,4k)")
+    p = kinds.add_parser("throughput", parents=[common], help="decode tokens/s per batch size, memory per batch")
+    p.add_argument("--context", default="4k", help="prompt length in tokens (default 4k)")
+    p.add_argument("--new-tokens", type=int, default=150, help="tokens decoded per row (default 150)")
+    p.add_argument("--batch-sizes", default="1,4,8,16", help="comma-separated batch sizes (default 1,4,8,16)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (default 3)")
+    p.add_argument("--memory-cap", default=None, help="e.g. 4GiB: which batch sizes fit (the paper's OOM column)")
+    p = kinds.add_parser(
+        "vs-kvpress", help="side by side with NVIDIA kvpress (own venv; scripts/vs_kvpress.py of a source checkout)"
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to scripts/vs_kvpress.py")
+    bp.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace, console: Any) -> int:
+    if args.kind == "vs-kvpress":
+        return cmd_vs_kvpress(args, console)
+    budget = parse_budget(args.budget)
+    methods = parse_names(args.methods, "--methods")
+    if args.kind == "throughput":
+        context = parse_lengths(args.context, "--context", "4k or 4096")[0]
+        batch_sizes = parse_lengths(args.batch_sizes, "--batch-sizes", "1,4,8,16")
+        cap = parse_size(args.memory_cap) if args.memory_cap else None
+    else:
+        lengths = parse_lengths(args.lengths, "--lengths", "1k,2k,4k")
+
+    import json
+
+    import torch
+    from rich.markdown import Markdown
+
+    from .. import models
+    from ..bench import speed
+
+    for name in methods:
+        speed.build_method(name, budget)  # unknown names and bad budgets fail before the model load
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = run_dir(args, f"bench-{args.kind}", NOT_HASHED)
+    model, tok = models.load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
+
+    def progress(msg: str) -> None:
+        console.print(f"  {msg}")
+
+    if args.kind == "ttft":
+        result = speed.bench_ttft(
+            model, tok, lengths, methods, budget, repeats=args.repeats, warmup=args.warmup, progress=progress
+        )
+    elif args.kind == "memory":
+        result = speed.bench_memory(model, tok, lengths, methods, budget, progress=progress)
+    else:
+        result = speed.bench_throughput(
+            model,
+            tok,
+            context,
+            args.new_tokens,
+            batch_sizes,
+            methods,
+            budget,
+            repeats=args.repeats,
+            memory_cap=cap,
+            progress=progress,
+        )
+    config = {k: v for k, v in vars(args).items() if k not in NOT_HASHED}
+    result["machine"] = speed.machine_info(model)
+    result["config"] = {**config, "model": args.model or DEFAULT_MODEL_NAME}
+    md = speed.markdown(result)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.kind}.json").write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
+    (out / f"{args.kind}.md").write_text(md, encoding="utf-8")
+    console.print(Markdown(md))
+    m = result["machine"]
+    console.print(f"{m['device_name']} ({m['device']}), {m['torch_threads']} threads -> {out / (args.kind + '.json')}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- vs kvpress
+def source_checkout(candidates: list[Path] | None = None) -> Path | None:
+    """The root of the dapq source checkout that holds scripts/vs_kvpress.py: the one this package runs from (an
+    editable install), else the current folder; None when neither is one."""
+    if candidates is None:
+        here = Path(__file__).resolve().parents  # <root>/src/dapq/cli/bench.py in a checkout
+        candidates = [*([here[3]] if len(here) > 3 else []), Path.cwd()]
+    for root in candidates:
+        pyproject = root / "pyproject.toml"
+        if (root / VS_KVPRESS).is_file() and pyproject.is_file():
+            if 'name = "dapq"' in pyproject.read_text(encoding="utf-8"):
+                return root
+    return None
+
+
+def cmd_vs_kvpress(args: argparse.Namespace, console: Any) -> int:
+    """`dapq bench vs-kvpress ARGS`: run scripts/vs_kvpress.py ARGS with this Python (it sets up its own venv)."""
+    import subprocess
+    import sys
+
+    root = source_checkout()
+    if root is None:
+        raise DapqError(
+            "dapq bench vs-kvpress runs scripts/vs_kvpress.py, which only a source checkout of dapq has: run it "
+            "from the checkout (git clone, then pip install -e .), e.g. python scripts/vs_kvpress.py."
+        )
+    return subprocess.call([sys.executable, str(root / VS_KVPRESS), *args.rest])

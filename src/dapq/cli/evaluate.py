@@ -1,0 +1,161 @@
+"""`dapq eval niah|ruler|longbench|longbench-v2|helmet`: the evaluation harness (`dapq.bench.runner`), resumable.
+
+    dapq eval niah --methods full,snapkv,dapq --budgets 64,128,256 --lengths 1000-4000:500 --depths 10
+    dapq eval ruler --tasks all --lengths 2048,4096 --samples 50 --methods full,snapkv,dapq --budgets 128,256
+
+Samples come from the task registry (`dapq.bench.tasks`). Methods, budgets, `--param` and task names are checked
+before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from ..errors import DapqError
+from .args import (
+    DEFAULT_MODEL_NAME,
+    MODES,
+    add_model_options,
+    parse_budgets,
+    parse_lengths,
+    parse_method_params,
+    parse_names,
+    run_dir,
+)
+
+#: options that do not change results, left out of the hash that names the output folder
+NOT_HASHED = ("func", "out", "command", "device", "attn")
+
+
+def add_parser(sub: Any) -> None:
+    ev = sub.add_parser(
+        "eval",
+        help="benchmarks: niah, ruler, longbench, longbench-v2, helmet (resumable)",
+        description="Evaluate methods x budgets on a benchmark: one prefill per sample for all methods, one JSON "
+        "line per (sample, method, budget) in runs/<bench>-<config hash>/ (a rerun resumes).",
+    )
+    bench = ev.add_subparsers(dest="bench", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--methods", default="full,snapkv,dapq", help="comma-separated method names (see `dapq list`)")
+    common.add_argument("--budgets", default="128", help="comma-separated budgets (tokens, or ratios < 1); default 128")
+    common.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="a method parameter, e.g. dapq.n_pseudo_tokens=16 (repeatable)",
+    )
+    common.add_argument(
+        "--mode",
+        choices=MODES,
+        default="query_aware",
+        help="query_aware (default): compress context and question; question_agnostic: the context only",
+    )
+    common.add_argument("--samples", type=int, default=None, help="samples per task (default: all / 50 for RULER)")
+    common.add_argument("--seed", type=int, default=0, help="seed of the generated tasks (default 0)")
+    common.add_argument(
+        "--out", default=None, help="output folder (default: runs/<bench>-<config hash>; reruns resume)"
+    )
+    add_model_options(common)
+    common.add_argument("--max-prompt-tokens", type=int, default=None, help="truncate real-data prompts (head + tail)")
+    p = bench.add_parser("niah", parents=[common], help="Kamradt needle in a haystack (Paul Graham essays)")
+    p.add_argument("--lengths", default="1000-4000:500", help="prompt lengths: start-stop:step or a list (1k,2k)")
+    p.add_argument("--depths", type=int, default=10, help="number of depths, round(linspace(0, 100, n))")
+    p = bench.add_parser("ruler", parents=[common], help="the RULER synthetic tasks, generated offline")
+    p.add_argument(
+        "--tasks",
+        default="all",
+        help="all (the 11 synthetic tasks) or comma-separated names, e.g. niah_single_1,vt,cwe; qa_1, qa_2 need "
+        "--data-dir",
+    )
+    p.add_argument("--lengths", default="2048,4096", help="prompt lengths: a list (2048,4096 or 2k,4k) or a range")
+    p.add_argument("--data-dir", default=None, help="folder with SQuAD/HotpotQA files for qa_1/qa_2")
+    p = bench.add_parser("longbench", parents=[common], help="LongBench v1 English subsets from local files")
+    p.add_argument("--data-dir", default=None, help="folder with the subsets' .jsonl files (LongBench's data.zip)")
+    p.add_argument("--subsets", default="all", help="all (the 13 English subsets) or comma-separated names")
+    p.add_argument("--from-hub", action="store_true", help="download THUDM/LongBench (needs network and `datasets`)")
+    p = bench.add_parser("longbench-v2", parents=[common], help="LongBench v2 from a local file")
+    p.add_argument("--data-file", required=True, help="THUDM/LongBench-v2's data.json")
+    p = bench.add_parser("helmet", parents=[common], help="HELMET subsets from local files")
+    p.add_argument("--data-dir", default=None, help="HELMET's data/ folder")
+    p.add_argument("--subsets", default="all", help="all (the 11 subsets of the paper) or comma-separated names")
+    p.add_argument("--length", type=int, default=8192, help="HELMET input length (picks RAG files, ICL shots)")
+    p.add_argument("--from-hub", action="store_true", help="download from the hub (needs network and `datasets`)")
+    ev.set_defaults(func=cmd_eval)
+
+
+def method_specs(names: str, params: list[str]) -> list[Any]:
+    """`--methods` and `--param method.key=value` -> the runner's MethodSpecs (unknown --param methods rejected)."""
+    from ..bench.runner import MethodSpec
+
+    per_method = parse_method_params(params)
+    specs = [MethodSpec.of(n, **per_method.get(n, {})) for n in parse_names(names, "--methods")]
+    unknown = set(per_method) - {s.name for s in specs}
+    if unknown:
+        raise DapqError(f"--param names method(s) not in --methods: {', '.join(sorted(unknown))}")
+    return specs
+
+
+def eval_plan(args: argparse.Namespace) -> tuple[list[str], Any]:
+    """The task names and TaskArgs of an `eval` command line, checked (no model, no data read)."""
+    from ..bench.tasks import TaskArgs, select_tasks
+
+    if args.bench == "niah":
+        return ["niah"], TaskArgs(lengths=parse_lengths(args.lengths), n=args.depths, seed=args.seed)
+    if args.bench == "ruler":
+        names = select_tasks("ruler", args.tasks)
+        lengths = parse_lengths(args.lengths)
+        return names, TaskArgs(lengths=lengths, n=args.samples, seed=args.seed, data_dir=args.data_dir)
+    loaded = {"n": args.samples, "max_prompt_tokens": args.max_prompt_tokens}
+    if args.bench == "longbench":
+        names = select_tasks("longbench", args.subsets)
+        return names, TaskArgs(data_dir=args.data_dir, from_hub=args.from_hub, **loaded)
+    if args.bench == "longbench-v2":
+        return ["longbench-v2"], TaskArgs(data_file=args.data_file, **loaded)
+    if args.bench == "helmet":
+        names = select_tasks("helmet", args.subsets)
+        return names, TaskArgs(lengths=(args.length,), data_dir=args.data_dir, from_hub=args.from_hub, **loaded)
+    raise DapqError(f"Unknown benchmark {args.bench!r}; choose niah, ruler, longbench, longbench-v2 or helmet.")
+
+
+def eval_samples(args: argparse.Namespace, tokenizer: Any) -> list[Any]:
+    """The samples of an `eval` command line. RULER is interleaved: sample i of every (length, task) before sample
+    i + 1, so a stopped run is balanced; the other benchmarks go task by task."""
+    from ..bench.base import round_robin
+    from ..bench.tasks import task_samples
+
+    names, task_args = eval_plan(args)
+    if args.bench == "ruler":
+        groups = [
+            task_samples(tokenizer, name, dataclasses.replace(task_args, lengths=(length,)))
+            for length in task_args.lengths
+            for name in names
+        ]
+        return round_robin(groups)
+    return [s for name in names for s in task_samples(tokenizer, name, task_args)]
+
+
+def cmd_eval(args: argparse.Namespace, console: Any) -> int:
+    from .. import models
+    from ..bench.runner import RunConfig, run
+    from ..extras import check_extra
+
+    check_extra("eval")
+    specs = method_specs(args.methods, args.param)
+    budgets = parse_budgets(args.budgets)
+    for spec in specs:  # fail fast on bad methods/budgets, before the model load
+        for b in budgets if spec.uses_budget else [None]:
+            spec.build(b)
+    eval_plan(args)  # and on bad task names and lengths
+    out = run_dir(args, args.bench, NOT_HASHED)
+    model, tok = models.load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
+    samples = eval_samples(args, tok)
+    console.print(f"{len(samples)} samples x {len(specs)} methods -> {out}")
+    config = RunConfig(
+        model=args.model or DEFAULT_MODEL_NAME, mode=args.mode, seed=args.seed, extra={"bench": args.bench}
+    )
+    run(model, tok, samples, specs, budgets, out, config=config, console=console)
+    console.print(f"results: {out / 'results.jsonl'}   tables and figures: dapq report {out}")
+    return 0
