@@ -138,7 +138,7 @@ def test_python_dash_m_runs_the_cli():
 
 # ---------------------------------------------------------------------------------------------------- shared parsers
 def test_budget_parser():
-    assert parse_budget("128") == 128 and parse_budget("0.1") == 0.1 and parse_budget("128.0") == 128
+    assert parse_budget("128") == 128 and parse_budget("0.1") == 0.1
     assert parse_budgets("64, 128,0.1") == [64, 128, 0.1]
     for bad in ("0", "-3", "1.5", "abc", "nan", ""):
         with pytest.raises(DapqError, match=r"--budget takes a token count >= 1 .* ratio in \(0, 1\)"):
@@ -219,8 +219,9 @@ def no_model(monkeypatch):
 def test_bad_input_is_a_one_line_error_before_the_model_load(argv, match, no_model, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2, argv
-    out = capsys.readouterr().out
-    assert out.startswith("error:") and out.count("\n") == 1, out
+    captured = capsys.readouterr()
+    out = captured.err  # issue 12: errors go to stderr (stdout stays clean for --json)
+    assert out.startswith("error:") and out.count("\n") == 1 and not captured.out, out
     assert re.search(match, " ".join(out.split())), out
     assert not (tmp_path / "runs").exists(), "nothing is written for bad input"
 
@@ -328,7 +329,7 @@ def test_vs_kvpress_needs_a_source_checkout(monkeypatch, capsys, tmp_path):
     assert bench_cli.source_checkout([tmp_path]) is None, "someone else's checkout"
     monkeypatch.setattr(bench_cli, "source_checkout", lambda candidates=None: None)
     assert main(["bench", "vs-kvpress", "--samples", "2"]) == 2
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert out.startswith("error:") and out.count("\n") == 1 and "source checkout" in out, out
 
 

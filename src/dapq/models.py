@@ -57,6 +57,22 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
     return _DTYPES[dtype]
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """A device this torch can use, or a one-line DapqError (e.g. `cuda` on a CPU-only torch)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DapqError(f"--device {device!r} is not a device: use cpu, cuda, cuda:1, mps, ...") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DapqError(f"--device {device}: this torch has no CUDA device (torch {torch.__version__}). Use cpu.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DapqError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here.")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DapqError(f"--device {device}: MPS is not available here. Use cpu.")
+    return dev
+
+
 def load_model(
     name_or_path: str | None = None,
     *,
@@ -100,6 +116,9 @@ def load_model(
                 f"Loading the bundled GGUF model needs extra packages ({exc}). Run: pip install gguf accelerate"
             ) from exc
     else:
+        local = name_or_path.startswith(("/", "./", "../", "~")) or Path(name_or_path).exists()
+        if local and not Path(name_or_path).expanduser().is_dir():
+            raise DapqError(f"Model folder {name_or_path} does not exist: pass a local model folder or a hub id.")
         if torch_dtype is not None:
             load_kwargs["dtype"] = torch_dtype
         try:
@@ -114,7 +133,7 @@ def load_model(
                 "omit the name to use the bundled SmolLM2-135M-Instruct."
             ) from exc
     if device is not None and device_map is None:
-        model = model.to(device)
+        model = model.to(check_device(device))
     model.eval()
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token

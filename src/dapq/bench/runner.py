@@ -71,7 +71,17 @@ class RunConfig:
     decode_batch: int = 16  # methods (caches of similar length, padded) decode together, up to this many rows
     extra: dict[str, Any] = field(default_factory=dict)  # bench arguments: task options, prompt options, ...
     model_id: str = ""  # what identifies the weights (models.model_fingerprint): file hash or revision
-    dtype: str | None = None
+    dtype: str | None = None  # None: not known yet (`run` fills dtype, device and attn from the loaded model)
+    device: str | None = None  # device type: cpu, cuda, ...
+    attn: str | None = None  # the attention implementation under the hook
+
+    def with_model(self, model: Any) -> RunConfig:
+        """The config with dtype, device type and attention implementation read from the loaded model."""
+        param = next(model.parameters())
+        impl = getattr(model.config, "_attn_implementation", None)
+        return dataclasses.replace(
+            self, dtype=str(param.dtype).replace("torch.", ""), device=param.device.type, attn=impl
+        )
 
     def settings(self) -> dict[str, Any]:
         """The run's configuration as recorded in run.json (JSON-able, sorted keys)."""
@@ -81,6 +91,8 @@ class RunConfig:
             "model": self.model,
             "model_id": self.model_id or self.model,
             "dtype": self.dtype,
+            "device": self.device,
+            "attn": self.attn,
             "mode": self.mode,
             "seed": self.seed,
             "decode_batch": self.decode_batch,
@@ -163,8 +175,10 @@ def load_rows(path: Path, *, repair: bool = True, fields: dict[str, Any] | None 
     return rows
 
 
-def _differences(recorded: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+def _differences(recorded: dict[str, Any], settings: dict[str, Any], partial: bool = False) -> list[str]:
     keys = sorted(set(recorded) | set(settings))
+    if partial:  # a check before the model load: settings still None are not known yet
+        keys = [k for k in keys if settings.get(k) is not None]
     return [
         f"{k}: folder {recorded.get(k)!r}, this run {settings.get(k)!r}"
         for k in keys
@@ -180,18 +194,19 @@ def legacy_settings(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def open_run(out_dir: str | Path, config: RunConfig, *, new_run: bool = False) -> Path:
+def open_run(out_dir: str | Path, config: RunConfig, *, new_run: bool = False, check_only: bool = False) -> Path:
     """The run folder for `config`: created with its run.json, or an existing one written with the same settings.
 
     A folder written with other settings is refused with a one-line error that says which setting differs; with
-    `new_run=True` the run goes to a new folder beside it (`<name>-2`, `<name>-3`, ...) instead."""
+    `new_run=True` the run goes to a new folder beside it (`<name>-2`, `<name>-3`, ...) instead. `check_only`:
+    return the folder the run will use, create nothing."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DapqError(f"--out {out} is an existing file: pass a folder.")
     settings = config.settings()
     candidate, n = out, 1
     while True:
-        problem = _folder_mismatch(candidate, settings)
+        problem = _folder_mismatch(candidate, settings, partial=check_only)
         if problem is None:
             break
         if not new_run:
@@ -201,6 +216,8 @@ def open_run(out_dir: str | Path, config: RunConfig, *, new_run: bool = False) -
             )
         n += 1
         candidate = out.with_name(f"{out.name}-{n}")
+    if check_only:
+        return candidate
     candidate.mkdir(parents=True, exist_ok=True)
     run_file = candidate / RUN_FILE
     if not run_file.exists():
@@ -208,14 +225,14 @@ def open_run(out_dir: str | Path, config: RunConfig, *, new_run: bool = False) -
     return candidate
 
 
-def _folder_mismatch(folder: Path, settings: dict[str, Any]) -> str | None:
+def _folder_mismatch(folder: Path, settings: dict[str, Any], partial: bool = False) -> str | None:
     run_file = folder / RUN_FILE
     if run_file.is_file():
         try:
             recorded = json.loads(run_file.read_text(encoding="utf-8"))["settings"]
         except (ValueError, KeyError, TypeError):
             raise DapqError(f"{run_file} is not a dapq run file: delete it or use another --out.") from None
-        diff = _differences(recorded, settings)
+        diff = _differences(recorded, settings, partial)
         return "; ".join(diff) if diff else None
     rows = load_rows(folder / RESULTS) if (folder / RESULTS).is_file() else []
     if not rows:
@@ -327,6 +344,7 @@ def run(
     for spec in methods:  # validate every method x budget before the long run starts
         for budget in budgets if spec.uses_budget else [None]:
             spec.build(budget)
+    config = config.with_model(model)
     out = open_run(out_dir, config, new_run=new_run)
     with RunLock(out):
         return _run_locked(model, tokenizer, samples, methods, budgets, out, config, console, total)

@@ -49,12 +49,18 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     from rich.console import Console
 
-    console = Console()
+    # with --json, stdout carries the JSON only: everything else goes to stderr
+    console = Console(stderr=bool(getattr(args, "json", False)))
     try:
         return args.func(args, console)
     except DapqError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)  # one line, however long
+        print(f"error: {one_line(str(exc))}", file=sys.stderr, flush=True)  # one line on stderr, never wrapped
         return 2
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]")
+        print("interrupted", file=sys.stderr)
         return 130
+
+
+def one_line(text: str) -> str:
+    """An error message on one line (inner newlines and runs of spaces collapsed)."""
+    return " ".join(text.split())

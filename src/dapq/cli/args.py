@@ -52,15 +52,18 @@ def parse_params(items: list[str], option: str = "--param") -> dict[str, Any]:
 
 
 def parse_method_params(items: list[str], option: str = "--param") -> dict[str, dict[str, Any]]:
-    """`method.key=value` items (repeatable option) -> {method: {key: parsed value}}."""
-    per_method: dict[str, dict[str, Any]] = {}
+    """`method.key=value` items (repeatable option) -> {method: {key: value typed by the method's field}}; the
+    budget comes from --budgets, never from --param."""
+    raw: dict[str, list[str]] = {}
     for item in items:
         key, sep, value = item.partition("=")
         name, dot, field = key.partition(".")
         if not sep or not dot or not name.strip() or not field.strip():
             raise DapqError(f"{option} takes method.key=value (e.g. {option} dapq.n_pseudo_tokens=16); got {item!r}")
-        per_method.setdefault(name.strip(), {})[field.strip()] = parse_value(value.strip())
-    return per_method
+        if field.strip() == "budget":
+            raise DapqError(f"{option} {item}: budgets come from --budgets, not from --param.")
+        raw.setdefault(name.strip(), []).append(f"{field.strip()}={value}")
+    return {name: method_params(name, values, option) for name, values in raw.items()}
 
 
 # ---------------------------------------------------------------------------------------------------- budgets
@@ -74,8 +77,8 @@ def parse_budget(text: str, option: str = "--budget") -> int | float:
             value = float(item)
         except ValueError:
             value = float("nan")
-    if isinstance(value, float) and value >= 1 and value.is_integer():
-        value = int(value)
+    if isinstance(value, float) and value >= 1 and value.is_integer():  # 1.0 meant 1 token while 1.5 was refused
+        raise DapqError(f"{option} {item}: pass an int ({int(value)}) for a token count, or a ratio in (0, 1).")
     if not (isinstance(value, int) and value >= 1) and not (isinstance(value, float) and 0 < value < 1):
         raise DapqError(
             f"{option} takes a token count >= 1 (e.g. 128) or a ratio in (0, 1) of the prompt (e.g. 0.1); got {item!r}"
@@ -168,9 +171,63 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+ATTN_CHOICES = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def check_model_options(args: argparse.Namespace) -> None:
+    """--model, --dtype, --device, --attn checked before the (slow) model load: a local path that does not exist, an
+    unknown dtype or attention backend, a device this torch cannot use."""
+    model = getattr(args, "model", None)
+    if model:
+        looks_local = model.startswith(("/", "./", "../", "~")) or model.endswith(".gguf") or Path(model).exists()
+        if looks_local and not Path(model).expanduser().exists():
+            raise DapqError(f"--model {model}: no such file or folder. Pass a local model folder or a hub id.")
+    attn = getattr(args, "attn", None)
+    if attn is not None and attn not in ATTN_CHOICES:
+        raise DapqError(f"--attn {attn!r} is not an attention backend. Use one of: {', '.join(ATTN_CHOICES)}.")
+    dtype, device = getattr(args, "dtype", None), getattr(args, "device", None)
+    if dtype is None and device is None:
+        return
+    from .. import models  # imports torch (~2 s), still far less than a model load
+
+    models.resolve_dtype(dtype)
+    if device is not None:
+        models.check_device(device)
+
+
+def check_positive(value: Any, option: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise DapqError(f"{option} must be an integer >= 1; got {value!r}")
+
+
+def check_out(args: argparse.Namespace) -> None:
+    """--out may be a new or an existing folder, never an existing file."""
+    out = getattr(args, "out", None)
+    if out and Path(out).exists() and not Path(out).is_dir():
+        raise DapqError(f"--out {out} is an existing file: pass a folder (new, or a run to resume).")
+
+
+def method_params(name: str, items: list[str], option: str = "--param") -> dict[str, Any]:
+    """`key=value` items for method `name`, each value typed by the method's field (`parse_param`)."""
+    from ..methods import list_methods
+    from ..methods.base import get_method, parse_param
+
+    methods = list_methods()
+    if name not in methods:
+        get_method(name)  # the registry's error, with the valid names
+    raw = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise DapqError(f"{option} takes key=value (e.g. {option} n_pseudo_tokens=16); got {item!r}")
+        raw[key.strip()] = value
+    return {key: parse_param(methods[name], key, value) for key, value in raw.items()}
+
+
 def run_dir(args: argparse.Namespace, prefix: str, exclude: tuple[str, ...]) -> Path:
     """`--out`, or runs/<prefix>-<hash of the options except `exclude`>: the same command reuses (resumes) its
     folder."""
+    check_out(args)
     if getattr(args, "out", None):
         return Path(args.out)
     from ..bench.runner import config_hash

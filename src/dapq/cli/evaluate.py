@@ -18,6 +18,8 @@ from .args import (
     DEFAULT_MODEL_NAME,
     MODES,
     add_model_options,
+    check_model_options,
+    check_positive,
     parse_budgets,
     parse_lengths,
     parse_method_params,
@@ -26,7 +28,10 @@ from .args import (
 )
 
 #: options that do not change results, left out of the hash that names the output folder
-NOT_HASHED = ("func", "out", "command", "device", "attn")
+NOT_HASHED = ("func", "out", "command", "device", "attn", "new_run")
+#: options that change rows without changing sample ids: recorded in run.json, a rerun must match them (what selects
+#: samples, such as --samples, --lengths or --tasks, may change between reruns of one run)
+ROW_SETTINGS = ("max_prompt_tokens", "data_dir", "data_file", "from_hub", "length")
 
 
 def add_parser(sub: Any) -> None:
@@ -57,6 +62,12 @@ def add_parser(sub: Any) -> None:
     common.add_argument("--seed", type=int, default=0, help="seed of the generated tasks (default 0)")
     common.add_argument(
         "--out", default=None, help="output folder (default: runs/<bench>-<config hash>; reruns resume)"
+    )
+    common.add_argument(
+        "--new-run",
+        action="store_true",
+        help="if --out holds a run with other settings, write a new folder beside it (<out>-2, ...) instead of "
+        "refusing",
     )
     add_model_options(common)
     common.add_argument("--max-prompt-tokens", type=int, default=None, help="truncate real-data prompts (head + tail)")
@@ -137,9 +148,26 @@ def eval_samples(args: argparse.Namespace, tokenizer: Any) -> list[Any]:
     return [s for name in names for s in task_samples(tokenizer, name, task_args)]
 
 
+def run_config(args: argparse.Namespace, bench: str) -> Any:
+    """The RunConfig of a command line: model (with its fingerprint), mode, seed and the options that change rows."""
+    from .. import models
+    from ..bench.runner import RunConfig
+
+    extra = {"bench": bench, **{k: getattr(args, k) for k in ROW_SETTINGS if getattr(args, k, None) is not None}}
+    return RunConfig(
+        model=args.model or DEFAULT_MODEL_NAME,
+        model_id=models.model_fingerprint(args.model),
+        dtype=str(models.resolve_dtype(args.dtype)).replace("torch.", "") if args.dtype not in (None, "auto") else None,
+        attn=args.attn,
+        mode=args.mode,
+        seed=args.seed,
+        extra=extra,
+    )
+
+
 def cmd_eval(args: argparse.Namespace, console: Any) -> int:
     from .. import models
-    from ..bench.runner import RunConfig, run
+    from ..bench.runner import open_run, run
     from ..extras import check_extra
 
     check_extra("eval")
@@ -149,13 +177,15 @@ def cmd_eval(args: argparse.Namespace, console: Any) -> int:
         for b in budgets if spec.uses_budget else [None]:
             spec.build(b)
     eval_plan(args)  # and on bad task names and lengths
+    check_positive(args.samples, "--samples")
+    check_positive(args.max_prompt_tokens, "--max-prompt-tokens")
+    check_model_options(args)
     out = run_dir(args, args.bench, NOT_HASHED)
+    config = run_config(args, args.bench)
+    out = open_run(out, config, new_run=args.new_run, check_only=True)  # a settings clash, before the model load
     model, tok = models.load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
     samples = eval_samples(args, tok)
     console.print(f"{len(samples)} samples x {len(specs)} methods -> {out}")
-    config = RunConfig(
-        model=args.model or DEFAULT_MODEL_NAME, mode=args.mode, seed=args.seed, extra={"bench": args.bench}
-    )
-    run(model, tok, samples, specs, budgets, out, config=config, console=console)
-    console.print(f"results: {out / 'results.jsonl'}   tables and figures: dapq report {out}")
+    path = run(model, tok, samples, specs, budgets, out, config=config, console=console, new_run=args.new_run)
+    console.print(f"results: {path}   tables and figures: dapq report {path.parent}")
     return 0

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DapqError
-from .args import MODES, add_model_options, parse_budget, parse_params
+from .args import MODES, add_model_options, check_model_options, check_positive, method_params, parse_budget
 
 
 def add_parser(sub: Any) -> None:
@@ -53,6 +53,28 @@ def add_parser(sub: Any) -> None:
     gen.set_defaults(func=cmd_generate)
 
 
+def read_context(args: argparse.Namespace) -> str:
+    """The context of --context-file (UTF-8 text, not empty) or --context."""
+    if args.context_file is None:
+        context = args.context or ""
+        if args.mode == "question_agnostic" and not context.strip():
+            raise DapqError("question_agnostic mode compresses the context: pass --context or --context-file.")
+        return context
+    path = Path(args.context_file)
+    if not path.is_file():
+        raise DapqError(f"--context-file {path} does not exist.")
+    data = path.read_bytes()
+    try:
+        context = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DapqError(f"--context-file {path} is not UTF-8 text (a binary file?): pass a text file.") from None
+    if "\x00" in context:
+        raise DapqError(f"--context-file {path} contains NUL bytes (a binary file?): pass a text file.")
+    if not context.strip():
+        raise DapqError(f"--context-file {path} is empty: pass a file with the context.")
+    return context
+
+
 def cmd_generate(args: argparse.Namespace, console: Any) -> int:
     import json
 
@@ -60,17 +82,18 @@ def cmd_generate(args: argparse.Namespace, console: Any) -> int:
     from ..engine import generate
     from ..methods import get_method
 
-    if args.context_file is not None:
-        path = Path(args.context_file)
-        if not path.is_file():
-            raise DapqError(f"--context-file {path} does not exist.")
-        context = path.read_text(encoding="utf-8")
-    else:
-        context = args.context or ""
-    params = parse_params(args.param)
+    # everything that can be checked is checked before the (slow) model load
+    context = read_context(args)
+    if not args.question.strip():
+        raise DapqError("--question is empty: pass the question to answer about the context.")
+    check_positive(args.max_new_tokens, "--max-new-tokens")
+    params = method_params(args.method, args.param)
     if args.budget is not None:
+        if "budget" in params:
+            raise DapqError("--param budget=... and --budget both set the budget: pass only --budget.")
         params["budget"] = parse_budget(args.budget)
-    method = get_method(args.method, **params)  # validate before the (slow) model load
+    method = get_method(args.method, **params)
+    check_model_options(args)
     model, tok = models.load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
     out = generate(
         model,
