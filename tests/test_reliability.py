@@ -3,6 +3,9 @@ chat template's own tokenization of the whole message."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from dapq import DapQ, DapqError, FullKV, SnapKV, answer_many, generate, get_method
@@ -158,3 +161,122 @@ def test_fullkv_equals_model_generate_on_the_chat_templates_own_ids(bundled):
         ref_cut.append(t)
     assert out.token_ids[0] == ref_cut, f"{tok.decode(out.token_ids[0])!r} != {tok.decode(ref_cut)!r}"
     assert get_method("full").compresses is False
+
+
+# ---------------------------------------------------------------------------------------------------- command line
+@pytest.fixture
+def no_model(monkeypatch):
+    import dapq.models
+
+    def fail(*a, **k):
+        raise AssertionError("the model must not load for bad input")
+
+    monkeypatch.setattr(dapq.models, "load_model", fail)
+
+
+def _cases(tmp: Path) -> list[tuple[list[str], str]]:
+    binary = tmp / "bin.dat"
+    binary.write_bytes(bytes(range(256)) * 4)
+    empty = tmp / "empty.txt"
+    empty.write_text("  \n")
+    afile = tmp / "afile"
+    afile.write_text("x")
+    ctx = tmp / "ctx.txt"
+    ctx.write_text("some context")
+    return [
+        (["generate", "-q", "x", "--context-file", str(binary)], "is not UTF-8 text"),
+        (["generate", "-q", "x", "--context-file", str(empty)], "is empty"),
+        (["generate", "-q", "x", "--context-file", str(empty), "--mode", "question_agnostic"], "is empty"),
+        (["generate", "-q", "x", "--mode", "question_agnostic"], "question_agnostic mode compresses the context"),
+        (["generate", "-q", " ", "--context-file", str(ctx)], "--question is empty"),
+        (["generate", "-q", "x", "--context", "y", "--max-new-tokens", "0"], "--max-new-tokens must be an integer"),
+        (["generate", "-q", "x", "--context", "y", "--device", "cuda"], "no CUDA device"),
+        (["generate", "-q", "x", "--context", "y", "--device", "toaster"], "is not a device"),
+        (["generate", "-q", "x", "--context", "y", "--attn", "foo"], "--attn 'foo' is not an attention backend"),
+        (["generate", "-q", "x", "--context", "y", "--dtype", "fp8"], "Unknown dtype 'fp8'"),
+        (["generate", "-q", "x", "--context", "y", "--model", str(tmp / "no-such-model")], "no such file or folder"),
+        (["generate", "-q", "x", "--context", "y", "--budget", "1.0"], r"pass an int \(1\) for a token count"),
+        (
+            ["generate", "-q", "x", "--context", "y", "--method", "streamingllm", "--param", "rerotate=maybe"],
+            "takes true/false, 1/0 or yes/no",
+        ),
+        (
+            ["generate", "-q", "x", "--context", "y", "--method", "snapkv", "--param", "budget=64", "--budget", "64"],
+            "both set the budget",
+        ),
+        (["generate", "-q", "x", "--context", "y", "--method", "laq", "--param", "kernel=6"], "kernel must be an odd"),
+        (["eval", "niah", "--out", str(afile)], "is an existing file"),
+        (["eval", "niah", "--samples", "0"], "--samples must be an integer"),
+        (["eval", "niah", "--lengths", "0"], "--lengths needs positive integers"),
+        (["eval", "niah", "--device", "cuda:0"], "no CUDA device"),
+        (["eval", "niah", "--param", "dapq.budget=64"], "budgets come from --budgets"),
+        (["eval", "niah", "--param", "dapq.include_pseudo_keys=no", "--budgets", "2.0"], r"pass an int \(2\)"),
+        (["eval", "longbench", "--subsets", "qasperr"], "Unknown LongBench subset 'qasperr'"),
+        (["ablate", "length", "--out", str(afile)], "is an existing file"),
+    ]
+
+
+def test_every_bad_command_line_is_a_one_line_error_on_stderr_before_the_model_load(
+    no_model, capsys, tmp_path, monkeypatch
+):
+    from dapq.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for argv, match in _cases(tmp_path):
+        assert main(argv) == 2, argv
+        captured = capsys.readouterr()
+        assert not captured.out, f"{argv}: stdout must stay clean: {captured.out!r}"
+        err = captured.err
+        assert err.startswith("error:") and err.count("\n") == 1, f"{argv}: {err!r}"
+        assert re.search(match, err), f"{argv}: {err!r}"
+
+
+def test_a_long_error_is_not_wrapped(capsys, monkeypatch):
+    from dapq.cli import main
+
+    monkeypatch.setenv("COLUMNS", "40")
+    assert main(["generate", "-q", "x", "--context", "y", "--method", "nope" * 30]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and len(err) > 120
+
+
+def test_report_errors_name_the_file_and_line(tmp_path, capsys):
+    from dapq.cli import main
+
+    (tmp_path / "results.jsonl").write_text('{"sample_id": "a"}\n')
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "results.jsonl:1: row has no valid 'task'" in err and err.count("\n") == 1
+
+
+@pytest.mark.bundled
+def test_generate_json_is_pure_json_on_stdout(tmp_path):
+    import json as _json
+    import subprocess
+    import sys
+
+    ctx = tmp_path / "c.txt"
+    ctx.write_text("The meeting is on Tuesday at noon.")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dapq.cli",
+            "generate",
+            "--method",
+            "full",
+            "--context-file",
+            str(ctx),
+            "-q",
+            "When is the meeting?",
+            "--max-new-tokens",
+            "8",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    data = _json.loads(done.stdout)  # nothing but the JSON
+    assert set(data) == {"text", "stats"}

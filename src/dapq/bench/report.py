@@ -10,30 +10,86 @@ the paper's Figure 5 (depth x context length, red to green) and every run an acc
 
 from __future__ import annotations
 
+import json
+import os
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import DapqError
 from ..extras import require
-from .runner import RESULTS, load_rows
+from .runner import RESULTS, RUN_FILE, load_rows, write_text_safely
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+=-]+")
+
+
+def safe_name(value: Any, limit: int = 80) -> str:
+    """A file-name fragment from untrusted text (a row's method key, budget, ...): letters, digits and ._+=-
+    only, no leading dot, never empty; so a name from a results file can never point outside the folder."""
+    name = _UNSAFE.sub("_", str(value)).strip("._") or "x"
+    return name[:limit]
 
 
 def find_results(path: str | Path) -> list[Path]:
     root = Path(path)
+    if not root.exists():
+        raise DapqError(f"{root} does not exist: pass a folder written by `dapq eval`.")
     if root.is_file():
         return [root]
-    files = sorted(root.rglob(RESULTS))
+    files = sorted(f for f in root.rglob(RESULTS) if f.is_file() and not f.is_symlink())
     if not files:
         raise DapqError(f"No {RESULTS} under {root}: pass a folder written by `dapq eval`.")
     return files
 
 
 def load_all(path: str | Path) -> list[dict[str, Any]]:
-    return [row for f in find_results(path) for row in load_rows(f)]
+    """Every row under `path` (read-only: a torn last line is skipped, not repaired), each tagged with its
+    configuration (`_config`: the run.json settings of its folder, or what its rows say)."""
+    rows = []
+    for f in find_results(path):
+        settings = _settings(f.parent)
+        for row in load_rows(f, repair=False):
+            row["_config"] = settings if settings is not None else _row_settings(row)
+            rows.append(row)
+    return rows
+
+
+def _settings(folder: Path) -> dict[str, Any] | None:
+    run_file = folder / RUN_FILE
+    if not run_file.is_file():
+        return None
+    try:
+        settings = json.loads(run_file.read_text(encoding="utf-8"))["settings"]
+    except (ValueError, KeyError, TypeError):
+        raise DapqError(f"{run_file} is not a dapq run file: delete it or move it away.") from None
+    if not isinstance(settings, dict):
+        raise DapqError(f"{run_file} is not a dapq run file: delete it or move it away.")
+    return settings
+
+
+def _row_settings(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: row.get(k) for k in ("model", "mode", "seed") if row.get(k) is not None}
+
+
+def config_groups(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Rows split by configuration (model, dtype, mode, ...): (a one-line description, rows), in first-seen order."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        cfg = r.get("_config") or {}
+        groups.setdefault(json.dumps(cfg, sort_keys=True, default=str), []).append(r)
+    out = []
+    for key, items in groups.items():
+        cfg = json.loads(key)
+        shown = ("model", "model_id", "dtype", "device", "mode", "seed", "dapq")
+        text = ", ".join(f"{k}={cfg[k]}" for k in shown if cfg.get(k) is not None) or "unknown configuration"
+        extra = [f"{k}={v}" for k, v in sorted(cfg.items()) if k not in shown and v is not None]
+        out.append((text + (", " + ", ".join(extra) if extra else ""), items))
+    return out
 
 
 def task_label(row: dict[str, Any]) -> str:
@@ -78,10 +134,10 @@ def markdown_tables(rows: list[dict[str, Any]]) -> str:
     for budget in budgets or [None]:
         lines.append(f"### Budget {budget}" if budget is not None else "### No budget")
         lines.append("")
-        lines.append("| method | " + " | ".join(tasks) + " | AVG |")
+        lines.append("| method | " + " | ".join(_md_cell(t) for t in tasks) + " | AVG |")
         lines.append("|---" * (len(tasks) + 2) + "|")
         for cells in _block(tasks, methods, budget, means):
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -91,13 +147,13 @@ def print_tables(rows: list[dict[str, Any]], console: Console) -> None:
     for budget in budgets or [None]:
         table = Table(title=f"budget {budget}")
         for col in ["method", *tasks, "AVG"]:
-            table.add_column(col, justify="right" if col != "method" else "left")
+            table.add_column(escape(col), justify="right" if col != "method" else "left")
         for cells in _block(tasks, methods, budget, means):
-            table.add_row(*cells)
+            table.add_row(*(escape(c) for c in cells))
         console.print(table)
 
 
-def niah_heatmaps(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+def niah_heatmaps(rows: list[dict[str, Any]], out_dir: Path, prefix: str = "") -> list[Path]:
     """One PNG per (method, budget): depth (y) x context length (x), mean score, red (0) to green (100)."""
     matplotlib = require("matplotlib", "eval")
     matplotlib.use("Agg")
@@ -105,6 +161,12 @@ def niah_heatmaps(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     import numpy as np
 
     niah = [r for r in rows if r["task"] == "niah"]
+    for r in niah:
+        md = r.get("metadata")
+        if not isinstance(md, dict) or not all(
+            isinstance(md.get(k), (int, float)) and not isinstance(md.get(k), bool) for k in ("length", "depth")
+        ):
+            raise DapqError(f"NIAH row {r['sample_id']!r} has no numeric metadata length/depth: fix or delete it.")
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in niah:
         groups[(r["method_key"], r["budget"])].append(r)
@@ -128,11 +190,18 @@ def niah_heatmaps(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         ax.set_title(f"{title}: mean {np.nanmean(grid):.1f}")
         fig.colorbar(im, ax=ax, label="score")
         fig.tight_layout()
-        path = out_dir / f"niah_{method.replace('/', '_').replace(',', '_')}_{budget}.png"
-        fig.savefig(path, dpi=120)
+        path = out_dir / f"{prefix}niah_{safe_name(method)}_{safe_name(budget)}.png"
+        save_figure(fig, path)
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Save through a temporary file and a rename (an existing symlink at `path` is replaced, never followed)."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
 
 
 def length_groups(rows: list[dict[str, Any]]) -> list[tuple[int | None, list[dict[str, Any]]]]:
@@ -179,8 +248,8 @@ def budget_curve(rows: list[dict[str, Any]], out_dir: Path, name: str = "accurac
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = out_dir / f"{name}.png"
-    fig.savefig(path, dpi=120)
+    path = out_dir / f"{safe_name(name)}.png"
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -192,19 +261,32 @@ def write_report(path: str | Path, console: Console | None = None) -> Path:
     if not rows:
         raise DapqError(f"The results under {path} are empty.")
     out_dir = Path(path) if Path(path).is_dir() else Path(path).parent
-    figures = niah_heatmaps(rows, out_dir)
+    configs = config_groups(rows)
+    figures: list[Path] = []
     md = ""
-    for length, group in length_groups(rows):
-        if length is not None:
-            console.print(f"[bold]{length}-token prompts[/bold]")
-            md += f"## {length}-token prompts\n\n"
-        print_tables(group, console)
-        md += markdown_tables(group) + "\n"
-        curve = budget_curve(group, out_dir, "accuracy_vs_budget" + (f"_L{length}" if length is not None else ""))
-        if curve is not None:
-            figures.append(curve)
+    for n, (described, config_rows) in enumerate(configs, 1):
+        prefix = f"config{n}_" if len(configs) > 1 else ""
+        if len(configs) > 1:  # never one table over runs of different models, modes, ...
+            console.print(f"[bold]Configuration {n}[/bold]: {escape(described)}")
+            md += f"# Configuration {n}\n\n{_md_cell(described)}\n\n"
+        figures += niah_heatmaps(config_rows, out_dir, prefix)
+        for length, group in length_groups(config_rows):
+            if length is not None:
+                console.print(f"[bold]{length}-token prompts[/bold]")
+                md += f"## {length}-token prompts\n\n"
+            print_tables(group, console)
+            md += markdown_tables(group) + "\n"
+            name = f"{prefix}accuracy_vs_budget" + (f"_L{length}" if length is not None else "")
+            curve = budget_curve(group, out_dir, name)
+            if curve is not None:
+                figures.append(curve)
     md += "\n".join(f"![{p.stem}]({p.name})" for p in figures) + "\n"
     report = out_dir / "report.md"
-    report.write_text(md)
+    write_text_safely(report, md)
     console.print(f"wrote {report} and {len(figures)} figure(s)")
     return report
+
+
+def _md_cell(text: Any) -> str:
+    """Untrusted text as one markdown table cell / line."""
+    return " ".join(str(text).split()).replace("|", "\\|")

@@ -142,6 +142,8 @@ def check_row(row: Any, where: str, fields: dict[str, Any] = ROW_FIELDS) -> dict
     for name, kind in ROW_FIELDS.items():
         if not isinstance(row.get(name), kind) or isinstance(row.get(name), bool):
             raise DapqError(f"{where}: row has no valid {name!r}; fix or delete that line.")
+    if not isinstance(row.get("metadata", {}), dict):
+        raise DapqError(f"{where}: metadata must be a JSON object; fix or delete that line.")
     budget = row.get("budget")
     if isinstance(budget, bool) or not (budget is None or isinstance(budget, (int, float))):
         raise DapqError(f"{where}: budget must be a number or null; got {budget!r}. Fix or delete that line.")
