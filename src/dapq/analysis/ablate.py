@@ -26,6 +26,7 @@ written by the runner), so they also work on results copied from another machine
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 from collections.abc import Sequence
@@ -294,12 +295,16 @@ def run_ablation(
         raise DapqError("--budgets is empty; pass token counts such as 128 or 64,128.")
     console = console or Console(stderr=True)
     config = config or RunConfig(model="unknown", seed=seed)
+    config = dataclasses.replace(config, extra={**config.extra, "ablation": kind})
     config = RunConfig(
         model=config.model,
         mode=config.mode,
         seed=config.seed,
         decode_batch=config.decode_batch,
-        extra={**config.extra, "ablation": kind},
+        model_id=config.model_id,
+        dtype=config.dtype,
+        attn=config.attn,
+        extra=config.extra,
     )
     items = variants(kind, values, n_pseudo=n_pseudo, seed=seed)
     samples = list(samples)

@@ -14,7 +14,7 @@ import argparse
 from typing import Any
 
 from ..analysis import ablate as lib
-from .args import DEFAULT_MODEL_NAME, MODES, add_model_options, parse_budgets, parse_lengths, run_dir
+from .args import MODES, add_model_options, check_model_options, parse_budgets, parse_lengths, run_dir
 
 NOT_HASHED = ("func", "out", "command", "device", "attn")
 HELPS = {
@@ -72,10 +72,13 @@ def add_parser(sub: Any) -> None:
 
 def cmd_ablate(args: argparse.Namespace, console: Any) -> int:
     """Run `dapq ablate <kind>`: validate everything, load the model, run, write and print the outputs."""
+    import dataclasses
+
     from .. import models
-    from ..bench.runner import RESULTS, RunConfig
+    from ..bench.runner import RESULTS, open_run
     from ..errors import DapqError
     from ..extras import check_extra
+    from .evaluate import run_config
 
     kind = args.kind
     lib.check_kind(kind)
@@ -88,10 +91,12 @@ def cmd_ablate(args: argparse.Namespace, console: Any) -> int:
         raise DapqError(f"--samples must be >= 1; got {args.samples}")
     lib.check_task(args.task)
     check_extra("eval")
+    check_model_options(args)
     out = run_dir(args, f"ablate-{kind}", NOT_HASHED)
+    config = run_config(args, args.task)
+    out = open_run(out, dataclasses.replace(config, extra={**config.extra, "ablation": kind}), check_only=True)
     model, tok = models.load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
     samples = lib.build_samples(tok, args.task, lengths, args.samples, seed=args.seed, data_dir=args.data_dir)
-    model_name = args.model or DEFAULT_MODEL_NAME
     console.print(f"ablate {kind}: {len(samples)} sample(s), budgets {', '.join(map(str, budgets))} -> {out}")
     lib.run_ablation(
         model,
@@ -103,7 +108,7 @@ def cmd_ablate(args: argparse.Namespace, console: Any) -> int:
         values=values,
         n_pseudo=n_pseudo,
         seed=args.seed,
-        config=RunConfig(model=model_name, mode=args.mode, seed=args.seed, extra={"bench": args.task}),
+        config=config,
         console=console,
         extra={"lengths": lengths, "budgets": budgets},
     )
