@@ -15,7 +15,7 @@ import argparse
 from typing import Any
 
 from ..errors import DapqError
-from .args import DEFAULT_MODEL_NAME, add_model_options, parse_ints, parse_names, run_dir
+from .args import DEFAULT_MODEL_NAME, add_model_options, check_model_options, parse_ints, parse_names, run_dir
 
 KINDS = ("similarity", "recall", "attention")
 NOT_HASHED = ("func", "out", "command", "device", "attn")
@@ -75,9 +75,19 @@ def cmd_analyze(args: argparse.Namespace, console: Any) -> int:
     contents = parse_names(args.contents, "--contents") if kind != "similarity" else []
     check_task(args.task)  # before the model load
     check_extra("eval")
+    check_model_options(args)
     config = {k: v for k, v in vars(args).items() if k not in NOT_HASHED}
     out = run_dir(args, f"analysis-{kind}", NOT_HASHED)
-    out.mkdir(parents=True, exist_ok=True)
+    # one configuration per folder: the analysis options and the model's fingerprint (run.json, as `dapq eval`)
+    from ..bench.runner import RunConfig, open_run
+
+    settings = RunConfig(
+        model=args.model or DEFAULT_MODEL_NAME,
+        model_id=models.model_fingerprint(args.model),
+        seed=args.seed,
+        extra={k: v for k, v in config.items() if k not in ("model", "seed", "samples")},
+    )
+    out = open_run(out, settings)
     ckpt = Checkpoint(out / "items.jsonl")
     if ckpt.items:
         console.print(f"resuming: {len(ckpt.items)} finished item(s) in {out / 'items.jsonl'}")
