@@ -34,13 +34,15 @@ def column_attention_sums(inp: LayerInputs, block_size: int) -> torch.Tensor:  #
     t = inp.prompt_len
     b, h_q = inp.queries.shape[:2]
     scores = torch.zeros(b, h_q, t, dtype=torch.float32, device=inp.keys.device)  # [B, H_q, T]
+    padded = not bool(inp.valid[:, :t].all())  # without pads the query mask is all ones (skipped: same values)
     for start in range(0, t, block_size):
         end = min(start + block_size, t)
         q_slice, k_slice = slice(start, end), slice(0, end)
         keys = inp.keys[:, :, k_slice]  # [B, H_c, e, D]
         probs = window_attention(inp.queries[:, :, q_slice], keys, inp.visible(q_slice, k_slice), inp.scaling)
-        q_valid = inp.valid[:, None, q_slice, None]  # [B, 1, w, 1]: pad queries contribute nothing
-        scores[..., :end] += (probs * q_valid).sum(dim=2)  # probs [B, H_q, w, e]
+        if padded:
+            probs.mul_(inp.valid[:, None, q_slice, None])  # [B, 1, w, 1]: pad queries contribute nothing
+        scores[..., :end] += probs.sum(dim=2)  # probs [B, H_q, w, e]
     return scores
 
 
