@@ -16,15 +16,23 @@ from .scoring import window_attention
 
 
 def window_scores(inp: LayerInputs, window: int) -> torch.Tensor:  # [B, H_q, T]
-    """SnapKV's score of every prompt key from the last `window` prompt queries; window keys get 0 (kept anyway)."""
+    """SnapKV's score of every prompt key from the last `window` prompt queries; window keys get 0 (kept anyway).
+
+    Memoised in `inp.memo` (evaluation path) by window: SnapKV, PyramidKV and LAQ's stage 1 at every budget score
+    with the same window. Callers must not modify the result in place."""
     t = inp.prompt_len
     w = min(window, t)
+    key = ("window_scores", w)
+    if inp.memo is not None and key in inp.memo:
+        return inp.memo[key]
     q_slice, k_slice = slice(t - w, t), slice(0, t)
     probs = window_attention(
         inp.queries[:, :, q_slice], inp.keys[:, :, k_slice], inp.visible(q_slice, k_slice), inp.scaling
     )
     scores = probs.sum(dim=2)  # [B, H_q, T]
     scores[..., t - w :] = 0.0  # ranked only among the first T - w keys, as in the reference code
+    if inp.memo is not None:
+        inp.memo[key] = scores
     return scores
 
 
