@@ -60,6 +60,7 @@ def main() -> int:
     ap.add_argument("--methods", default=METHODS)
     ap.add_argument("--budgets", default=BUDGETS)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--decode-batch", type=int, default=16, help="RunConfig.decode_batch (rows per decode batch)")
     ap.add_argument("--save", help="write the rows' predictions and scores here (JSON)")
     ap.add_argument("--compare", help="compare the rows' predictions and scores with this file (JSON)")
     ap.add_argument("--cprofile", type=int, default=0, help="print the top N functions (cumulative) of a cProfile")
@@ -119,7 +120,7 @@ def main() -> int:
                 methods,
                 budgets,
                 os.path.join(tmp, sample.id.replace("/", "_")),
-                config=runner.RunConfig(model="bundled"),
+                config=runner.RunConfig(model="bundled", decode_batch=args.decode_batch),
                 console=Console(stderr=True, quiet=True),
             )
             if prof:

@@ -11,12 +11,12 @@ O(block_size x L) per head, and the result equals the dense computation up to fp
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import DapqError
 from ..lazy import torch
 from .base import LayerInputs, ScorerMethod, positive_int, register
-from .scoring import window_attention
 
 
 def recent_rows_mask(inp: LayerInputs, recent: int) -> torch.Tensor:  # [B, T] bool
@@ -30,19 +30,39 @@ def recent_rows_mask(inp: LayerInputs, recent: int) -> torch.Tensor:  # [B, T] b
 def column_attention_sums(inp: LayerInputs, block_size: int) -> torch.Tensor:  # [B, H_q, T] fp32
     """sum_i softmax(q_i K^T * scaling)[j] over every prompt query i, causal and padding-masked, in query blocks.
 
-    A block of queries [a, e) sees keys [0, e) only (causal by sequence order), so later keys are not computed."""
+    A block of queries [a, e) sees keys [0, e) only (causal by sequence order), so later keys are not computed.
+    Each block is computed one query head at a time ([w, e] logits stay in the CPU cache): the values are exactly
+    those of `window_attention` over all heads of the block (every op is per row / per head)."""
     t = inp.prompt_len
     b, h_q = inp.queries.shape[:2]
+    group = h_q // inp.keys.shape[1]
     scores = torch.zeros(b, h_q, t, dtype=torch.float32, device=inp.keys.device)  # [B, H_q, T]
     padded = not bool(inp.valid[:, :t].all())  # without pads the query mask is all ones (skipped: same values)
+    pre_scaled = math.frexp(inp.scaling)[0] == 0.5  # a power of two: scaling the queries first is exact
+    queries = inp.queries[:, :, :t].float()
+    if pre_scaled:
+        queries = queries * inp.scaling
+    keys = inp.keys.float()
     for start in range(0, t, block_size):
         end = min(start + block_size, t)
-        q_slice, k_slice = slice(start, end), slice(0, end)
-        keys = inp.keys[:, :, k_slice]  # [B, H_c, e, D]
-        probs = window_attention(inp.queries[:, :, q_slice], keys, inp.visible(q_slice, k_slice), inp.scaling)
-        if padded:
-            probs.mul_(inp.valid[:, None, q_slice, None])  # [B, 1, w, 1]: pad queries contribute nothing
-        scores[..., :end] += probs.sum(dim=2)  # probs [B, H_q, w, e]
+        vis = inp.visible(slice(start, end), slice(0, end))  # [B, w, e]
+        hidden = ~vis.all(dim=1).all(dim=0)  # [e] keys that some query of the block does not see
+        first = int(hidden.to(torch.int8).argmax()) if bool(hidden.any()) else end
+        unseen = ~vis[:, :, first:]  # [B, w, e - first]
+        empty_rows = not bool(vis.any(dim=-1).all())  # pad queries see nothing: NaN rows, zeroed
+        q_valid = inp.valid[:, start:end, None]  # [B, w, 1]
+        for h in range(h_q):
+            logits = torch.matmul(queries[:, h, start:end], keys[:, h // group, :end].transpose(-1, -2))  # [B, w, e]
+            if not pre_scaled:
+                logits.mul_(inp.scaling)
+            if first < end:
+                logits[..., first:].masked_fill_(unseen, float("-inf"))
+            probs = torch.softmax(logits, dim=-1)
+            if empty_rows:
+                probs.nan_to_num_(nan=0.0)
+            if padded:
+                probs.mul_(q_valid)  # pad queries contribute nothing
+            scores[:, h, :end] += probs.sum(dim=1)
     return scores
 
 
