@@ -43,13 +43,19 @@ def column_attention_sums(inp: LayerInputs, block_size: int) -> torch.Tensor:  #
     if pre_scaled:
         queries = queries * inp.scaling
     keys = inp.keys.float()
+    pos = inp.positions[:, :t]
+    # no pads and positions that never decrease: every key before a block is seen by all of its queries, so only
+    # the block's own square [a, e) x [a, e) needs a mask (the same mask, built on fewer columns)
+    prefix_seen = not padded and bool((pos[:, 1:] >= pos[:, :-1]).all())
     for start in range(0, t, block_size):
         end = min(start + block_size, t)
-        vis = inp.visible(slice(start, end), slice(0, end))  # [B, w, e]
-        hidden = ~vis.all(dim=1).all(dim=0)  # [e] keys that some query of the block does not see
-        first = int(hidden.to(torch.int8).argmax()) if bool(hidden.any()) else end
-        unseen = ~vis[:, :, first:]  # [B, w, e - first]
-        empty_rows = not bool(vis.any(dim=-1).all())  # pad queries see nothing: NaN rows, zeroed
+        k0 = start if prefix_seen else 0
+        vis = inp.visible(slice(start, end), slice(k0, end))  # [B, w, e - k0]
+        hidden = ~vis.all(dim=1).all(dim=0)  # keys that some query of the block does not see
+        first = k0 + int(hidden.to(torch.int8).argmax()) if bool(hidden.any()) else end
+        unseen = ~vis[:, :, first - k0 :]  # [B, w, e - first]
+        # pad queries see nothing: NaN rows, zeroed (with prefix_seen every query of a later block sees key 0)
+        empty_rows = (k0 == 0) and not bool(vis.any(dim=-1).all())
         q_valid = inp.valid[:, start:end, None]  # [B, w, 1]
         for h in range(h_q):
             logits = torch.matmul(queries[:, h, start:end], keys[:, h // group, :end].transpose(-1, -2))  # [B, w, e]
