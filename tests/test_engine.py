@@ -248,3 +248,29 @@ def test_layer_inputs_carry_values_config_and_pre_rope_queries():
         assert torch.allclose(inp.values[:, :, :30], full.cache.layers[i].values, atol=1e-6), "values"
         q = projected[i].view(1, 30, cfg.num_attention_heads, -1).transpose(1, 2)  # [1, H_q, 30, D] before RoPE
         assert torch.allclose(inp.pre_rope_queries(), q, atol=1e-5), f"layer {i}: pre-RoPE queries"
+
+
+@pytest.mark.parametrize("n_prompts", [1, 2])
+def test_batched_lookahead_selects_like_one_lookahead_per_budget(n_prompts):
+    """derive_many(batch_lookahead=True) decodes the lookahead of every LAQ budget as one batch: same kept sets,
+    next positions, accounted peaks and tokens as deriving each budget on its own."""
+    from dapq.engine import derive_many, greedy_decode
+
+    model = build_tiny("llama")
+    prompts = [random_prompt(50 - 7 * j, 20 + j) for j in range(n_prompts)]
+    rec = record(model, TOK, prompts)
+    methods = [
+        get_method(name, budget=budget, **METHOD_PARAMS.get(name, {}))
+        for name in ("laq", "laq++", "snapkv")
+        for budget in (12, 20, 30)
+    ]
+    batched = derive_many(rec, methods, batch_lookahead=True)
+    for method, got in zip(methods, batched):
+        want = derive(rec, method)
+        for i in range(len(want.cache.layers)):
+            assert torch.equal(want.state.tracks[i].pos, got.state.tracks[i].pos), f"{method.describe()} layer {i}"
+            assert torch.equal(want.state.tracks[i].valid, got.state.tracks[i].valid), f"{method.describe()} layer {i}"
+        assert want.stats["kept_mean"] == got.stats["kept_mean"]
+        assert want.stats["kv_bytes_peak"] == got.stats["kv_bytes_peak"], method.describe()
+        assert got.stats["select_s"] > 0
+        assert greedy_decode(got, got.first_logits, 6, set()) == greedy_decode(want, want.first_logits, 6, set())

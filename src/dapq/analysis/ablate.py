@@ -296,16 +296,6 @@ def run_ablation(
     console = console or Console(stderr=True)
     config = config or RunConfig(model="unknown", seed=seed)
     config = dataclasses.replace(config, extra={**config.extra, "ablation": kind})
-    config = RunConfig(
-        model=config.model,
-        mode=config.mode,
-        seed=config.seed,
-        decode_batch=config.decode_batch,
-        model_id=config.model_id,
-        dtype=config.dtype,
-        attn=config.attn,
-        extra=config.extra,
-    )
     items = variants(kind, values, n_pseudo=n_pseudo, seed=seed)
     samples = list(samples)
     if not samples:

@@ -27,7 +27,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ..engine import append, derive, greedy_decode, merge, record, suffix_key
+from ..engine import append, derive_many, greedy_decode, merge, record, suffix_key
 from ..errors import DapqError
 from ..methods.base import Method, get_method
 from ..methods.protocols import pseudo_length
@@ -68,7 +68,10 @@ class RunConfig:
     model: str
     mode: str = "query_aware"
     seed: int = 0
-    decode_batch: int = 16  # methods (caches of similar length, padded) decode together, up to this many rows
+    # methods (caches of similar length, padded) decode together, up to this many rows (32: on CPU BLAS, 16+ rows take
+    # a faster GEMM kernel than 2-15, see docs/results/efficiency.md)
+    decode_batch: int = 32
+    batch_lookahead: bool = True  # LAQ's lookahead tokens of every budget decode as one batch (`derive_many`)
     extra: dict[str, Any] = field(default_factory=dict)  # bench arguments: task options, prompt options, ...
     model_id: str = ""  # what identifies the weights (models.model_fingerprint): file hash or revision
     dtype: str | None = None  # None: not known yet (`run` fills dtype, device and attn from the loaded model)
@@ -96,6 +99,7 @@ class RunConfig:
             "mode": self.mode,
             "seed": self.seed,
             "decode_batch": self.decode_batch,
+            "batch_lookahead": self.batch_lookahead,
             "dapq": __version__,
         }
         return json.loads(json.dumps({**base, **{f"bench.{k}": v for k, v in self.extra.items()}}, default=str))
@@ -416,7 +420,8 @@ def _run_locked(
             recordings: dict[tuple, Any] = {}
             vocab = model.get_input_embeddings().weight.shape[0]
             prefill_s: dict[tuple, float] = {}
-            jobs = []  # (spec, budget, method, compressed cache, recording key)
+            jobs: list[Any] = []  # (spec, budget, method, compressed cache, recording key)
+            by_recording: dict[tuple, list[int]] = {}
             for spec, budget, method in built:
                 skey = suffix_key(method, prompts, vocab, tokenizer)
                 if skey not in recordings and not (skey == () and recordings):
@@ -424,7 +429,12 @@ def _run_locked(
                     recordings[skey] = record(model, tokenizer, prompts, suffix=method if skey else None)
                     prefill_s[skey] = time.perf_counter() - start
                 rec_key = skey if skey in recordings else next(iter(recordings))
-                jobs.append((spec, budget, method, derive(recordings[rec_key], method), rec_key))
+                by_recording.setdefault(rec_key, []).append(len(jobs))
+                jobs.append((spec, budget, method, None, rec_key))
+            for rec_key, ids in by_recording.items():
+                derived = derive_many(recordings[rec_key], [jobs[n][2] for n in ids], config.batch_lookahead)
+                for n, cc in zip(ids, derived):
+                    jobs[n] = (*jobs[n][:3], cc, rec_key)
             batches = decode_batches([job[3] for job in jobs], config.decode_batch)
             for ids in batches:
                 merged = merge([jobs[n][3] for n in ids])

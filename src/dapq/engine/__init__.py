@@ -14,7 +14,7 @@ Methods (`dapq.methods`) are pure tensor math behind declared protocols; `dapq.h
 from .decode import CompressedCache, append, greedy_decode
 from .model_info import ModelInfo, check_model, kv_groups, model_device, model_info, sync_device
 from .prefill import compress, prefill, prefill_peak
-from .replay import Recording, derive, merge, record, suffix_key
+from .replay import Recording, derive, derive_many, merge, record, suffix_key
 from .serve import MODES, GenerationOutput, answer_many, generate, resolve_method
 from .stages import finish_selection
 from .state import EngineState, select_layer
@@ -31,6 +31,7 @@ __all__ = [
     "check_model",
     "compress",
     "derive",
+    "derive_many",
     "finish_selection",
     "generate",
     "greedy_decode",

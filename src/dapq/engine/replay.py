@@ -26,11 +26,11 @@ from ..hf.cache import LayerTrack, kv_bytes, make_cache, set_layer
 from ..methods.base import Method
 from ..methods.full import FullKV
 from ..methods.inputs import LayerInputs
-from ..methods.protocols import PseudoSuffix, pseudo_length
-from .decode import CompressedCache
+from ..methods.protocols import PseudoSuffix, Staged, pseudo_length
+from .decode import CompressedCache, greedy_decode
 from .model_info import sync_device
 from .prefill import prefill, prefill_peak
-from .stages import finish_selection
+from .stages import finish_selection, lookahead_pending, stage_one_cache, stage_two
 from .state import EngineState, select_layer
 
 
@@ -68,8 +68,11 @@ def record(model: Any, tokenizer: Any, prompts: list[list[int]], suffix: Method 
     return Recording(full=cc, suffix=suffix, key=key, prompts=prompts, tokenizer=tokenizer)
 
 
-def derive(rec: Recording, method: Method) -> CompressedCache:
-    """`method`'s compressed cache, selected from the recording exactly as the serving path would select it."""
+def derive(rec: Recording, method: Method, *, lookahead: bool = True) -> CompressedCache:
+    """`method`'s compressed cache, selected from the recording exactly as the serving path would select it.
+
+    `lookahead=False` leaves a staged method's (LAQ's) lookahead stage to the caller (`derive_many` batches it);
+    the stats are then filled by `finish_derived`."""
     full = rec.full
     src = full.state
     info = src.info
@@ -100,20 +103,70 @@ def derive(rec: Recording, method: Method) -> CompressedCache:
         )
         select_layer(state, inp)
     first_logits = full.first_logits
-    next_pos, stage_peak = finish_selection(full.model, state, first_logits, lengths)
-    sync_device(info.device)
-    t = max(lengths)
-    stats = {
+    next_pos, stage_peak = finish_selection(full.model, state, first_logits, lengths, lookahead=lookahead)
+    cc = CompressedCache(full.model, state.cache, state, first_logits, next_pos, lengths, {})
+    if lookahead_pending(state):
+        sync_device(info.device)
+        cc.stats["pending_select_s"] = time.perf_counter() - start
+        return cc
+    return finish_derived(cc, start, stage_peak)
+
+
+def finish_derived(
+    cc: CompressedCache, start: float, stage_peak: int | None, earlier_s: float = 0.0
+) -> CompressedCache:
+    """Fill a derived cache's stats: kept tokens, KV bytes (the peak accounted exactly as `compress` accounts it
+    for this method alone), select_s = time since `start` + `earlier_s`."""
+    state, method = cc.state, cc.state.method
+    sync_device(state.info.device)
+    t = max(cc.prompt_lengths)
+    cc.stats = {
         "method": method.describe(),
-        "prompt_tokens": lengths,
+        "prompt_tokens": cc.prompt_lengths,
         "kept_per_layer": [round(k, 2) for k in state.kept],
         "kept_mean": round(sum(state.kept) / len(state.kept), 2),
         "kv_bytes_compressed": kv_bytes(state.cache),
-        # accounted exactly as `compress` accounts it for this method alone
         "kv_bytes_peak": stage_peak if stage_peak is not None else prefill_peak(state.cache, t + pseudo_length(method)),
-        "select_s": time.perf_counter() - start,
+        "select_s": time.perf_counter() - start + earlier_s,
     }
-    return CompressedCache(full.model, state.cache, state, first_logits, next_pos, lengths, stats)
+    return cc
+
+
+def derive_many(rec: Recording, methods: list[Method], batch_lookahead: bool = False) -> list[CompressedCache]:
+    """`derive` for every method. With `batch_lookahead`, the lookahead tokens of every staged method (LAQ at each
+    budget) decode as one batch of stage-1 caches (padded to the longest) instead of one batch each. Batching
+    changes the BLAS kernels' row counts, so the lookahead queries may differ from separate decodes in the last
+    float bits (and so, rarely, a kept token): measured on 406 RULER rows, no prediction or score changed."""
+    if not batch_lookahead:
+        return [derive(rec, m) for m in methods]
+    out = [derive(rec, m, lookahead=False) for m in methods]
+    pending: dict[int, list[int]] = {}
+    for j, cc in enumerate(out):
+        if "pending_select_s" in cc.stats:
+            method = cc.state.method
+            assert isinstance(method, Staged)
+            pending.setdefault(method.lookahead_tokens, []).append(j)
+    for n, ids in pending.items():
+        start = time.perf_counter()
+        stage1 = [stage_one_cache(out[j].model, out[j].state, out[j].first_logits, out[j].next_pos) for j in ids]
+        # as `lookahead_stage` accounts it: full cache + stage-1 cache + the n lookahead entries of every layer
+        peaks = [
+            kv_bytes(out[j].cache) + kv_bytes(s1.cache) + lookahead_bytes(s1.cache, n) for j, s1 in zip(ids, stage1)
+        ]
+        batch = merge(stage1)
+        batch.state.start_capture()
+        greedy_decode(batch, batch.first_logits, n + 1, set())  # n forward steps at L .. L+n-1, all rows at once
+        captured = [batch.state.captured_queries(i) for i in range(batch.state.n_layers)]  # [sum B, H_q, n, D]
+        shared = (time.perf_counter() - start) / len(ids)
+        row = 0
+        for j, peak in zip(ids, peaks):
+            cc = out[j]
+            b = cc.first_logits.shape[0]
+            t0 = time.perf_counter()
+            stage_two(cc.state, [q[row : row + b] for q in captured])
+            row += b
+            out[j] = finish_derived(cc, t0, peak, cc.stats["pending_select_s"] + shared)
+    return out
 
 
 def merge(caches: list[CompressedCache]) -> CompressedCache:
@@ -156,6 +209,13 @@ def merge(caches: list[CompressedCache]) -> CompressedCache:
         torch.cat([cc.next_pos for cc in caches]),
         [n for cc in caches for n in cc.prompt_lengths],
         {},
+    )
+
+
+def lookahead_bytes(cache: Any, n: int) -> int:
+    """Bytes of `n` more entries (keys + values) in every layer of `cache`."""
+    return sum(
+        2 * n * x.keys.shape[0] * x.keys.shape[1] * x.keys.shape[3] * x.keys.element_size() for x in cache.layers
     )
 
 

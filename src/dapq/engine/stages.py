@@ -16,18 +16,24 @@ from .state import EngineState
 
 
 def finish_selection(
-    model: Any, state: EngineState, first_logits: torch.Tensor, lengths: list[int]
+    model: Any, state: EngineState, first_logits: torch.Tensor, lengths: list[int], *, lookahead: bool = True
 ) -> tuple[torch.Tensor, int | None]:
     """Run the post-selection stages of `state.method` on `state.cache`; returns each row's next position [B] and,
-    for staged methods, the peak KV bytes of the lookahead stage (else None)."""
+    for staged methods, the peak KV bytes of the lookahead stage (else None). `lookahead=False` leaves a staged
+    method's lookahead to the caller (`dapq.engine.replay.derive_many` decodes several of them as one batch)."""
     device = state.info.device
     next_pos = torch.tensor(lengths, device=device)
     if renumbers(state.method):
         next_pos = renumber_positions(model, state)
     peak = None
-    if isinstance(state.method, Staged) and any(o is not None for o in state.observed):
+    if lookahead and lookahead_pending(state):
         peak = lookahead_stage(model, state, first_logits, next_pos)
     return next_pos, peak
+
+
+def lookahead_pending(state: EngineState) -> bool:
+    """True while a staged method's observations wait for their lookahead stage."""
+    return isinstance(state.method, Staged) and any(o is not None for o in state.observed)
 
 
 def lookahead_stage(model: Any, state: EngineState, first_logits: torch.Tensor, next_pos: torch.Tensor) -> int:
@@ -37,6 +43,18 @@ def lookahead_stage(model: Any, state: EngineState, first_logits: torch.Tensor, 
     nothing behind."""
     method = state.method
     assert isinstance(method, Staged)
+    s1 = stage_one_cache(model, state, first_logits, next_pos)
+    greedy_decode(s1, first_logits, method.lookahead_tokens + 1, set())  # n forward steps at L .. L+n-1
+    peak = kv_bytes(state.cache) + kv_bytes(s1.cache)
+    stage_two(state, [s1.state.captured_queries(i) if s1.state.capture[i] else None for i in range(state.n_layers)])
+    return peak
+
+
+def stage_one_cache(
+    model: Any, state: EngineState, first_logits: torch.Tensor, next_pos: torch.Tensor
+) -> CompressedCache:
+    """The stage-1 cache of a staged method (its observed stage-1 selections of the full prompt cache), with query
+    capture on, ready to decode the lookahead tokens."""
     cache = state.cache
     s1_state = EngineState.create(state.info, state.method, state.length_list, budgets=state.row_budgets)
     stage1 = s1_state.cache
@@ -52,21 +70,26 @@ def lookahead_stage(model: Any, state: EngineState, first_logits: torch.Tensor, 
         set_layer(stage1.layers[i], gather_tokens(layer.keys, idx), gather_tokens(layer.values, idx))
         s1_state.set_track(i, LayerTrack(track.pos.expand(-1, idx.shape[1], -1).gather(-1, idx), obs.kept_valid))
     s1_state.start_capture()
-    s1 = CompressedCache(model, stage1, s1_state, first_logits, next_pos.clone(), [], {})
-    greedy_decode(s1, first_logits, method.lookahead_tokens + 1, set())  # n forward steps at L .. L+n-1
-    peak = kv_bytes(cache) + kv_bytes(stage1)
-    for i, layer in enumerate(cache.layers):
+    return CompressedCache(model, stage1, s1_state, first_logits, next_pos.clone(), [], {})
+
+
+def stage_two(state: EngineState, lookahead: list[torch.Tensor | None]) -> None:
+    """A staged method's final selection from the full prompt cache with each layer's lookahead queries
+    [B, H_q, n, D] (None for layers that were not evicted)."""
+    method = state.method
+    assert isinstance(method, Staged)
+    for i, layer in enumerate(state.cache.layers):
         obs = state.consume_observation(i)
         if obs is None:
             continue
-        lookahead_q = s1_state.captured_queries(i)  # [B, H_q, n, D]
+        lookahead_q = lookahead[i]
+        assert lookahead_q is not None
         track = state.tracks[i]  # the full prompt: pos/valid [B, 1, T]
         assert track is not None
         idx, kept_valid = method.stage2_select(lookahead_q, layer.keys, track.pos[:, 0], track.valid[:, 0], obs)
         layer.keys, layer.values = gather_tokens(layer.keys, idx), gather_tokens(layer.values, idx)
         kept = float(kept_valid.sum(-1).float().mean())
         state.set_track(i, LayerTrack(track.pos.expand(-1, idx.shape[1], -1).gather(-1, idx), kept_valid), kept)
-    return peak
 
 
 def renumber_positions(model: Any, state: EngineState) -> torch.Tensor:
