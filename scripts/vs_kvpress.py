@@ -86,10 +86,9 @@ def kept_sets(cc: Any) -> list[torch.Tensor]:
 
 def run_ours(model: Any, tok: Any, samples: list[dict], budgets: list[int], max_new: int) -> list[dict]:
     from dapq.bench.runner import decode_batches
-    from dapq.engine import derive, merge, record
-    from dapq.engine import compress, greedy_decode
-    from dapq.prompts import stop_token_ids
+    from dapq.engine import compress, derive, greedy_decode, merge, record
     from dapq.methods.full import FullKV
+    from dapq.prompts import stop_token_ids
 
     stops = stop_token_ids(tok)
     rows = []
@@ -242,8 +241,8 @@ def main() -> None:
 
     ensure_venv(args.setup, args.kvpress_version)
     from dapq.data import needle_sample
-    from dapq.prompts import build_prompt, stop_token_ids
     from dapq.models import bundled_model_path, load_model
+    from dapq.prompts import build_prompt, stop_token_ids
 
     out_dir = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -12,10 +12,12 @@ class Checkpoint:
     """Finished items of a run (key -> JSON value), appended with flush + fsync; a torn last line is ignored."""
 
     def __init__(self, path: Path):
-        from ..bench.runner import load_rows
+        from ..bench.runner import check_fields, load_rows
 
         self.path = path
-        self.items = {row["key"]: row["value"] for row in load_rows(path, fields={"key": str, "value": object})}
+        fields = {"key": str, "value": object}
+        rows = load_rows(path, check=lambda row, where: check_fields(row, where, fields))
+        self.items = {row["key"]: row["value"] for row in rows}
 
     def save(self, key: str, value: Any) -> None:
         with open(self.path, "a", encoding="utf-8") as f:

@@ -18,7 +18,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,18 +134,22 @@ def row_key(sample_id: str, method_key: str, budget: Any, method_config: dict[st
     return (sample_id, method_key, json.dumps(budget), cfg)
 
 
-def check_row(row: Any, where: str, fields: dict[str, Any] = ROW_FIELDS) -> dict[str, Any]:
-    """A results row with the fields reports and resumes rely on, else a one-line DapqError naming `where`."""
+def check_fields(row: Any, where: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """A JSON object with every field of `fields` (name -> type, `object` for any value; a bool is not a number),
+    else a one-line DapqError naming `where`."""
     if not isinstance(row, dict):
         raise DapqError(f"{where}: a results row must be a JSON object; got {type(row).__name__}.")
-    if fields is not ROW_FIELDS:
-        for name in fields:
-            if name not in row:
-                raise DapqError(f"{where}: row has no {name!r}; fix or delete that line.")
-        return row
-    for name, kind in ROW_FIELDS.items():
-        if not isinstance(row.get(name), kind) or isinstance(row.get(name), bool):
+    for name, kind in fields.items():
+        value = row.get(name)
+        numeric = kind in (int, float, (int, float))
+        if name not in row or not isinstance(value, kind) or (numeric and isinstance(value, bool)):
             raise DapqError(f"{where}: row has no valid {name!r}; fix or delete that line.")
+    return row
+
+
+def check_row(row: Any, where: str) -> dict[str, Any]:
+    """A results row with the fields reports and resumes rely on, else a one-line DapqError naming `where`."""
+    check_fields(row, where, ROW_FIELDS)
     if not isinstance(row.get("metadata", {}), dict):
         raise DapqError(f"{where}: metadata must be a JSON object; fix or delete that line.")
     budget = row.get("budget")
@@ -154,10 +158,12 @@ def check_row(row: Any, where: str, fields: dict[str, Any] = ROW_FIELDS) -> dict
     return row
 
 
-def load_rows(path: Path, *, repair: bool = True, fields: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def load_rows(
+    path: Path, *, repair: bool = True, check: Callable[[Any, str], dict[str, Any]] = check_row
+) -> list[dict[str, Any]]:
     """All complete rows of a JSON-lines file; a torn last line (a run killed mid-write) is cut off the file when
-    `repair` (else ignored). A line that is not a JSON object with the `fields` (default: a results row's) is a
-    DapqError naming the file and line."""
+    `repair` (else ignored). A line that `check` refuses (default: not a results row) is a DapqError naming the
+    file and line."""
     path = Path(path)
     if not path.exists():
         return []
@@ -174,7 +180,7 @@ def load_rows(path: Path, *, repair: bool = True, fields: dict[str, Any] | None 
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             msg = getattr(exc, "msg", "not UTF-8")
             raise DapqError(f"{path}:{lineno}: not a JSON row ({msg}); fix or delete that line.") from None
-        rows.append(check_row(row, f"{path}:{lineno}", ROW_FIELDS if fields is None else fields))
+        rows.append(check(row, f"{path}:{lineno}"))
     if good_end != len(data) and repair:
         with open(path, "r+b") as f:
             f.truncate(good_end)
@@ -347,13 +353,16 @@ def run(
         raise DapqError(f"mode must be query_aware or question_agnostic; got {config.mode!r}")
     if not methods:
         raise DapqError("No methods to evaluate.")
-    for spec in methods:  # validate every method x budget before the long run starts
-        for budget in budgets if spec.uses_budget else [None]:
-            spec.build(budget)
+    # every method x budget built (validated) before the long run starts; their fields are part of the resume key
+    fields = {
+        (spec.key, json.dumps(budget)): dataclasses.asdict(spec.build(budget))
+        for spec in methods
+        for budget in (budgets if spec.uses_budget else [None])
+    }
     config = config.with_model(model)
     out = open_run(out_dir, config, new_run=new_run)
     with RunLock(out):
-        return _run_locked(model, tokenizer, samples, methods, budgets, out, config, console, total)
+        return _run_locked(model, tokenizer, samples, methods, budgets, fields, out, config, console, total)
 
 
 def _run_locked(
@@ -362,6 +371,7 @@ def _run_locked(
     samples: Iterable[Sample],
     methods: list[MethodSpec],
     budgets: list[int | float],
+    fields: dict[tuple[str, str], dict[str, Any]],
     out: Path,
     config: RunConfig,
     console: Console | None,
@@ -396,17 +406,12 @@ def _run_locked(
         ) as progress,
     ):
         task = progress.add_task("eval", total=(total or len(samples)) * jobs_per_sample)
-        configs = {  # the method fields of every job: part of the resume key
-            (spec.key, json.dumps(budget)): dataclasses.asdict(spec.build(budget))
-            for spec in methods
-            for budget in (budgets if spec.uses_budget else [None])
-        }
         for sample in samples:
             todo = [
                 (spec, budget)
                 for spec in methods
                 for budget in (budgets if spec.uses_budget else [None])
-                if row_key(sample.id, spec.key, budget, configs[(spec.key, json.dumps(budget))]) not in done
+                if row_key(sample.id, spec.key, budget, fields[(spec.key, json.dumps(budget))]) not in done
             ]
             progress.advance(task, jobs_per_sample - len(todo))
             if not todo:

@@ -40,21 +40,26 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def parse_params(items: list[str], option: str = "--param") -> dict[str, Any]:
-    """`key=value` items (repeatable option) -> {key: parsed value}."""
+def split_params(items: list[str], option: str = "--param") -> dict[str, str]:
+    """`key=value` items (repeatable option) -> {key: value text}."""
     params = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise DapqError(f"{option} takes key=value (e.g. {option} n_pseudo_tokens=16); got {item!r}")
-        params[key.strip()] = parse_value(value.strip())
+        params[key.strip()] = value
     return params
+
+
+def parse_params(items: list[str], option: str = "--param") -> dict[str, Any]:
+    """`key=value` items (repeatable option) -> {key: Python literal (`parse_value`)}."""
+    return {key: parse_value(value.strip()) for key, value in split_params(items, option).items()}
 
 
 def parse_method_params(items: list[str], option: str = "--param") -> dict[str, dict[str, Any]]:
     """`method.key=value` items (repeatable option) -> {method: {key: value typed by the method's field}}; the
     budget comes from --budgets, never from --param."""
-    raw: dict[str, list[str]] = {}
+    raw: dict[str, dict[str, str]] = {}
     for item in items:
         key, sep, value = item.partition("=")
         name, dot, field = key.partition(".")
@@ -62,8 +67,8 @@ def parse_method_params(items: list[str], option: str = "--param") -> dict[str, 
             raise DapqError(f"{option} takes method.key=value (e.g. {option} dapq.n_pseudo_tokens=16); got {item!r}")
         if field.strip() == "budget":
             raise DapqError(f"{option} {item}: budgets come from --budgets, not from --param.")
-        raw.setdefault(name.strip(), []).append(f"{field.strip()}={value}")
-    return {name: method_params(name, values, option) for name, values in raw.items()}
+        raw.setdefault(name.strip(), {})[field.strip()] = value
+    return {name: typed_params(name, values) for name, values in raw.items()}
 
 
 # ---------------------------------------------------------------------------------------------------- budgets
@@ -207,21 +212,20 @@ def check_out(args: argparse.Namespace) -> None:
         raise DapqError(f"--out {out} is an existing file: pass a folder (new, or a run to resume).")
 
 
-def method_params(name: str, items: list[str], option: str = "--param") -> dict[str, Any]:
-    """`key=value` items for method `name`, each value typed by the method's field (`parse_param`)."""
+def typed_params(name: str, raw: dict[str, str]) -> dict[str, Any]:
+    """{field: value text} of method `name` -> values typed by the method's fields (`parse_param`)."""
     from ..methods import list_methods
     from ..methods.base import get_method, parse_param
 
     methods = list_methods()
     if name not in methods:
         get_method(name)  # the registry's error, with the valid names
-    raw = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise DapqError(f"{option} takes key=value (e.g. {option} n_pseudo_tokens=16); got {item!r}")
-        raw[key.strip()] = value
     return {key: parse_param(methods[name], key, value) for key, value in raw.items()}
+
+
+def method_params(name: str, items: list[str], option: str = "--param") -> dict[str, Any]:
+    """`key=value` items for method `name`, each value typed by the method's field."""
+    return typed_params(name, split_params(items, option))
 
 
 def run_dir(args: argparse.Namespace, prefix: str, exclude: tuple[str, ...]) -> Path:

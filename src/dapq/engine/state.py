@@ -50,12 +50,11 @@ class EngineState:
         lengths: list[int],
         *,
         budgets: list[int] | torch.Tensor | None = None,
-        layout: str | None = None,
         cache: DynamicCache | None = None,
         recording: bool = False,
     ) -> EngineState:
-        """A fresh state for rows of `lengths` real prompt tokens: an empty cache of `layout` (default: the
-        method's), budgets from the method unless given."""
+        """A fresh state for rows of `lengths` real prompt tokens: an empty cache of the method's layout (unless
+        `cache` is given), budgets from the method unless given."""
         device = info.device
         if budgets is None:
             budgets = [method.token_budget(n) for n in lengths]
@@ -69,7 +68,7 @@ class EngineState:
         row_budgets = budgets if isinstance(budgets, torch.Tensor) else torch.tensor(budgets, device=device)
         row_lengths = torch.tensor(lengths, device=device) if not isinstance(lengths, torch.Tensor) else lengths
         if cache is None:
-            cache = make_cache(info.n_layers, layout or method.layout, info.groups)
+            cache = make_cache(info.n_layers, method.layout, info.groups)
         return cls(cache, method, info, row_budgets.to(device), row_lengths.to(device), recording)
 
     def __post_init__(self) -> None:

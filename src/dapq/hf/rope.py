@@ -17,9 +17,14 @@ from ..errors import DapqError
 from ..methods.scoring import rotate
 
 
+def rotary_modules(model: Any) -> list[torch.nn.Module]:
+    """Every rotary embedding module of the model (transformers names them `...rotary_emb`)."""
+    return [m for name, m in model.named_modules() if name.endswith("rotary_emb")]
+
+
 def rotary_module(model: Any) -> torch.nn.Module:
     """The model's (single) rotary embedding module."""
-    found = [m for name, m in model.named_modules() if name.endswith("rotary_emb")]
+    found = rotary_modules(model)
     if len(found) != 1:
         raise DapqError(
             f"Re-rotation needs exactly one rotary embedding module; {type(model).__name__} has {len(found)}. "
@@ -30,7 +35,7 @@ def rotary_module(model: Any) -> torch.nn.Module:
 
 def find_rotary(model: Any) -> torch.nn.Module | None:
     """The model's rotary embedding module when it has exactly one, else None."""
-    found = [m for name, m in model.named_modules() if name.endswith("rotary_emb")]
+    found = rotary_modules(model)
     return found[0] if len(found) == 1 else None
 
 

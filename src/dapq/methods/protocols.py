@@ -112,10 +112,6 @@ def renumbers(method: Any) -> bool:
     return isinstance(method, PositionPolicy) and method.renumbers_positions
 
 
-def is_staged(method: Any) -> bool:
-    return isinstance(method, Staged)
-
-
 def extra_positions(method: Any) -> int:
     """Positions a method uses beyond the prompt before decoding: pseudo tokens plus lookahead tokens."""
     return pseudo_length(method) + (method.lookahead_tokens if isinstance(method, Staged) else 0)
