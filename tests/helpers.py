@@ -77,6 +77,8 @@ METHOD_PARAMS: dict[str, dict[str, Any]] = {
     "h2o": {"recent": 4},
     "laq": {"stage1_window": 4, "n_lookahead": 3},
     "laq++": {"stage1_window": 4, "n_lookahead": 3, "prompt_queries": 4},
+    "speckv": {"n_draft": 6},
+    "kvzip": {"chunk_size": 16},  # several reconstruction chunks even for the tiny prompts
 }
 
 _MODELS: dict[str, Any] = {}

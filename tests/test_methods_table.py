@@ -14,7 +14,8 @@ import torch
 
 from dapq import LayerInputs, ScorerMethod, get_method, list_methods
 from dapq.engine import append, compress, greedy_decode
-from dapq.methods.protocols import PseudoSuffix, layer_budget, pseudo_length
+from dapq.engine.draft import suffix_rows
+from dapq.methods.protocols import PseudoSuffix, layer_budget, pooled_budget, pseudo_length
 from helpers import (
     METHOD_PARAMS,
     VOCAB,
@@ -94,19 +95,26 @@ def test_budget_and_no_pseudo_entries(model_name, method_name, layout, budget):
     n_layers = model.config.num_hidden_layers
     h_c = n_cache_heads(model, layout)
     assert int(cc.next_pos[0]) == L, f"next position {int(cc.next_pos[0])}, expected L={L}"
+    pooled = pooled_budget(method)  # KVzip: counts vary per layer and head, the row's total holds
+    total_want = total_kept = 0
     for i, (layer, track, sliding) in enumerate(zip(cc.cache.layers, cc.state.tracks, sliding_layers(model))):
         want = expected_kept(method, L, i, n_layers, sliding)
         b, h, k, d = layer.keys.shape
         assert (b, h) == (1, h_c), f"layer {i}: keys {tuple(layer.keys.shape)}, expected {h_c} cache heads"
         assert layer.values.shape == layer.keys.shape
-        assert k == want, f"layer {i}: cache length {k}, expected {want} (budget {budget}, L={L}, sliding={sliding})"
         counts = track.valid.expand(1, h_c, -1).sum(-1)
-        assert bool((counts == want).all()), f"layer {i}: valid entries per head {counts.tolist()}, expected {want}"
+        if pooled and not sliding:
+            assert k == int(counts.max()), f"layer {i}: cache length {k}, largest head count {int(counts.max())}"
+            total_want, total_kept = total_want + want * h_c, total_kept + int(counts.sum())
+        else:
+            assert k == want, f"layer {i}: cache length {k}, expected {want} (budget {budget}, L={L}, sliding={sliding})"
+            assert bool((counts == want).all()), f"layer {i}: valid entries per head {counts.tolist()}, expected {want}"
         assert bool((track.pos >= 0).all()) and bool((track.pos < L).all()), (
             f"layer {i}: a pseudo-token entry (position >= L={L}) survived: {track.pos.max().item()}"
         )
         for head, kept in enumerate(kept_sets(cc, i, 0)):
-            assert len(kept) == want, f"layer {i} head {head}: duplicate kept positions"
+            assert len(kept) == int(counts[0, head]), f"layer {i} head {head}: duplicate kept positions"
+    assert total_kept == total_want, f"kept {total_kept} entries over the layers and heads, budget {total_want}"
     assert cc.stats["kv_bytes_compressed"] <= cc.stats["kv_bytes_full"] * (h_c // model.config.num_key_value_heads)
     assert cc.stats["pseudo_tokens"] == pseudo_length(method)
 
@@ -115,7 +123,7 @@ def test_budget_and_no_pseudo_entries(model_name, method_name, layout, budget):
 def reference_inputs(model, method, prompt: list[int], layout: str) -> tuple[dict[int, LayerInputs], int]:
     """LayerInputs of every layer from a plain transformers forward of prompt + pseudo suffix (not dapq's hook)."""
     n = len(prompt)
-    ids = prompt + (method.pseudo_ids(prompt, VOCAB, TOK) if isinstance(method, PseudoSuffix) else [])
+    ids = prompt + (suffix_rows(method, model, [prompt], TOK)[0][0] if isinstance(method, PseudoSuffix) else [])
     pos = list(range(n)) + (method.pseudo_positions(n) if isinstance(method, PseudoSuffix) else [])
     assert pos == sorted(pos), "the reference forward is causal by sequence order: positions must increase"
     groups = model.config.num_attention_heads // model.config.num_key_value_heads
@@ -241,7 +249,10 @@ def test_next_token_goes_to_position_L(model_name, method_name):
     """One decode step on the compressed cache equals plain transformers fed the same pruned KV at position L."""
     model = build_tiny(model_name)
     prompt = random_prompt(L, 4)
-    cc = compress(model, TOK, [prompt], make(method_name))
+    method = make(method_name)
+    if pooled_budget(method):  # plain transformers cannot mask per-head filler slots: the uniform allocation
+        method = make(method_name, allocation="head")
+    cc = compress(model, TOK, [prompt], method)
     assert cc.next_pos.tolist() == [L]
     token = int(cc.first_logits[0].argmax())
     kept = cc.cache.layers[0].keys.shape[2]
@@ -274,22 +285,29 @@ def test_pads_never_kept(method_name, layout, budget):
     method = make(method_name, budget=budget, layout=layout)
     cc = compress(model, TOK, prompts, method)
     assert cc.next_pos.tolist() == ROWS
+    pooled = pooled_budget(method)  # KVzip: per-layer/head counts vary, each row's total over them holds
+    totals = [[0, 0] for _ in ROWS]  # per row: kept, budget
     for i, (layer, track) in enumerate(zip(cc.cache.layers, cc.state.tracks)):
         h_c = layer.keys.shape[1]
         wants = [expected_kept(method, n, i, model.config.num_hidden_layers, False) for n in ROWS]
         # invalid entries are only filler (rows with a smaller budget, or the pads FullKV keeps masked)
-        assert tuple(layer.keys.shape[:3]) == (len(ROWS), h_c, max(wants)), f"layer {i}: {tuple(layer.keys.shape)}"
+        longest = int(track.valid.expand(-1, h_c, -1).sum(-1).max()) if pooled else max(wants)
+        assert tuple(layer.keys.shape[:3]) == (len(ROWS), h_c, longest), f"layer {i}: {tuple(layer.keys.shape)}"
         for b, (n, want) in enumerate(zip(ROWS, wants)):
             valid = track.valid[b].expand(h_c, -1)
             pos = track.pos[b].expand(h_c, -1)
             counts = valid.sum(-1)
-            assert bool((counts == want).all()), (
+            totals[b][0] += int(counts.sum())
+            totals[b][1] += want * h_c
+            assert pooled or bool((counts == want).all()), (
                 f"layer {i} row {b} (L={n}): valid per head {counts.tolist()} != {want}"
             )
             for h in range(h_c):
                 real = pos[h][valid[h]]
                 assert bool((real >= 0).all() and (real < n).all()), f"layer {i} row {b} head {h}: {real.tolist()}"
-                assert len(set(real.tolist())) == want, f"layer {i} row {b} head {h}: a pad was kept as a real token"
+                assert len(set(real.tolist())) == int(counts[h]), f"layer {i} row {b} head {h}: a pad was kept"
+    for b, (kept, want) in enumerate(totals):
+        assert kept == want, f"row {b}: {kept} entries kept over layers and heads, budget {want}"
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -31,6 +31,7 @@ from .errors import DapqError
 __all__ = [
     "PromptSample",
     "build_prompt",
+    "chat_template_parts",
     "fit_prompt",
     "fit_units",
     "prompt_tokens",
@@ -87,6 +88,28 @@ def build_prompt(
         before = f"{context}\n\n" if context else ""
         ctx_ids, q_ids = split_encode(tokenizer, before, question + answer_prefix, add_special_tokens=True)
     return ctx_ids, q_ids
+
+
+def chat_template_parts(tokenizer: Any) -> tuple[int, list[int]]:
+    """(tokens the chat template puts before a user message's text, ids of what it puts after the text up to the
+    assistant's turn), measured with a dummy message as kvpress's KVzipPress does; (0, ids of "\\n") without a
+    chat template. KVzip's reconstruction prompt skips the first and closes the user turn with the second."""
+    memo = tokenizer_cache(tokenizer)
+    if "chat_template_parts" not in memo:
+        if getattr(tokenizer, "chat_template", None) is None:
+            memo["chat_template_parts"] = (0, list(tokenizer.encode("\n", add_special_tokens=False)))
+        else:
+            dummy, sep = "dummy context", "\n" + "#" * len("dummy context")
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": dummy + sep}], add_generation_prompt=True, tokenize=False
+            )
+            head, tail = text.split(sep)
+            prefix = head.split(dummy)[0]
+            memo["chat_template_parts"] = (
+                len(tokenizer.encode(prefix, add_special_tokens=False)),
+                list(tokenizer.encode(tail, add_special_tokens=False)),
+            )
+    return memo["chat_template_parts"]
 
 
 def split_encode(tokenizer: Any, head: str, tail: str, *, add_special_tokens: bool) -> tuple[list[int], list[int]]:

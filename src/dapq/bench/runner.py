@@ -423,12 +423,11 @@ def _run_locked(
             # record with a pseudo suffix first: methods without one can reuse that prefill (no second recording)
             built.sort(key=lambda job: pseudo_length(job[2]) == 0)
             recordings: dict[tuple, Any] = {}
-            vocab = model.get_input_embeddings().weight.shape[0]
             prefill_s: dict[tuple, float] = {}
             jobs: list[Any] = []  # (spec, budget, method, compressed cache, recording key)
             by_recording: dict[tuple, list[int]] = {}
             for spec, budget, method in built:
-                skey = suffix_key(method, prompts, vocab, tokenizer)
+                skey = suffix_key(method, prompts, model, tokenizer)
                 if skey not in recordings and not (skey == () and recordings):
                     start = time.perf_counter()
                     recordings[skey] = record(model, tokenizer, prompts, suffix=method if skey else None)
@@ -475,6 +474,10 @@ def _run_locked(
                         "kv_bytes_peak": cc.stats["kv_bytes_peak"],  # accounted as `generate` accounts it
                         "prefill_s": prefill_s.get(rec_key, 0.0),
                         "select_s": cc.stats["select_s"],
+                        # a context pass (KVzip) and a draft (SpecKV) run before the first token: TTFT includes them
+                        "pass_s": cc.stats.get("pass_s", 0.0),
+                        "draft_s": cc.stats.get("draft_s", 0.0),
+                        "draft_kv_bytes_peak": cc.stats.get("draft_kv_bytes_peak", 0),
                         "decode_s": decode_s,
                         "decode_batch": len(ids),
                         "new_tokens": len(tokens),

@@ -15,6 +15,7 @@ from ..hf.cache import kv_bytes
 from ..methods.base import Method
 from ..methods.protocols import PseudoSuffix, pseudo_length
 from .decode import CompressedCache
+from .draft import suffix_rows
 from .model_info import model_info, sync_device
 from .stages import finish_selection
 from .state import EngineState
@@ -33,9 +34,10 @@ def prefill_peak(cache: Any, step_len: int) -> int:
 
 
 def prefill_inputs(
-    prompts: list[list[int]], suffix: Method | None, vocab_size: int, pad_id: int, tokenizer: Any = None
+    prompts: list[list[int]], suffix: Method | None, suffix_ids: list[list[int]] | None, pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-padded ids, position ids and validity [B, T + N] of `prompts` followed by `suffix`'s pseudo tokens."""
+    """Left-padded ids, position ids and validity [B, T + N] of `prompts` followed by each row's pseudo tokens
+    `suffix_ids` (from `dapq.engine.draft.suffix_rows`) at `suffix`'s pseudo positions."""
     n_rows, n = len(prompts), pseudo_length(suffix)
     t = max(len(p) for p in prompts)
     ids = torch.full((n_rows, t + n), pad_id, dtype=torch.long)
@@ -48,7 +50,8 @@ def prefill_inputs(
         valid[b, pad:] = True
         if n:
             assert isinstance(suffix, PseudoSuffix)
-            ids[b, t:] = torch.tensor(suffix.pseudo_ids(list(prompt), vocab_size, tokenizer))
+            assert suffix_ids is not None and len(suffix_ids[b]) == n
+            ids[b, t:] = torch.tensor(suffix_ids[b])
             pos[b, t:] = torch.tensor(suffix.pseudo_positions(len(prompt)))
     return ids, pos, valid
 
@@ -63,7 +66,8 @@ def prefill(
         raise DapqError("Empty prompt: every row needs at least one token.")
     lengths = [len(p) for p in prompts]
     t, n = max(lengths), pseudo_length(method)
-    ids, pos, valid = prefill_inputs(prompts, method, info.vocab_size, int(tokenizer.pad_token_id or 0), tokenizer)
+    suffix_ids, draft_costs = suffix_rows(method, model, prompts, tokenizer) if n else (None, {})
+    ids, pos, valid = prefill_inputs(prompts, method, suffix_ids, int(tokenizer.pad_token_id or 0))
     if info.max_positions is not None and int(pos.max()) >= info.max_positions:
         raise DapqError(
             f"The prompt ({t} tokens{f' + {n} pseudo tokens' if n else ''}) reaches position {int(pos.max())}, beyond "
@@ -89,15 +93,18 @@ def prefill(
     state.set_step(None)
     first_logits = out.logits[:, -1].float()
     kv_peak = prefill_peak(cache, t + n)
-    lookahead_s = 0.0
+    lookahead_s = pass_s = 0.0
     if recording:
         next_pos = torch.tensor(lengths, device=device)
     else:
         start = time.perf_counter()
-        next_pos, stage_peak = finish_selection(model, state, first_logits, lengths)
+        next_pos, stage_peak, pass_s = finish_selection(
+            model, state, first_logits, lengths, prompts=prompts, tokenizer=tokenizer
+        )
         sync_device(device)
         if stage_peak is not None:
-            kv_peak, lookahead_s = stage_peak, time.perf_counter() - start
+            kv_peak = stage_peak
+            lookahead_s = time.perf_counter() - start - pass_s
     itemsize = cache.layers[0].keys.element_size()
     stats = {
         "method": method.describe(),
@@ -109,10 +116,14 @@ def prefill(
         "kv_bytes_full": 2 * info.n_layers * len(prompts) * t * info.n_kv_heads * info.head_dim * itemsize,
         "kv_bytes_compressed": kv_bytes(cache),
         # accounted, not allocator-measured: compressed layers + one full layer (layer-by-layer methods), or
-        # full cache + stage-1 cache + lookahead entries (staged methods: LAQ)
+        # full cache + stage-1 cache + lookahead entries (staged methods: LAQ), or full cache + one chunk of the
+        # context pass (KVzip). A draft's own KV is reported apart (draft_kv_bytes_peak).
         "kv_bytes_peak": kv_peak,
-        "prefill_s": prefill_s + lookahead_s,
+        # everything before the first token: prefill, lookahead, context pass, draft
+        "prefill_s": prefill_s + lookahead_s + pass_s + draft_costs.get("draft_s", 0.0),
         "lookahead_s": lookahead_s,
+        "pass_s": pass_s,
+        **draft_costs,
     }
     return CompressedCache(model, cache, state, first_logits, next_pos, lengths, stats)
 

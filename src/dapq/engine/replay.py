@@ -22,26 +22,26 @@ from typing import Any
 
 import torch
 
-from ..hf.cache import LayerTrack, kv_bytes, make_cache, set_layer
+from ..hf.cache import LayerTrack, kv_bytes, lookahead_bytes, make_cache, set_layer
 from ..methods.base import Method
 from ..methods.full import FullKV
 from ..methods.inputs import LayerInputs
 from ..methods.protocols import PseudoSuffix, Staged, pseudo_length
 from .decode import CompressedCache, greedy_decode
+from .draft import suffix_rows
 from .model_info import sync_device
 from .prefill import prefill, prefill_peak
 from .stages import finish_selection, lookahead_pending, stage_one_cache, stage_two
 from .state import EngineState, select_layer
 
 
-def suffix_key(method: Method, prompts: list[list[int]], vocab_size: int, tokenizer: Any = None) -> tuple:
-    """Methods with equal keys can share a recording; () for methods without a pseudo suffix (any recording)."""
+def suffix_key(method: Method, prompts: list[list[int]], model: Any, tokenizer: Any = None) -> tuple:
+    """Methods with equal keys can share a recording; () for methods without a pseudo suffix (any recording).
+    A drafted suffix (SpecKV) runs its draft here, once: `dapq.engine.draft` memoises it for the recording."""
     if not isinstance(method, PseudoSuffix) or method.n_pseudo == 0:
         return ()
-    return tuple(
-        (tuple(method.pseudo_ids(list(p), vocab_size, tokenizer)), tuple(method.pseudo_positions(len(p))))
-        for p in prompts
-    )
+    rows, _ = suffix_rows(method, model, prompts, tokenizer)
+    return tuple((tuple(ids), tuple(method.pseudo_positions(len(p)))) for ids, p in zip(rows, prompts))
 
 
 @dataclass
@@ -64,7 +64,7 @@ class Recording:
 def record(model: Any, tokenizer: Any, prompts: list[list[int]], suffix: Method | None = None) -> Recording:
     """Prefill `prompts` once (with `suffix`'s pseudo tokens, if any), keeping everything the methods need."""
     cc = prefill(model, tokenizer, prompts, suffix if suffix is not None else FullKV(), recording=True)
-    key = suffix_key(suffix, prompts, cc.state.info.vocab_size, tokenizer) if suffix is not None else ()
+    key = suffix_key(suffix, prompts, model, tokenizer) if suffix is not None else ()
     return Recording(full=cc, suffix=suffix, key=key, prompts=prompts, tokenizer=tokenizer)
 
 
@@ -76,7 +76,7 @@ def derive(rec: Recording, method: Method, *, lookahead: bool = True) -> Compres
     full = rec.full
     src = full.state
     info = src.info
-    if pseudo_length(method) and suffix_key(method, rec.prompts, info.vocab_size, rec.tokenizer) != rec.key:
+    if pseudo_length(method) and suffix_key(method, rec.prompts, full.model, rec.tokenizer) != rec.key:
         raise ValueError(f"{method.describe()} needs its own pseudo suffix: record(..., suffix=method) for it")
     lengths = full.prompt_lengths
     state = EngineState.create(info, method, lengths)
@@ -103,20 +103,30 @@ def derive(rec: Recording, method: Method, *, lookahead: bool = True) -> Compres
         )
         select_layer(state, inp)
     first_logits = full.first_logits
-    next_pos, stage_peak = finish_selection(full.model, state, first_logits, lengths, lookahead=lookahead)
+    next_pos, stage_peak, pass_s = finish_selection(
+        full.model, state, first_logits, lengths, lookahead=lookahead, prompts=rec.prompts, tokenizer=rec.tokenizer
+    )
     cc = CompressedCache(full.model, state.cache, state, first_logits, next_pos, lengths, {})
+    costs = {k: full.stats[k] for k in ("draft_s", "draft_kv_bytes_peak") if k in full.stats and pseudo_length(method)}
+    if pass_s:
+        costs["pass_s"] = pass_s
     if lookahead_pending(state):
         sync_device(info.device)
-        cc.stats["pending_select_s"] = time.perf_counter() - start
+        cc.stats = {"pending_select_s": time.perf_counter() - start, **costs}
         return cc
-    return finish_derived(cc, start, stage_peak)
+    return finish_derived(cc, start, stage_peak, costs=costs)
 
 
 def finish_derived(
-    cc: CompressedCache, start: float, stage_peak: int | None, earlier_s: float = 0.0
+    cc: CompressedCache,
+    start: float,
+    stage_peak: int | None,
+    earlier_s: float = 0.0,
+    costs: dict[str, Any] | None = None,
 ) -> CompressedCache:
     """Fill a derived cache's stats: kept tokens, KV bytes (the peak accounted exactly as `compress` accounts it
-    for this method alone), select_s = time since `start` + `earlier_s`."""
+    for this method alone), select_s = time since `start` + `earlier_s`, and the extra `costs` of the recording
+    (a draft's time and KV, a context pass's time: `pass_s` is part of select_s when the pass ran here)."""
     state, method = cc.state, cc.state.method
     sync_device(state.info.device)
     t = max(cc.prompt_lengths)
@@ -128,6 +138,7 @@ def finish_derived(
         "kv_bytes_compressed": kv_bytes(state.cache),
         "kv_bytes_peak": stage_peak if stage_peak is not None else prefill_peak(state.cache, t + pseudo_length(method)),
         "select_s": time.perf_counter() - start + earlier_s,
+        **(costs or {}),
     }
     return cc
 
@@ -165,7 +176,8 @@ def derive_many(rec: Recording, methods: list[Method], batch_lookahead: bool = F
             t0 = time.perf_counter()
             stage_two(cc.state, [q[row : row + b] for q in captured])
             row += b
-            out[j] = finish_derived(cc, t0, peak, cc.stats["pending_select_s"] + shared)
+            costs = {k: v for k, v in cc.stats.items() if k != "pending_select_s"}
+            out[j] = finish_derived(cc, t0, peak, cc.stats["pending_select_s"] + shared, costs)
     return out
 
 
@@ -209,13 +221,6 @@ def merge(caches: list[CompressedCache]) -> CompressedCache:
         torch.cat([cc.next_pos for cc in caches]),
         [n for cc in caches for n in cc.prompt_lengths],
         {},
-    )
-
-
-def lookahead_bytes(cache: Any, n: int) -> int:
-    """Bytes of `n` more entries (keys + values) in every layer of `cache`."""
-    return sum(
-        2 * n * x.keys.shape[0] * x.keys.shape[1] * x.keys.shape[3] * x.keys.element_size() for x in cache.layers
     )
 
 

@@ -11,24 +11,37 @@ from ..errors import DapqError
 from ..hf.cache import LayerTrack, gather_tokens, kv_bytes, set_layer
 from ..hf.rope import rerotate_keys, rotary_module
 from ..methods.protocols import Staged, StageOneObservation, renumbers
+from .context_pass import context_pass, context_pass_pending
 from .decode import CompressedCache, greedy_decode
 from .state import EngineState
 
 
 def finish_selection(
-    model: Any, state: EngineState, first_logits: torch.Tensor, lengths: list[int], *, lookahead: bool = True
-) -> tuple[torch.Tensor, int | None]:
-    """Run the post-selection stages of `state.method` on `state.cache`; returns each row's next position [B] and,
-    for staged methods, the peak KV bytes of the lookahead stage (else None). `lookahead=False` leaves a staged
-    method's lookahead to the caller (`dapq.engine.replay.derive_many` decodes several of them as one batch)."""
+    model: Any,
+    state: EngineState,
+    first_logits: torch.Tensor,
+    lengths: list[int],
+    *,
+    lookahead: bool = True,
+    prompts: list[list[int]] | None = None,
+    tokenizer: Any = None,
+) -> tuple[torch.Tensor, int | None, float]:
+    """Run the post-selection stages of `state.method` on `state.cache`; returns each row's next position [B], the
+    peak KV bytes of a lookahead stage or context pass (else None) and the context pass's seconds (0 without one).
+    `lookahead=False` leaves a staged method's lookahead to the caller (`dapq.engine.replay.derive_many` decodes
+    several of them as one batch). A context pass (KVzip) needs the rows' `prompts` and the `tokenizer`."""
     device = state.info.device
     next_pos = torch.tensor(lengths, device=device)
+    peak, pass_s = None, 0.0
+    if context_pass_pending(state):
+        if prompts is None:
+            raise DapqError(f"{state.method.name} runs a context pass: finish_selection needs the prompts.")
+        peak, pass_s = context_pass(model, state, first_logits, next_pos, prompts, tokenizer)
     if renumbers(state.method):
         next_pos = renumber_positions(model, state)
-    peak = None
     if lookahead and lookahead_pending(state):
         peak = lookahead_stage(model, state, first_logits, next_pos)
-    return next_pos, peak
+    return next_pos, peak, pass_s
 
 
 def lookahead_pending(state: EngineState) -> bool:

@@ -19,8 +19,17 @@ from ..hf.attention import Step
 from ..hf.cache import LayerTrack, gather_tokens, make_cache, set_layer
 from ..methods.base import Method
 from ..methods.inputs import LayerInputs, layer_inputs
-from ..methods.protocols import Staged, layer_budget
+from ..methods.protocols import ContextPass, Staged, layer_budget
 from .model_info import ModelInfo
+
+
+@dataclass
+class PassObservation:
+    """What a context-pass layer (KVzip) keeps from prefill: its attention scaling and where its pass scores are
+    memoised (a recording's memo in the harness, so every budget shares one pass). See `dapq.engine.context_pass`."""
+
+    memo: dict[Any, Any]
+    scaling: float
 
 
 @dataclass
@@ -96,6 +105,9 @@ class EngineState:
     def start_capture(self) -> None:
         """From now on, every decode step records each layer's rotated queries."""
         self.capture = [[] for _ in range(self.n_layers)]
+
+    def stop_capture(self) -> None:
+        self.capture = None
 
     def captured_queries(self, layer_idx: int) -> torch.Tensor:  # [B, H_q, n, D]
         """The queries captured at `layer_idx` since `start_capture`, concatenated along the token axis."""
@@ -181,13 +193,17 @@ def select_layer(state: EngineState, inp: LayerInputs, all_valid: bool | None = 
         evict = not sliding
     else:
         evict = method.compresses and not sliding and any(b < n for b, n in zip(budget_list, lengths))
-    if not evict or state.recording or isinstance(method, Staged):  # the full prompt KV stays (for now)
+    if not evict or state.recording or isinstance(method, (Staged, ContextPass)):  # the full prompt KV stays, for now
         set_layer(layer, key[:, :, :t], value[:, :, :t])
         state.set_track(
             layer_idx, LayerTrack(pos[:, None, :t], valid[:, None, :t], all_valid), sum(lengths) / len(lengths)
         )
-        if evict:
-            state.observed[layer_idx] = inp if state.recording else method.observe(inp)
+        if evict and state.recording:
+            state.observed[layer_idx] = inp
+        elif evict and isinstance(method, Staged):
+            state.observed[layer_idx] = method.observe(inp)
+        elif evict:  # a context pass follows (dapq.engine.context_pass); scores are memoised where inp says
+            state.observed[layer_idx] = PassObservation(inp.memo if inp.memo is not None else {}, inp.scaling)
         return
     idx, kept_valid = method.select(inp, inp.budgets)  # [B, H_c, k], [B, H_c, k]
     set_layer(layer, gather_tokens(key, idx), gather_tokens(value, idx))

@@ -171,6 +171,13 @@ def kv_bytes(cache: DynamicCache) -> int:
     return total
 
 
+def lookahead_bytes(cache: DynamicCache, n: int) -> int:
+    """Bytes of `n` more entries (keys + values) in every layer of `cache`."""
+    return sum(
+        2 * n * x.keys.shape[0] * x.keys.shape[1] * x.keys.shape[3] * x.keys.element_size() for x in cache.layers
+    )
+
+
 @dataclass
 class Snapshot:
     """Per-layer lengths of a cache and its tracks, to restore the cache after a question was appended."""
@@ -179,13 +186,13 @@ class Snapshot:
     tracks: list[LayerTrack]
 
 
-def snapshot(cache: DynamicCache, tracks: list[LayerTrack]) -> Snapshot:
+def snapshot(cache: DynamicCache, tracks: list[Any]) -> Snapshot:
     return Snapshot(
         [layer.keys.shape[-2] for layer in cache.layers], [LayerTrack(t.pos, t.valid, t.all_valid) for t in tracks]
     )
 
 
-def restore(cache: DynamicCache, tracks: list[LayerTrack], snap: Snapshot) -> None:
+def restore(cache: DynamicCache, tracks: list[Any], snap: Snapshot) -> None:
     """Cut every layer back to its snapshot length (tokens appended since then are dropped)."""
     for i, (layer, n) in enumerate(zip(cache.layers, snap.lengths)):
         layer.keys = layer.keys[:, :, :n]

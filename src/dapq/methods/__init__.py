@@ -1,15 +1,19 @@
 """Eviction methods, one per file. Importing this package registers them all."""
 
-from . import dapq, full, h2o, lacache, laq, pyramidkv, snapkv, streaming_llm  # noqa: F401  (registration side effect)
+from . import dapq, full, h2o, kvzip, lacache, laq, pyramidkv, snapkv, speckv, streaming_llm  # noqa: F401  (registration side effect)
 from .base import Method, ScorerMethod, get_method, list_methods, register
 from .dapq import DapQ
 from .full import FullKV
 from .h2o import H2O
 from .inputs import LayerInputs, layer_inputs
+from .kvzip import KVzip
 from .lacache import LaCache
 from .laq import LAQ, LAQPlusPlus
 from .protocols import (
+    ContextPass,
+    DraftedSuffix,
     LayerBudgetSchedule,
+    PassChunk,
     PositionPolicy,
     PseudoSuffix,
     Staged,
@@ -20,10 +24,16 @@ from .protocols import (
 )
 from .pyramidkv import PyramidKV, pyramid_budgets
 from .snapkv import SnapKV
+from .speckv import SpecKV
 from .streaming_llm import StreamingLLM
 
 __all__ = [
     "H2O",
+    "ContextPass",
+    "DraftedSuffix",
+    "KVzip",
+    "PassChunk",
+    "SpecKV",
     "DapQ",
     "FullKV",
     "LAQ",

@@ -12,6 +12,11 @@ A method is a `Method` (budget, layout, `select`). On top of that it may declare
 - `PositionPolicy`: kept keys are moved to contiguous positions 0..k-1 after selection (`renumbers_positions`).
   StreamingLLM with `rerotate=True`.
 - `LayerBudgetSchedule`: a per-layer budget (`layer_budget`). PyramidKV.
+- `ContextPass`: scores from a second forward over tokens the method writes (`pass_chunks`), run on the full prompt
+  cache after prefill; every layer is then selected at once (`select_layers`, budgets may differ per layer and head
+  as long as the row's total holds). KVzip's context reconstruction.
+- `DraftedSuffix` (a `PseudoSuffix`): the suffix tokens are written by a draft model from the prompt; the engine runs
+  the draft (`dapq.engine.draft`) and the method only says which draft and how many tokens. SpecKV.
 
 Module-level helpers (`pseudo_length`, `layer_budget`, `renumbers`) answer for any method, declared or not.
 """
@@ -95,6 +100,75 @@ class LayerBudgetSchedule(abc.ABC):
         """Tokens kept per head by layer `layer_idx` when the method's budget for the row is `budget`."""
 
 
+@dataclass
+class PassChunk:
+    """One forward of a `ContextPass` for one row: the tokens fed after the row's prompt (at positions L, L+1, ...)
+    and the prompt tokens [start, end) (indices into the row's real prompt tokens) that this chunk scores."""
+
+    ids: list[int]
+    start: int
+    end: int
+
+
+class ContextPass(abc.ABC):
+    """A method that scores the prompt keys by feeding extra tokens on top of the full prompt cache (KVzip).
+
+    The prefill keeps the full prompt KV. Then, for chunk j = 0, 1, ... of every row (`pass_chunks`), the engine
+    appends the chunk's tokens at positions L.., captures each layer's rotated queries and the chunk's own keys,
+    asks `pass_scores` for the scores of the prompt keys, and cuts the chunk off again; a key's score is the maximum
+    over chunks. `select_layers` then chooses every evicted layer's kept tokens at once. The chunks' KV never stays.
+    """
+
+    @property
+    def pooled_budget(self) -> bool:
+        """True when `select_layers` spreads a row's budget unevenly over layers and heads (only the total holds)."""
+        return False
+
+    @abc.abstractmethod
+    def pass_chunks(self, prompt_ids: list[int], tokenizer: Any) -> list[PassChunk]:
+        """The chunks fed for one row whose real prompt tokens are `prompt_ids`."""
+
+    @abc.abstractmethod
+    def pass_key(self) -> tuple:
+        """Identifies the pass scores (every field that changes them): recordings reuse scores of an equal key."""
+
+    @abc.abstractmethod
+    def pass_scores(
+        self,
+        queries: torch.Tensor,  # [B, H_q, q, D] rotated queries of the chunk tokens
+        pass_keys: torch.Tensor,  # [B, H_c, q, D] the chunk tokens' own keys
+        pass_valid: torch.Tensor,  # [B, q] bool, False for left padding (and rows without this chunk)
+        keys: torch.Tensor,  # [B, H_c, T, D] the full prompt keys
+        valid: torch.Tensor,  # [B, T] bool
+        span: torch.Tensor,  # [B, T] bool, the prompt keys this chunk scores
+        scaling: float,
+    ) -> torch.Tensor:  # [B, H_c, T] scores of the span's keys, 0 elsewhere
+        """One chunk's scores of the prompt keys at one layer."""
+
+    @abc.abstractmethod
+    def select_layers(
+        self,
+        scores: list[torch.Tensor | None],  # per layer [B, H_c, T] (max over chunks); None: layer not evicted
+        valid: torch.Tensor,  # [B, T] bool
+        budgets: list[torch.Tensor],  # per layer [B] long, the layer's tokens per head for each row
+    ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:  # per layer kept indices [B, H_c, k] and validity
+        """Every evicted layer's kept tokens (a row's total over layers and heads is sum_l budgets[l][b] * H_c)."""
+
+
+class DraftedSuffix(PseudoSuffix):
+    """A pseudo suffix written by a draft model that reads the prompt and greedily writes `n_pseudo` tokens (SpecKV).
+
+    The engine runs the draft (`dapq.engine.draft.draft_suffix`) and appends its tokens at `pseudo_positions`."""
+
+    @property
+    @abc.abstractmethod
+    def draft_model(self) -> Any:
+        """ "self" (the target with its full cache), a loaded model, a local folder or a hub id."""
+
+    def pseudo_ids(self, prompt_ids: list[int], vocab_size: int, tokenizer: Any = None) -> list[int]:
+        raise NotImplementedError("the engine writes a drafted suffix with its draft model (dapq.engine.draft)")
+
+
 def pseudo_length(method: Any) -> int:
     """Pseudo tokens `method` appends (0 unless it declares `PseudoSuffix`)."""
     return method.n_pseudo if isinstance(method, PseudoSuffix) else 0
@@ -110,6 +184,12 @@ def layer_budget(method: Any, budget: int, layer_idx: int, n_layers: int, prompt
 def renumbers(method: Any) -> bool:
     """True when `method` declares `PositionPolicy` and asks for renumbered positions."""
     return isinstance(method, PositionPolicy) and method.renumbers_positions
+
+
+def pooled_budget(method: Any) -> bool:
+    """True when the method's per-layer, per-head kept counts vary and only a row's total over the evicted layers
+    and heads equals sum_l B_l * H_c (KVzip's global and per-layer allocations); False: every head keeps B_l."""
+    return isinstance(method, ContextPass) and method.pooled_budget
 
 
 def extra_positions(method: Any) -> int:
