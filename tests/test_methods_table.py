@@ -18,7 +18,6 @@ from dapq.engine.draft import suffix_rows
 from dapq.methods.protocols import PseudoSuffix, layer_budget, pooled_budget, pseudo_length
 from helpers import (
     METHOD_PARAMS,
-    VOCAB,
     TinyTokenizer,
     build_tiny,
     cache_from_tensors,
@@ -107,7 +106,7 @@ def test_budget_and_no_pseudo_entries(model_name, method_name, layout, budget):
             assert k == int(counts.max()), f"layer {i}: cache length {k}, largest head count {int(counts.max())}"
             total_want, total_kept = total_want + want * h_c, total_kept + int(counts.sum())
         else:
-            assert k == want, f"layer {i}: cache length {k}, expected {want} (budget {budget}, L={L}, sliding={sliding})"
+            assert k == want, f"layer {i}: cache length {k}, expected {want} (budget {budget}, sliding={sliding})"
             assert bool((counts == want).all()), f"layer {i}: valid entries per head {counts.tolist()}, expected {want}"
         assert bool((track.pos >= 0).all()) and bool((track.pos < L).all()), (
             f"layer {i}: a pseudo-token entry (position >= L={L}) survived: {track.pos.max().item()}"
