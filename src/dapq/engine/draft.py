@@ -1,11 +1,13 @@
 """The draft model of a `DraftedSuffix` method (SpecKV): it reads each prompt and greedily writes the suffix tokens.
 
 `draft_suffix(method, model, prompts)` resolves the draft ("self": the target with its own full cache; a loaded
-model; a local folder or hub id, loaded once per process with `dapq.models.load_model` on the target's device and
-dtype), prefills each prompt with plain attention and full cache, and decodes exactly `n_pseudo` greedy tokens (no
-stop at end-of-sequence: the suffix has a fixed length). Results are memoised per (draft, n, prompt) so that a
-recording's key and its prefill run the draft once. The draft's time and its KV bytes are returned with the tokens:
-the engine reports them (`stats["draft_s"]`, `stats["draft_kv_bytes_peak"]`) next to the target's own peak.
+model; a local folder or hub id, loaded once per process on the target's device and dtype), prefills each prompt
+with plain attention and a full cache, and decodes exactly `n_pseudo` greedy tokens (no stop at end-of-sequence:
+the suffix has a fixed length). In the harness (`memo=True`) results are memoised per (draft, n, prompt), so a
+recording's key, its prefill and the derived methods run the draft once and all report its cost; serving
+(`compress`, `generate`) runs the draft every time, so its time is inside the measured TTFT. The draft's time and
+KV bytes come with the tokens: the engine reports them (`stats["draft_s"]`, `stats["draft_kv_bytes_peak"]`) next
+to the target's own peak.
 """
 
 from __future__ import annotations
@@ -45,11 +47,7 @@ def resolve_draft(method: DraftedSuffix, model: Any) -> Any:
         if draft == "self":
             return model
         if draft not in _LOADED:
-            from ..models import load_model
-
-            info = model_info(model)
-            dtype = next(model.parameters()).dtype
-            _LOADED[draft] = load_model(draft, dtype=dtype, device=info.device)[0]
+            _LOADED[draft] = load_draft(draft, model)
         draft = _LOADED[draft]
     if not hasattr(draft, "forward") or not hasattr(draft, "config"):
         raise DapqError(f"draft must be 'self', a loaded causal LM, a local folder or a hub id; got {draft!r}")
@@ -62,13 +60,35 @@ def resolve_draft(method: DraftedSuffix, model: Any) -> Any:
     return draft
 
 
-def draft_suffix(method: DraftedSuffix, model: Any, prompts: list[list[int]]) -> list[Drafted]:
-    """The draft's `method.n_pseudo` greedy tokens after each prompt (memoised)."""
+def load_draft(name: str, target: Any) -> Any:
+    """A draft model from a local folder, a hub id or the bundled model's name, on the target's device and dtype
+    (its tokenizer is the target's: only the model is loaded)."""
+    from ..models import BUNDLED_NAME, load_model
+
+    device, dtype = model_info(target).device, next(target.parameters()).dtype
+    if name == BUNDLED_NAME:
+        return load_model(name, dtype=dtype, device=device)[0]
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    except OSError as exc:
+        raise DapqError(
+            f"Could not load the draft model {name!r}: pass a local folder with config.json and weights, a hub id on "
+            "a machine with network access, or draft='self'."
+        ) from exc
+
+
+def draft_suffix(method: DraftedSuffix, model: Any, prompts: list[list[int]], memo: bool = True) -> list[Drafted]:
+    """The draft's `method.n_pseudo` greedy tokens after each prompt (memoised unless `memo=False`)."""
     draft = resolve_draft(method, model)
     n = method.n_pseudo
     out = []
     for prompt in prompts:
         key = (id(draft), n, tuple(prompt))
+        if not memo:
+            out.append(write(draft, prompt, n))
+            continue
         if key not in _MEMO:
             _MEMO[key] = write(draft, prompt, n)
             while len(_MEMO) > _MEMO_SIZE:
@@ -105,13 +125,13 @@ def write(draft: Any, prompt: list[int], n: int) -> Drafted:
 
 
 def suffix_rows(
-    method: Any, model: Any, prompts: list[list[int]], tokenizer: Any = None
+    method: Any, model: Any, prompts: list[list[int]], tokenizer: Any = None, memo: bool = True
 ) -> tuple[list[list[int]], dict]:
-    """Each row's pseudo-suffix token ids for `method` (a draft writes them for a `DraftedSuffix`), and the draft's
-    costs for the stats ({} without a draft)."""
+    """Each row's pseudo-suffix token ids for `method` (a draft writes them for a `DraftedSuffix`, memoised unless
+    `memo=False`), and the draft's costs for the stats ({} without a draft)."""
     info = model_info(model)
     if isinstance(method, DraftedSuffix):
-        drafted = draft_suffix(method, model, prompts)
+        drafted = draft_suffix(method, model, prompts, memo)
         costs = {
             "draft_s": sum(d.seconds for d in drafted),
             "draft_kv_bytes_peak": max(d.kv_bytes_peak for d in drafted),

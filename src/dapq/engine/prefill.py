@@ -66,7 +66,7 @@ def prefill(
         raise DapqError("Empty prompt: every row needs at least one token.")
     lengths = [len(p) for p in prompts]
     t, n = max(lengths), pseudo_length(method)
-    suffix_ids, draft_costs = suffix_rows(method, model, prompts, tokenizer) if n else (None, {})
+    suffix_ids, draft_costs = suffix_rows(method, model, prompts, tokenizer, memo=recording) if n else (None, {})
     ids, pos, valid = prefill_inputs(prompts, method, suffix_ids, int(tokenizer.pad_token_id or 0))
     if info.max_positions is not None and int(pos.max()) >= info.max_positions:
         raise DapqError(
