@@ -77,6 +77,8 @@ METHOD_PARAMS: dict[str, dict[str, Any]] = {
     "h2o": {"recent": 4},
     "laq": {"stage1_window": 4, "n_lookahead": 3},
     "laq++": {"stage1_window": 4, "n_lookahead": 3, "prompt_queries": 4},
+    "laq_reference": {"stage1_window": 4, "n_lookahead": 3},
+    "laq++_reference": {"stage1_window": 4, "n_lookahead": 3, "prompt_queries": 4},
 }
 
 _MODELS: dict[str, Any] = {}

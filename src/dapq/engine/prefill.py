@@ -16,7 +16,7 @@ from ..methods.base import Method
 from ..methods.protocols import PseudoSuffix, pseudo_length
 from .decode import CompressedCache
 from .model_info import model_info, sync_device
-from .stages import finish_selection
+from .stages import finish_selection, lookahead_stop_ids
 from .state import EngineState
 
 
@@ -94,7 +94,8 @@ def prefill(
         next_pos = torch.tensor(lengths, device=device)
     else:
         start = time.perf_counter()
-        next_pos, stage_peak = finish_selection(model, state, first_logits, lengths)
+        stops = lookahead_stop_ids(method, tokenizer)
+        next_pos, stage_peak = finish_selection(model, state, first_logits, lengths, stop_ids=stops)
         sync_device(device)
         if stage_peak is not None:
             kv_peak, lookahead_s = stage_peak, time.perf_counter() - start

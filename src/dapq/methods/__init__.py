@@ -7,7 +7,7 @@ from .full import FullKV
 from .h2o import H2O
 from .inputs import LayerInputs, layer_inputs
 from .lacache import LaCache
-from .laq import LAQ, LAQPlusPlus
+from .laq import LAQ, LAQPlusPlus, LAQPlusPlusReference, LAQReference
 from .protocols import (
     LayerBudgetSchedule,
     PositionPolicy,
@@ -28,6 +28,8 @@ __all__ = [
     "FullKV",
     "LAQ",
     "LAQPlusPlus",
+    "LAQPlusPlusReference",
+    "LAQReference",
     "LaCache",
     "LayerBudgetSchedule",
     "LayerInputs",
