@@ -79,6 +79,8 @@ METHOD_PARAMS: dict[str, dict[str, Any]] = {
     "laq++": {"stage1_window": 4, "n_lookahead": 3, "prompt_queries": 4},
     "speckv": {"n_draft": 6},
     "kvzip": {"chunk_size": 16},  # several reconstruction chunks even for the tiny prompts
+    "laq_reference": {"stage1_window": 4, "n_lookahead": 3},
+    "laq++_reference": {"stage1_window": 4, "n_lookahead": 3, "prompt_queries": 4},
 }
 
 _MODELS: dict[str, Any] = {}

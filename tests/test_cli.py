@@ -204,6 +204,7 @@ def no_model(monkeypatch):
         (["eval", "niah", "--methods", "full,nope"], "nope"),
         (["eval", "niah", "--param", "h2o.recent=8"], "not in --methods: h2o"),
         (["eval", "niah", "--param", "window=16"], "method.key=value"),
+        (["eval", "niah", "--prompt-style", "kvf"], "--prompt-style takes kamradt or kvcache-factory; got 'kvf'"),
         (["analyze", "recall", "--task", "ruler/nope"], "Unknown RULER task 'nope'"),
         (["analyze", "similarity", "--task", "helmet"], "Unknown task 'helmet'"),
         (["analyze", "similarity", "--offset-lengths", "1,x"], "--offset-lengths takes"),
@@ -315,6 +316,34 @@ def test_default_output_folders_are_unchanged(command):
     else:
         prefix, hidden = f"analysis-{args.kind}", analyze.NOT_HASHED
     assert run_dir(args, prefix, hidden) == Path("runs") / PINNED[command]
+
+
+def test_niah_prompt_style_reaches_the_samples_the_folder_and_run_json(tmp_path):
+    """--prompt-style kvcache-factory: TaskArgs, its own folder hash, recorded in run.json (a resume with the other
+    style is refused); the default (given or not) keeps the folder and settings of runs from before the option."""
+    from dapq.bench.runner import open_run
+    from dapq.cli import evaluate
+
+    def plan(*extra: str):
+        args = build_parser().parse_args(["eval", "niah", "--model", "some/hub-model", *extra])
+        _, task_args = evaluate.eval_plan(args)
+        return args, task_args, evaluate.run_config(args, "niah")
+
+    args, task_args, kvf = plan("--prompt-style", "kvcache-factory")
+    assert task_args.prompt_style == "kvcache-factory" and kvf.extra["prompt_style"] == "kvcache-factory"
+    assert kvf.settings()["bench.prompt_style"] == "kvcache-factory"
+    kvf_dir = run_dir(args, "niah", evaluate.NOT_HASHED)
+    default_dir = None
+    for extra in [(), ("--prompt-style", "kamradt")]:
+        args, task_args, kamradt = plan(*extra)
+        assert task_args.prompt_style == "kamradt" and "prompt_style" not in kamradt.extra
+        here = run_dir(args, "niah", evaluate.NOT_HASHED)
+        assert here != kvf_dir
+        assert default_dir in (None, here), "an explicit default must resume the implicit default's folder"
+        default_dir = here
+    out = open_run(tmp_path / "run", kvf)
+    with pytest.raises(DapqError, match="prompt_style"):
+        open_run(out, kamradt)
 
 
 # ---------------------------------------------------------------------------------------------------- vs kvpress

@@ -41,6 +41,24 @@ def test_niah_word_recall() -> None:
     assert m("niah_word_recall", "", [NEEDLE]) == 0.0
 
 
+def test_rouge1_x10_is_the_published_needle_score() -> None:
+    # KVCache-Factory: scorer.score(needle, response)['rouge1'].fmeasure * 10, against the whole needle sentence.
+    # ref unigrams (21): the best thing to do in san francisco is eat a sandwich and sit in dolores park on a sunny
+    # day; pred (12): eat a sandwich and sit in dolores park on a sunny day, all 12 in ref (a x2, in x1 clipped)
+    # P = 12/12, R = 12/21 -> F = 2 * (12/21) / (33/21) = 24/33 = 8/11; x 10 = 80/11 per row (= 100 x the metric)
+    sentence = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
+    row = 100 * score_prediction(
+        "rouge1_x10", " eat a sandwich and sit in Dolores Park on a sunny day.", [sentence], {}
+    )
+    assert row == pytest.approx(80 / 11)
+    assert 100 * m("rouge1_x10", sentence, [sentence]) == pytest.approx(10.0)
+    assert m("rouge1_x10", "  \n", [sentence]) == 0.0
+
+    from dapq.bench.metrics import row_score_max
+
+    assert row_score_max("rouge1_x10") == 10.0 and row_score_max("niah_word_recall") == 100.0
+
+
 def test_rouge1_and_rougeL() -> None:
     # unigrams pred [the cat sat], ref [the cat sat on the mat]: overlap min-counts the 1 + cat 1 + sat 1 = 3
     # P = 3/3, R = 3/6 -> F = 2 * 1 * 0.5 / 1.5 = 2/3

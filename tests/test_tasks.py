@@ -101,6 +101,39 @@ def test_niah_seeds_and_depth_lists(smol: Any) -> None:
     assert 0.95 * 900 <= measured(smol, c) <= 900 and c.chat_template is False
 
 
+def test_niah_kvcache_factory_prompt_style(smol: Any) -> None:
+    """The LAQ / KVCache-Factory needle script's prompt: its raw text around the haystack (no chat template, the
+    tokenizer's own special tokens), 30 new tokens, stop at a newline, ROUGE-1 x 10 against the needle sentence."""
+    from dapq.bench.tasks import TaskArgs, task_samples
+
+    samples = niah_samples(smol, [1000], [0, 50], prompt_style="kvcache-factory")
+    assert [s.id for s in samples] == ["niah-L1000-d0-kvf", "niah-L1000-d50-kvf"]
+    head = "This is a very long story book: <book> "
+    tail = " </book>.\n Based on the content of the book, Question: The best thing to do in San Francisco is: \nAnswer:"
+    for s in samples:
+        text = s.context + s.separator + s.question
+        assert text.startswith(head) and text.endswith(tail), text[-200:]
+        haystack = text[len(head) : -len(tail)]
+        assert haystack.count(NIAH_NEEDLE) == 1
+        assert s.chat_template is False and s.max_new_tokens == 30 and s.metric == "rouge1_x10"
+        assert s.references == [NIAH_NEEDLE.strip()] and s.metadata["stop_on_newline"] is True
+        assert s.metadata["prompt_style"] == "kvcache-factory"
+        ctx, q = s.prompt_ids(smol)
+        assert ctx + q == smol(text)["input_ids"], "the ids the script's `tokenizer(prompt)` gives"
+        assert 0.95 * 1000 <= len(ctx) + len(q) == s.metadata["prompt_tokens"] <= 1000
+    assert samples[0].context.startswith(head + NIAH_NEEDLE), "depth 0: the needle opens the book"
+    kamradt = niah_samples(smol, [1000], [0])[0]
+    assert (
+        kamradt.separator == "\n\n" and kamradt.metric == "niah_word_recall" and "prompt_style" not in kamradt.metadata
+    )
+    via_registry = task_samples(smol, "niah", TaskArgs(lengths=(1000,), n=2, prompt_style="kvcache-factory"))
+    assert [s.to_dict() for s in via_registry] == [
+        s.to_dict() for s in niah_samples(smol, [1000], 2, prompt_style="kvcache-factory")
+    ]
+    with pytest.raises(DapqError, match="prompt_style must be one of kamradt, kvcache-factory"):
+        niah_samples(smol, [1000], 1, prompt_style="kvf")
+
+
 def test_niah_errors(smol: Any) -> None:
     for bad in ([120.0], 0, []):
         with pytest.raises(DapqError):

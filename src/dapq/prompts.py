@@ -55,6 +55,7 @@ class PromptSample(Protocol):
     question: str
     answer_prefix: str
     chat_template: bool | None
+    separator: str
     metadata: dict[str, Any]
 
 
@@ -63,12 +64,19 @@ S = TypeVar("S", bound=PromptSample)
 
 # ---------------------------------------------------------------------------------------------------- prompts
 def build_prompt(
-    tokenizer: Any, context: str, question: str, *, chat_template: bool | None = None, answer_prefix: str = ""
+    tokenizer: Any,
+    context: str,
+    question: str,
+    *,
+    chat_template: bool | None = None,
+    answer_prefix: str = "",
+    separator: str = "\n\n",
 ) -> tuple[list[int], list[int]]:
     """Token ids of the context part and of the question part; concatenated they are the full prompt.
 
-    With a chat template (default when the tokenizer has one), the user message is `context + "\\n\\n" + question`
-    and the question part runs to the end of the generation prompt, followed by `answer_prefix`. The whole text is
+    With a chat template (default when the tokenizer has one), the user message is `context + separator + question`
+    (separator "\\n\\n" unless given) and the question part runs to the end of the generation prompt, followed by
+    `answer_prefix`; without one the text is `context + separator + question + answer_prefix`. The whole text is
     tokenized once, as the chat template tokenizes it (`split_encode`), so context + question ids are exactly the
     template's own prompt ids; the boundary between the parts is taken from the token offsets.
     """
@@ -80,12 +88,12 @@ def build_prompt(
     if use_chat:
         if tokenizer.chat_template is None:
             raise DapqError("This tokenizer has no chat template: pass chat_template=False (CLI: --no-chat-template).")
-        messages = [{"role": "user", "content": f"{context}\n\n{_QUESTION_MARK}" if context else _QUESTION_MARK}]
+        messages = [{"role": "user", "content": f"{context}{separator}{_QUESTION_MARK}" if context else _QUESTION_MARK}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         before, after = text.split(_QUESTION_MARK)
         ctx_ids, q_ids = split_encode(tokenizer, before, question + after + answer_prefix, add_special_tokens=False)
     else:
-        before = f"{context}\n\n" if context else ""
+        before = f"{context}{separator}" if context else ""
         ctx_ids, q_ids = split_encode(tokenizer, before, question + answer_prefix, add_special_tokens=True)
     return ctx_ids, q_ids
 
@@ -149,16 +157,25 @@ def stop_token_ids(tokenizer: Any, extra: list[str] | None = None) -> set[int]:
 
 
 def prompt_tokens(
-    tokenizer: Any, context: str, question: str, answer_prefix: str = "", chat_template: bool | None = None
+    tokenizer: Any,
+    context: str,
+    question: str,
+    answer_prefix: str = "",
+    chat_template: bool | None = None,
+    separator: str = "\n\n",
 ) -> int:
     """The exact number of prompt tokens a model sees: len(context part) + len(question part) of `build_prompt`."""
-    ctx, q = build_prompt(tokenizer, context, question, chat_template=chat_template, answer_prefix=answer_prefix)
+    ctx, q = build_prompt(
+        tokenizer, context, question, chat_template=chat_template, answer_prefix=answer_prefix, separator=separator
+    )
     return len(ctx) + len(q)
 
 
 def sample_prompt_tokens(tokenizer: Any, sample: PromptSample) -> int:
-    """`prompt_tokens` of a sample (its chat-template choice and answer prefix included)."""
-    return prompt_tokens(tokenizer, sample.context, sample.question, sample.answer_prefix, sample.chat_template)
+    """`prompt_tokens` of a sample (its chat-template choice, separator and answer prefix included)."""
+    return prompt_tokens(
+        tokenizer, sample.context, sample.question, sample.answer_prefix, sample.chat_template, sample.separator
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- caching

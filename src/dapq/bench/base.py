@@ -26,6 +26,7 @@ class Sample:
     max_new_tokens: int
     answer_prefix: str = ""
     chat_template: bool | None = None  # None: use the tokenizer's template when it has one
+    separator: str = "\n\n"  # between context and question (`build_prompt`)
     metadata: dict[str, Any] = field(default_factory=dict)  # length, depth, seed, subset, difficulty, ...
 
     def to_dict(self) -> dict[str, Any]:
@@ -36,7 +37,12 @@ class Sample:
         from ..prompts import build_prompt
 
         return build_prompt(
-            tokenizer, self.context, self.question, chat_template=self.chat_template, answer_prefix=self.answer_prefix
+            tokenizer,
+            self.context,
+            self.question,
+            chat_template=self.chat_template,
+            answer_prefix=self.answer_prefix,
+            separator=self.separator,
         )
 
 

@@ -26,7 +26,24 @@ from ..extras import require
 
 Metric = Callable[[str, list[str], dict[str, Any]], float]
 
-__all__ = ["METRICS", "Metric", "first_line", "score_prediction", "normalize_answer", "extract_choice"]
+__all__ = [
+    "METRICS",
+    "SCORE_MAX",
+    "Metric",
+    "first_line",
+    "score_prediction",
+    "normalize_answer",
+    "extract_choice",
+    "row_score_max",
+]
+
+#: the best row score of a metric whose published scale is not 0-100 (rows are metric x 100)
+SCORE_MAX = {"rouge1_x10": 10.0}
+
+
+def row_score_max(metric: str | None) -> float:
+    """The best score a row of `metric` can have: 100 unless `SCORE_MAX` says otherwise."""
+    return SCORE_MAX.get(metric or "", 100.0)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -93,6 +110,14 @@ def rouge1(prediction: str, references: list[str], metadata: dict[str, Any]) -> 
     """ROUGE-1 F-measure from Google's rouge-score (Porter stemmer on), as the needle testers in SnapKV/PyramidKV-style
     repositories compute it (`scorer.score(needle, response)['rouge1'].fmeasure`); best over references."""
     return _best([_rouge_f("rouge1", prediction, ref) for ref in references])
+
+
+def rouge1_x10(prediction: str, references: list[str], metadata: dict[str, Any]) -> float:
+    """KVCache-Factory's needle score (also LAQ's): ROUGE-1 F (rouge-score, Porter stemmer) of the stripped answer
+    against the needle sentence, x 10, i.e. 0-10 per sample; an empty answer scores 0. Returned divided by 100 so
+    that the runner's x 100 makes a row's score exactly F x 10, the published scale (`SCORE_MAX`: 10)."""
+    answer = prediction.strip()
+    return 0.0 if not answer else rouge1(answer, references, metadata) * 10 / 100
 
 
 def rougeL(prediction: str, references: list[str], metadata: dict[str, Any]) -> float:  # noqa: N802
@@ -327,6 +352,7 @@ def helmet_rougeL_f1(prediction: str, references: list[str], metadata: dict[str,
 METRICS: dict[str, Metric] = {
     "niah_word_recall": niah_word_recall,
     "rouge1": rouge1,
+    "rouge1_x10": rouge1_x10,
     "rougeL": rougeL,
     "string_match_all": string_match_all,
     "string_match_part": string_match_part,

@@ -14,6 +14,21 @@ are in tests/test_tasks.py (`python -m pytest -q tests/test_tasks.py`).
 
 The haystack size is fitted with `dapq.prompts.fit_units` (shared with `dapq.bench.ruler`): `prompt_tokens` measures
 a prompt exactly, and only a handful of candidate prompts are measured per sample.
+
+Two prompt styles (`prompt_style`):
+
+- "kamradt" (default): the haystack as the context, Kamradt's question, the model's chat template; 64 new tokens;
+  scored by needle word recall (SnapKV, PyramidKV, DapQ).
+- "kvcache-factory": the needle script of KVCache-Factory as the LAQ reference code (noforit/Lookahead_Q-Cache) runs
+  it: the raw text (no chat template; BOS as the tokenizer adds it) "This is a very long story book: <book>
+  {haystack} </book>.\\n Based on the content of the book, Question: The best thing to do in San Francisco is:
+  \\nAnswer:" (one space before the last newline), 30 new tokens, stopping at EOS or "\\n" (the runner cuts
+  the answer at its first newline), scored as ROUGE-1 F (Porter stemmer) of the answer against the whole needle
+  sentence, x 10 (metric `rouge1_x10`: a row's score is 0-10, as the LAQ and KVCache-Factory heatmaps report it).
+  KVCache-Factory's own copy prepends "<|im_start|> " to that text; LAQ's copy (followed here) does not.
+  Differences that remain: the haystack is fitted by measuring the whole prompt (not length - 200 haystack tokens),
+  and a newline inside a merged token (".\\n") ends the answer here while the reference only stops at the "\\n"
+  token itself.
 """
 
 from __future__ import annotations
@@ -33,6 +48,26 @@ NIAH_QUESTION = "What is the best thing to do in San Francisco?"
 NIAH_ANSWER = "eat a sandwich and sit in Dolores Park on a sunny day."
 NIAH_MAX_NEW_TOKENS = 64
 NIAH_METRIC = "niah_word_recall"
+PROMPT_STYLES = ("kamradt", "kvcache-factory")
+# the KVCache-Factory / LAQ needle script: raw text around the haystack, its retrieval question, 30 new tokens
+KVF_QUESTION = "The best thing to do in San Francisco is: "
+KVF_MAX_NEW_TOKENS = 30
+KVF_METRIC = "rouge1_x10"
+
+
+def check_prompt_style(style: str) -> None:
+    """A one-line DapqError for a prompt style that is not one of `PROMPT_STYLES`."""
+    if style not in PROMPT_STYLES:
+        raise DapqError(f"prompt_style must be one of {', '.join(PROMPT_STYLES)}; got {style!r}.")
+
+
+def kvf_parts(haystack: str, question: str = KVF_QUESTION) -> tuple[str, str, str]:
+    """(context, separator, question) of the KVCache-Factory needle prompt; joined they are the script's text."""
+    return (
+        f"This is a very long story book: <book> {haystack} </book>.",
+        "\n ",
+        f"Based on the content of the book, Question: {question}\nAnswer:",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- the grid
@@ -95,13 +130,14 @@ def niah_samples(
     depths: list[float] | int,
     seed: int = 0,
     needle: str = NIAH_NEEDLE,
-    question: str = NIAH_QUESTION,
+    question: str | None = None,
     buffer: int = 0,
     *,
     answer: str = NIAH_ANSWER,
     answer_prefix: str = "",
     chat_template: bool | None = None,
-    max_new_tokens: int = NIAH_MAX_NEW_TOKENS,
+    max_new_tokens: int | None = None,
+    prompt_style: str = "kamradt",
 ) -> list[Sample]:
     """Kamradt's needle-in-a-haystack grid: one sample per (length, depth), lengths outer, depths inner.
 
@@ -111,7 +147,20 @@ def niah_samples(
     (chat template, question, answer prefix; measured with `build_prompt`) has at most `length - buffer` tokens and
     is as long as possible. `buffer` keeps tokens free below the target (Kamradt's final_context_length_buffer is
     replaced by measuring the prompt exactly; default 0). Scored by word recall of `answer` ("niah_word_recall").
+
+    `prompt_style="kvcache-factory"` builds the KVCache-Factory / LAQ needle script's prompt instead (module
+    docstring): raw text unless `chat_template=True`, its retrieval question unless `question` is given, 30 new
+    tokens unless `max_new_tokens` is given, stop at a newline, ROUGE-1 F x 10 against the needle sentence; sample
+    ids end in "-kvf". `question` and `max_new_tokens` default to the style's.
     """
+    check_prompt_style(prompt_style)
+    kvf = prompt_style == "kvcache-factory"
+    if question is None:
+        question = KVF_QUESTION if kvf else NIAH_QUESTION
+    if max_new_tokens is None:
+        max_new_tokens = KVF_MAX_NEW_TOKENS if kvf else NIAH_MAX_NEW_TOKENS
+    if kvf and chat_template is None:
+        chat_template = False  # the script tokenizes the raw text
     if not lengths:
         raise DapqError("niah_samples needs at least one length.")
     if not isinstance(buffer, int) or buffer < 0:
@@ -130,30 +179,33 @@ def niah_samples(
         limit = length - buffer
         for depth in grid:
 
-            def measure(n: int, depth: float = depth) -> int:
-                ctx = _needle_context(tokenizer, ids, n, depth, needle)
-                return prompt_tokens(tokenizer, ctx, question, answer_prefix, chat_template)
+            def parts(n: int, depth: float = depth) -> tuple[str, str, str]:
+                hay = _needle_context(tokenizer, ids, n, depth, needle)
+                return kvf_parts(hay, question) if kvf else (hay, "\n\n", question)
+
+            def measure(n: int) -> int:
+                ctx, sep, q = parts(n)
+                return prompt_tokens(tokenizer, ctx, q, answer_prefix, chat_template, sep)
 
             n, total = fit_units(measure, float, limit, 0, 50 * limit + 1000, f"the needle at length {length}")
-            suffix = f"-s{seed}" if seed else ""
+            suffix = (f"-s{seed}" if seed else "") + ("-kvf" if kvf else "")
+            context, separator, sample_question = parts(n)
+            metadata = {"length": length, "prompt_tokens": total, "depth": depth, "haystack_tokens": n, "seed": seed}
+            if kvf:
+                metadata.update(prompt_style=prompt_style, stop_on_newline=True)
             samples.append(
                 Sample(
                     id=f"niah-L{length}-d{_fmt(depth)}{suffix}",
                     task="niah",
-                    context=_needle_context(tokenizer, ids, n, depth, needle),
-                    question=question,
-                    references=[answer],
-                    metric=NIAH_METRIC,
+                    context=context,
+                    question=sample_question,
+                    references=[needle.strip()] if kvf else [answer],
+                    metric=KVF_METRIC if kvf else NIAH_METRIC,
                     max_new_tokens=max_new_tokens,
                     answer_prefix=answer_prefix,
                     chat_template=chat_template,
-                    metadata={
-                        "length": length,
-                        "prompt_tokens": total,
-                        "depth": depth,
-                        "haystack_tokens": n,
-                        "seed": seed,
-                    },
+                    separator=separator,
+                    metadata=metadata,
                 )
             )
     return samples

@@ -23,6 +23,7 @@ from rich.table import Table
 
 from ..errors import DapqError
 from ..extras import require
+from .metrics import row_score_max
 from .runner import RESULTS, RUN_FILE, load_rows, write_text_safely
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+=-]+")
@@ -154,7 +155,8 @@ def print_tables(rows: list[dict[str, Any]], console: Console) -> None:
 
 
 def niah_heatmaps(rows: list[dict[str, Any]], out_dir: Path, prefix: str = "") -> list[Path]:
-    """One PNG per (method, budget): depth (y) x context length (x), mean score, red (0) to green (100)."""
+    """One PNG per (method, budget): depth (y) x context length (x), mean score, red (0) to green (the metric's best
+    row score: 100, or 10 for the KVCache-Factory style's ROUGE-1 x 10)."""
     matplotlib = require("matplotlib", "eval")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -181,7 +183,8 @@ def niah_heatmaps(rows: list[dict[str, Any]], out_dir: Path, prefix: str = "") -
         for (d, n), v in cells.items():
             grid[depths.index(d), lengths.index(n)] = sum(v) / len(v)
         fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(lengths) + 2), max(3, 0.35 * len(depths) + 1.5)))
-        im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto", origin="upper")
+        vmax = max(row_score_max(r.get("metric")) for r in items)
+        im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=vmax, aspect="auto", origin="upper")
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45)
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
         ax.set_xlabel("context length (tokens)")

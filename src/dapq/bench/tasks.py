@@ -7,7 +7,8 @@ and `dapq analyze` all build their samples here.
 
 Names:
 
-- `niah`: Kamradt's needle in a haystack (`dapq.bench.niah`), generated at each length; `n` is the number of depths;
+- `niah`: Kamradt's needle in a haystack (`dapq.bench.niah`), generated at each length; `n` is the number of depths,
+  `prompt_style` kamradt (default) or kvcache-factory;
 - `ruler/<task>`: the RULER tasks (`dapq.bench.ruler`), generated at each length, `n` samples per length (default
   50); qa_1 and qa_2 read SQuAD / HotpotQA files from `data_dir`;
 - `longbench/<subset>`: LongBench v1 (`dapq.bench.longbench`) from `data_dir` (or the hub with `from_hub`), the
@@ -61,6 +62,7 @@ class TaskArgs:
     data_file: str | Path | None = None  # LongBench v2
     from_hub: bool = False  # LongBench v1, HELMET ICL/LongQA: load through `datasets`
     max_prompt_tokens: int | None = None  # loaded tasks: cut long contexts to this many prompt tokens
+    prompt_style: str = "kamradt"  # NIAH: kamradt or kvcache-factory (`dapq.bench.niah`)
 
 
 Generator = Callable[[Any, "Task", TaskArgs], list[Sample]]
@@ -98,7 +100,7 @@ def _niah(tokenizer: Any, task: Task, args: TaskArgs) -> list[Sample]:
     from .niah import niah_samples
 
     depths = DEFAULT_NIAH_DEPTHS if args.n is None else args.n
-    return niah_samples(tokenizer, _lengths(task, args), depths, seed=args.seed)
+    return niah_samples(tokenizer, _lengths(task, args), depths, seed=args.seed, prompt_style=args.prompt_style)
 
 
 def _ruler(tokenizer: Any, task: Task, args: TaskArgs) -> list[Sample]:

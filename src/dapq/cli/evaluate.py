@@ -2,6 +2,7 @@
 
     dapq eval niah --methods full,snapkv,dapq --budgets 64,128,256 --lengths 1000-4000:500 --depths 10
     dapq eval ruler --tasks all --lengths 2048,4096 --samples 50 --methods full,snapkv,dapq --budgets 128,256
+    dapq eval niah --prompt-style kvcache-factory --methods full,laq_reference,laq++_reference --budgets 128
 
 Samples come from the task registry (`dapq.bench.tasks`). Methods, budgets, `--param` and task names are checked
 before the model is loaded.
@@ -31,7 +32,9 @@ from .args import (
 NOT_HASHED = ("func", "out", "command", "device", "attn", "new_run")
 #: options that change rows without changing sample ids: recorded in run.json, a rerun must match them (what selects
 #: samples, such as --samples, --lengths or --tasks, may change between reruns of one run)
-ROW_SETTINGS = ("max_prompt_tokens", "data_dir", "data_file", "from_hub", "length")
+ROW_SETTINGS = ("max_prompt_tokens", "data_dir", "data_file", "from_hub", "length", "prompt_style")
+#: NIAH's default prompt style: left out of the folder hash and of run.json, so runs from before the option resume
+DEFAULT_PROMPT_STYLE = "kamradt"
 
 
 def add_parser(sub: Any) -> None:
@@ -74,6 +77,12 @@ def add_parser(sub: Any) -> None:
     p = bench.add_parser("niah", parents=[common], help="Kamradt needle in a haystack (Paul Graham essays)")
     p.add_argument("--lengths", default="1000-4000:500", help="prompt lengths: start-stop:step or a list (1k,2k)")
     p.add_argument("--depths", type=int, default=10, help="number of depths, round(linspace(0, 100, n))")
+    p.add_argument(
+        "--prompt-style",
+        default=argparse.SUPPRESS,
+        help="kamradt (default: chat template, word recall) or kvcache-factory (the LAQ / KVCache-Factory needle "
+        "script: raw text, 30 tokens, stop at a newline, ROUGE-1 x 10)",
+    )
     p = bench.add_parser("ruler", parents=[common], help="the RULER synthetic tasks, generated offline")
     p.add_argument(
         "--tasks",
@@ -114,7 +123,10 @@ def eval_plan(args: argparse.Namespace) -> tuple[list[str], Any]:
     from ..bench.tasks import TaskArgs, select_tasks
 
     if args.bench == "niah":
-        return ["niah"], TaskArgs(lengths=parse_lengths(args.lengths), n=args.depths, seed=args.seed)
+        style = prompt_style(args)
+        return ["niah"], TaskArgs(
+            lengths=parse_lengths(args.lengths), n=args.depths, seed=args.seed, prompt_style=style
+        )
     if args.bench == "ruler":
         names = select_tasks("ruler", args.tasks)
         lengths = parse_lengths(args.lengths)
@@ -129,6 +141,19 @@ def eval_plan(args: argparse.Namespace) -> tuple[list[str], Any]:
         names = select_tasks("helmet", args.subsets)
         return names, TaskArgs(lengths=(args.length,), data_dir=args.data_dir, from_hub=args.from_hub, **loaded)
     raise DapqError(f"Unknown benchmark {args.bench!r}; choose niah, ruler, longbench, longbench-v2 or helmet.")
+
+
+def prompt_style(args: argparse.Namespace) -> str:
+    """`--prompt-style`, checked; the default is dropped from `args` so that it changes neither the folder hash nor
+    run.json (a kamradt run keeps the folder and settings it had before the option existed)."""
+    from ..bench.niah import PROMPT_STYLES
+
+    style = getattr(args, "prompt_style", DEFAULT_PROMPT_STYLE)
+    if style not in PROMPT_STYLES:
+        raise DapqError(f"--prompt-style takes {' or '.join(PROMPT_STYLES)}; got {style!r}.")
+    if style == DEFAULT_PROMPT_STYLE and hasattr(args, "prompt_style"):
+        del args.prompt_style
+    return style
 
 
 def eval_samples(args: argparse.Namespace, tokenizer: Any) -> list[Any]:

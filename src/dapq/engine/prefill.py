@@ -17,7 +17,7 @@ from ..methods.protocols import PseudoSuffix, pseudo_length
 from .decode import CompressedCache
 from .draft import suffix_rows
 from .model_info import model_info, sync_device
-from .stages import finish_selection
+from .stages import finish_selection, lookahead_stop_ids
 from .state import EngineState
 
 
@@ -98,8 +98,9 @@ def prefill(
         next_pos = torch.tensor(lengths, device=device)
     else:
         start = time.perf_counter()
+        stops = lookahead_stop_ids(method, tokenizer)
         next_pos, stage_peak, pass_s = finish_selection(
-            model, state, first_logits, lengths, prompts=prompts, tokenizer=tokenizer
+            model, state, first_logits, lengths, prompts=prompts, tokenizer=tokenizer, stop_ids=stops
         )
         sync_device(device)
         if stage_peak is not None:

@@ -31,7 +31,7 @@ from .decode import CompressedCache, greedy_decode
 from .draft import suffix_rows
 from .model_info import sync_device
 from .prefill import prefill, prefill_peak
-from .stages import finish_selection, lookahead_pending, stage_one_cache, stage_two
+from .stages import finish_selection, lookahead_pending, lookahead_stop_ids, lookahead_valid, stage_one_cache, stage_two
 from .state import EngineState, select_layer
 
 
@@ -103,8 +103,16 @@ def derive(rec: Recording, method: Method, *, lookahead: bool = True) -> Compres
         )
         select_layer(state, inp)
     first_logits = full.first_logits
+    stops = lookahead_stop_ids(method, rec.tokenizer) if lookahead else None  # derive_many: its own
     next_pos, stage_peak, pass_s = finish_selection(
-        full.model, state, first_logits, lengths, lookahead=lookahead, prompts=rec.prompts, tokenizer=rec.tokenizer
+        full.model,
+        state,
+        first_logits,
+        lengths,
+        lookahead=lookahead,
+        stop_ids=stops,
+        prompts=rec.prompts,
+        tokenizer=rec.tokenizer,
     )
     cc = CompressedCache(full.model, state.cache, state, first_logits, next_pos, lengths, {})
     costs = {k: full.stats[k] for k in ("draft_s", "draft_kv_bytes_peak") if k in full.stats and pseudo_length(method)}
@@ -166,7 +174,7 @@ def derive_many(rec: Recording, methods: list[Method], batch_lookahead: bool = F
         ]
         batch = merge(stage1)
         batch.state.start_capture()
-        greedy_decode(batch, batch.first_logits, n + 1, set())  # n forward steps at L .. L+n-1, all rows at once
+        tokens = greedy_decode(batch, batch.first_logits, n + 1, set())  # n forward steps at L .. L+n-1, all rows
         captured = [batch.state.captured_queries(i) for i in range(batch.state.n_layers)]  # [sum B, H_q, n, D]
         shared = (time.perf_counter() - start) / len(ids)
         row = 0
@@ -174,7 +182,9 @@ def derive_many(rec: Recording, methods: list[Method], batch_lookahead: bool = F
             cc = out[j]
             b = cc.first_logits.shape[0]
             t0 = time.perf_counter()
-            stage_two(cc.state, [q[row : row + b] for q in captured])
+            stops = lookahead_stop_ids(cc.state.method, rec.tokenizer)
+            valid = None if stops is None else lookahead_valid(tokens[row : row + b], n, stops, cc.first_logits.device)
+            stage_two(cc.state, [q[row : row + b] for q in captured], valid)
             row += b
             costs = {k: v for k, v in cc.stats.items() if k != "pending_select_s"}
             out[j] = finish_derived(cc, t0, peak, cc.stats["pending_select_s"] + shared, costs)

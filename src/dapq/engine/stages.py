@@ -11,6 +11,7 @@ from ..errors import DapqError
 from ..hf.cache import LayerTrack, gather_tokens, kv_bytes, set_layer
 from ..hf.rope import rerotate_keys, rotary_module
 from ..methods.protocols import Staged, StageOneObservation, renumbers
+from ..prompts import stop_token_ids
 from .context_pass import context_pass, context_pass_pending
 from .decode import CompressedCache, greedy_decode
 from .state import EngineState
@@ -25,11 +26,13 @@ def finish_selection(
     lookahead: bool = True,
     prompts: list[list[int]] | None = None,
     tokenizer: Any = None,
+    stop_ids: set[int] | None = None,
 ) -> tuple[torch.Tensor, int | None, float]:
     """Run the post-selection stages of `state.method` on `state.cache`; returns each row's next position [B], the
     peak KV bytes of a lookahead stage or context pass (else None) and the context pass's seconds (0 without one).
     `lookahead=False` leaves a staged method's lookahead to the caller (`dapq.engine.replay.derive_many` decodes
-    several of them as one batch). A context pass (KVzip) needs the rows' `prompts` and the `tokenizer`."""
+    several of them as one batch). A context pass (KVzip) needs the rows' `prompts` and the `tokenizer`.
+    `stop_ids`: where the lookahead of a method that stops at EOS stops (`lookahead_stop_ids`)."""
     device = state.info.device
     next_pos = torch.tensor(lengths, device=device)
     peak, pass_s = None, 0.0
@@ -40,7 +43,7 @@ def finish_selection(
     if renumbers(state.method):
         next_pos = renumber_positions(model, state)
     if lookahead and lookahead_pending(state):
-        peak = lookahead_stage(model, state, first_logits, next_pos)
+        peak = lookahead_stage(model, state, first_logits, next_pos, stop_ids)
     return next_pos, peak, pass_s
 
 
@@ -49,18 +52,47 @@ def lookahead_pending(state: EngineState) -> bool:
     return isinstance(state.method, Staged) and any(o is not None for o in state.observed)
 
 
-def lookahead_stage(model: Any, state: EngineState, first_logits: torch.Tensor, next_pos: torch.Tensor) -> int:
+def lookahead_stage(
+    model: Any, state: EngineState, first_logits: torch.Tensor, next_pos: torch.Tensor, stop_ids: set[int] | None = None
+) -> int:
     """A staged method's second stage on a full prompt cache: build the stage-1 cache from the observed
     selections, decode the lookahead tokens on it at positions L.. while capturing their queries, then select from
     the full cache with them. Returns the peak KV bytes (full + stage-1 + lookahead). The lookahead tokens leave
-    nothing behind."""
+    nothing behind. With `stop_ids` (a method that stops at EOS), stage 2 uses each row's queries up to its stop."""
     method = state.method
     assert isinstance(method, Staged)
+    n = method.lookahead_tokens
     s1 = stage_one_cache(model, state, first_logits, next_pos)
-    greedy_decode(s1, first_logits, method.lookahead_tokens + 1, set())  # n forward steps at L .. L+n-1
+    tokens = greedy_decode(s1, first_logits, n + 1, set())  # n forward steps at L .. L+n-1
     peak = kv_bytes(state.cache) + kv_bytes(s1.cache)
-    stage_two(state, [s1.state.captured_queries(i) if s1.state.capture[i] else None for i in range(state.n_layers)])
+    valid = lookahead_valid(tokens, n, stop_ids, first_logits.device) if stop_ids is not None else None
+    captured = [s1.state.captured_queries(i) if s1.state.capture[i] else None for i in range(state.n_layers)]
+    stage_two(state, captured, valid)
     return peak
+
+
+def lookahead_stop_ids(method: Any, tokenizer: Any) -> set[int] | None:
+    """The ids a staged method's lookahead stops at: the tokenizer's stop tokens (`dapq.prompts.stop_token_ids`, the
+    set decoding stops at) when the method declares `lookahead_stops_at_eos`, else None."""
+    if not (isinstance(method, Staged) and method.lookahead_stops_at_eos):
+        return None
+    if tokenizer is None:
+        raise DapqError(
+            f"{method.name} stops its lookahead at end-of-sequence and needs the tokenizer's stop ids: pass the "
+            "tokenizer (record(model, tokenizer, ...))."
+        )
+    return stop_token_ids(tokenizer)
+
+
+def lookahead_valid(tokens: list[list[int]], n: int, stop_ids: set[int], device: Any) -> torch.Tensor:  # [B, n]
+    """Which of the n lookahead queries each row uses when its lookahead stops at `stop_ids`, as the reference loop
+    feeds tokens: query k is that of token k (token 0 = the prefill's argmax, always fed); token k > 0 is fed only
+    when none of tokens 1..k is a stop id. `tokens` holds each row's n + 1 greedy tokens (the last one is never fed)."""
+    rows = []
+    for toks in tokens:
+        first_stop = next((k for k in range(1, n) if toks[k] in stop_ids), n)
+        rows.append([k < first_stop for k in range(n)])
+    return torch.tensor(rows, dtype=torch.bool, device=device)
 
 
 def stage_one_cache(
@@ -86,9 +118,12 @@ def stage_one_cache(
     return CompressedCache(model, stage1, s1_state, first_logits, next_pos.clone(), [], {})
 
 
-def stage_two(state: EngineState, lookahead: list[torch.Tensor | None]) -> None:
+def stage_two(
+    state: EngineState, lookahead: list[torch.Tensor | None], lookahead_valid: torch.Tensor | None = None
+) -> None:
     """A staged method's final selection from the full prompt cache with each layer's lookahead queries
-    [B, H_q, n, D] (None for layers that were not evicted)."""
+    [B, H_q, n, D] (None for layers that were not evicted) and, for a method that stops at EOS, which of them each
+    row uses (`lookahead_valid` [B, n]; only then is it passed, so other staged methods keep the short signature)."""
     method = state.method
     assert isinstance(method, Staged)
     for i, layer in enumerate(state.cache.layers):
@@ -99,7 +134,10 @@ def stage_two(state: EngineState, lookahead: list[torch.Tensor | None]) -> None:
         assert lookahead_q is not None
         track = state.tracks[i]  # the full prompt: pos/valid [B, 1, T]
         assert track is not None
-        idx, kept_valid = method.stage2_select(lookahead_q, layer.keys, track.pos[:, 0], track.valid[:, 0], obs)
+        extra = {} if lookahead_valid is None else {"lookahead_valid": lookahead_valid}
+        idx, kept_valid = method.stage2_select(
+            lookahead_q, layer.keys, track.pos[:, 0], track.valid[:, 0], obs, **extra
+        )
         layer.keys, layer.values = gather_tokens(layer.keys, idx), gather_tokens(layer.values, idx)
         kept = float(kept_valid.sum(-1).float().mean())
         state.set_track(i, LayerTrack(track.pos.expand(-1, idx.shape[1], -1).gather(-1, idx), kept_valid), kept)

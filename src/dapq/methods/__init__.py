@@ -8,7 +8,7 @@ from .h2o import H2O
 from .inputs import LayerInputs, layer_inputs
 from .kvzip import KVzip
 from .lacache import LaCache
-from .laq import LAQ, LAQPlusPlus
+from .laq import LAQ, LAQPlusPlus, LAQPlusPlusReference, LAQReference
 from .protocols import (
     ContextPass,
     DraftedSuffix,
@@ -38,6 +38,8 @@ __all__ = [
     "FullKV",
     "LAQ",
     "LAQPlusPlus",
+    "LAQPlusPlusReference",
+    "LAQReference",
     "LaCache",
     "LayerBudgetSchedule",
     "LayerInputs",

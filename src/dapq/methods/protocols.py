@@ -8,7 +8,8 @@ A method is a `Method` (budget, layout, `select`). On top of that it may declare
   are in `LayerInputs` and their KV is dropped after selection. DapQ.
 - `Staged`: selection in two stages. At prefill `observe` returns a typed `StageOneObservation` (the full prompt KV
   is kept for now); the engine then decodes `lookahead_tokens` tokens on the stage-1 cache, capturing their queries,
-  and calls `stage2_select` on the full prompt keys. LAQ, LAQ++.
+  and calls `stage2_select` on the full prompt keys (with `lookahead_stops_at_eos`, also `lookahead_valid`: which
+  lookahead queries come before each row's end of sequence). LAQ, LAQ++.
 - `PositionPolicy`: kept keys are moved to contiguous positions 0..k-1 after selection (`renumbers_positions`).
   StreamingLLM with `rerotate=True`.
 - `LayerBudgetSchedule`: a per-layer budget (`layer_budget`). PyramidKV.
@@ -67,6 +68,14 @@ class Staged(abc.ABC):
     def lookahead_tokens(self) -> int:
         """Tokens decoded on the stage-1 cache (at positions L, L+1, ...) before the final selection."""
 
+    @property
+    def lookahead_stops_at_eos(self) -> bool:
+        """True: a row's lookahead stops at an end-of-sequence token (the tokenizer's stop ids). The engine still
+        decodes `lookahead_tokens` steps for the batch, and passes `stage2_select` a `lookahead_valid` [B, n] that
+        marks the queries of the tokens fed before the row's first stop token (the first token is always fed; a
+        predicted stop token is not). False (default): every lookahead query counts and `lookahead_valid` is None."""
+        return False
+
     @abc.abstractmethod
     def observe(self, inp: LayerInputs) -> StageOneObservation:
         """At prefill: the stage-1 selection of this layer and whatever stage 2 needs."""
@@ -79,6 +88,7 @@ class Staged(abc.ABC):
         positions: torch.Tensor,  # [B, T]
         valid: torch.Tensor,  # [B, T]
         observed: StageOneObservation,
+        lookahead_valid: torch.Tensor | None = None,  # [B, n] bool, a prefix per row; None: all n queries count
     ) -> tuple[torch.Tensor, torch.Tensor]:  # kept indices [B, H_c, k] into [0, T), their validity [B, H_c, k]
         """The final selection from the full prompt keys."""
 
