@@ -16,7 +16,7 @@ from ..errors import DapqError
 from .args import DEFAULT_MODEL_NAME, add_model_options, parse_budget, parse_lengths, parse_names, parse_size, run_dir
 
 NOT_HASHED = ("func", "out", "command")
-ALL_METHODS = "full,snapkv,pyramidkv,h2o,streamingllm,lacache,laq,dapq,expected_attention"
+ALL_METHODS = "full,snapkv,pyramidkv,h2o,streamingllm,lacache,laq,dapq"
 VS_KVPRESS = Path("scripts") / "vs_kvpress.py"
 
 
