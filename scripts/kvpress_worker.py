@@ -60,9 +60,10 @@ def ratio_for(budget: int, length: int) -> float:
     return 1.0 - (budget + 0.25) / length
 
 
-def make_press(method: str, budget: int, length: int, window: int, kernel: int, sinks: int, beta: int):
-    from kvpress import PyramidKVPress, SnapKVPress, StreamingLLMPress
+def make_press(method: str, budget: int, length: int, p: dict):
+    from kvpress import ExpectedAttentionPress, PyramidKVPress, SnapKVPress, StreamingLLMPress
 
+    window, kernel, sinks, beta = p["window"], p["kernel"], p["sinks"], p["beta"]
     r = ratio_for(budget, length)
     if method == "snapkv":
         return SnapKVPress(compression_ratio=r, window_size=window, kernel_size=kernel)
@@ -70,6 +71,10 @@ def make_press(method: str, budget: int, length: int, window: int, kernel: int, 
         return PyramidKVPress(compression_ratio=r, window_size=window, kernel_size=kernel, beta=beta)
     if method == "streamingllm":
         return StreamingLLMPress(compression_ratio=r, n_sink=sinks)
+    if method == "expected_attention":  # its defaults (use_covariance, use_vnorm, epsilon 0); n_sink 4, 512 positions
+        return ExpectedAttentionPress(
+            compression_ratio=r, n_sink=sinks, n_future_positions=p.get("n_future_positions", 512)
+        )
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -157,11 +162,7 @@ def main() -> None:
     for s_idx, sample in enumerate(job["samples"]):
         ids = sample["ids"]
         for method, budget in [("full", None)] + [tuple(c) for c in job["configs"]]:
-            press = (
-                None
-                if method == "full"
-                else make_press(method, budget, len(ids), p["window"], p["kernel"], p["sinks"], p["beta"])
-            )
+            press = None if method == "full" else make_press(method, budget, len(ids), p)
             tokens, times, kept, counts = run_one(model, ids, press, stop_ids, job["max_new_tokens"])
             key = f"{method}@{budget}"
             results.append(

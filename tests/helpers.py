@@ -162,11 +162,14 @@ def cache_from_tensors(dapq_cache: Any) -> DynamicCache:
 
 _CAPTURE = "dapq_test_capture"
 _CAPTURED: list[dict[int, tuple[torch.Tensor, torch.Tensor, float]]] = []
+_CAPTURED_VALUES: list[dict[int, torch.Tensor] | None] = []
 
 
 def _capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     if _CAPTURED:
         _CAPTURED[-1][module.layer_idx] = (query.detach().clone(), key.detach().clone(), float(scaling))
+        if _CAPTURED_VALUES[-1] is not None:
+            _CAPTURED_VALUES[-1][module.layer_idx] = value.detach().clone()
     kwargs.pop("is_causal", None)
     kwargs.pop("sliding_window", None)
     kwargs.pop("softcap", None)
@@ -176,11 +179,14 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
 
 
 @contextlib.contextmanager
-def capture_qk(model: Any) -> Iterator[dict[int, tuple[torch.Tensor, torch.Tensor, float]]]:
+def capture_qk(
+    model: Any, values: dict[int, torch.Tensor] | None = None
+) -> Iterator[dict[int, tuple[torch.Tensor, torch.Tensor, float]]]:
     """Run `model` through plain causal sdpa attention that records every layer's rotated queries and keys.
 
-    Yields {layer_idx: (queries [B, H_q, S, D], keys [B, H_kv, S, D], scaling)}. Independent of dapq's hook; valid for
-    unpadded rows with increasing positions and models without sliding windows or soft-capping.
+    Yields {layer_idx: (queries [B, H_q, S, D], keys [B, H_kv, S, D], scaling)}; `values`, if given, is filled with
+    {layer_idx: values [B, H_kv, S, D]}. Independent of dapq's hook; valid for unpadded rows with increasing positions
+    and models without sliding windows or soft-capping.
     """
     AttentionInterface.register(_CAPTURE, _capture_attention)
     configs = {}
@@ -190,6 +196,7 @@ def capture_qk(model: Any) -> Iterator[dict[int, tuple[torch.Tensor, torch.Tenso
             configs[id(cfg)] = cfg
     saved = {k: c._attn_implementation_internal for k, c in configs.items()}
     _CAPTURED.append({})
+    _CAPTURED_VALUES.append(values)
     try:
         for c in configs.values():
             c._attn_implementation_internal = _CAPTURE
@@ -198,3 +205,15 @@ def capture_qk(model: Any) -> Iterator[dict[int, tuple[torch.Tensor, torch.Tenso
         for k, c in configs.items():
             c._attn_implementation_internal = saved[k]
         _CAPTURED.pop()
+        _CAPTURED_VALUES.pop()
+
+
+def plain_rotary(model: Any) -> Any:
+    """positions [B, S] -> (cos, sin) [B, S, D] from the model's own rotary module (LayerInputs.rotary, not dapq's)."""
+    rotary = model.model.rotary_emb
+
+    def at(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = rotary(torch.empty(0), position_ids=positions)
+        return cos.float(), sin.float()
+
+    return at

@@ -24,6 +24,7 @@ from helpers import (
     capture_qk,
     max_diff,
     plain_greedy,
+    plain_rotary,
     random_prompt,
     sliding_layers,
 )
@@ -44,6 +45,9 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [(m, {}) for m in METHODS] + [
     ("dapq", {"content": "random_vocab", "n_pseudo_tokens": 16}),
     ("dapq", {"content": "Fix_C"}),
     ("dapq", {"position_offset": 24}),
+    ("expected_attention", {"use_covariance": False}),
+    ("expected_attention", {"use_vnorm": False, "gqa": "max"}),
+    ("expected_attention", {"n_future_positions": 1, "n_sink": 0}),
 ]
 # methods that rank tokens by a score (the top-k check applies to them)
 SCORERS = [v for v in VARIANTS if issubclass(list_methods()[v[0]], ScorerMethod)]
@@ -120,21 +124,26 @@ def test_budget_and_no_pseudo_entries(model_name, method_name, layout, budget):
 
 # ---------------------------------------------------------------------------------------------------- top-k
 def reference_inputs(model, method, prompt: list[int], layout: str) -> tuple[dict[int, LayerInputs], int]:
-    """LayerInputs of every layer from a plain transformers forward of prompt + pseudo suffix (not dapq's hook)."""
+    """LayerInputs of every layer from a plain transformers forward of prompt + pseudo suffix (not dapq's hook):
+    rotated queries and keys, values, and the model's own rotary embedding (for pre-RoPE queries)."""
     n = len(prompt)
     ids = prompt + (suffix_rows(method, model, [prompt], TOK)[0][0] if isinstance(method, PseudoSuffix) else [])
     pos = list(range(n)) + (method.pseudo_positions(n) if isinstance(method, PseudoSuffix) else [])
     assert pos == sorted(pos), "the reference forward is causal by sequence order: positions must increase"
     groups = model.config.num_attention_heads // model.config.num_key_value_heads
-    with capture_qk(model) as cap, torch.inference_mode():
+    values: dict[int, torch.Tensor] = {}
+    with capture_qk(model, values) as cap, torch.inference_mode():
         model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([pos]))
     out = {}
     for i, (q, k, scaling) in cap.items():
+        v = values[i]
         if layout == "query_head":
-            k = k.repeat_interleave(groups, dim=1)
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         out[i] = LayerInputs(
             queries=q,
             keys=k,
+            values=v,
+            rotary=plain_rotary(model),
             positions=torch.tensor([pos]),
             valid=torch.ones(1, len(pos), dtype=torch.bool),
             budgets=torch.tensor([method.token_budget(n)]),

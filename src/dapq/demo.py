@@ -2,7 +2,7 @@
 
     dapq demo                      # 5 needles in ~1,500-token Paul Graham essay haystacks, budget 128
     dapq demo --budget 256 --context-tokens 2000
-    dapq demo --methods full,snapkv,pyramidkv,h2o,streamingllm,lacache,laq,laq++,dapq --budget 512
+    dapq demo --methods full,snapkv,pyramidkv,h2o,streamingllm,lacache,laq,laq++,dapq,expected_attention --budget 512
 
 It prints one table (depth x method: right or wrong, and the answer) and the KV memory each method kept. This is a
 smoke demo on a 135M model, not a benchmark: the evaluation harness (`dapq eval`) is where numbers come from.

@@ -1,8 +1,21 @@
 """Eviction methods, one per file. Importing this package registers them all."""
 
-from . import dapq, full, h2o, kvzip, lacache, laq, pyramidkv, snapkv, speckv, streaming_llm  # noqa: F401  (registration side effect)
+from . import (  # noqa: F401  (registration side effect)
+    dapq,
+    expected_attention,
+    full,
+    h2o,
+    kvzip,
+    lacache,
+    laq,
+    pyramidkv,
+    snapkv,
+    speckv,
+    streaming_llm,
+)
 from .base import Method, ScorerMethod, get_method, list_methods, register
 from .dapq import DapQ
+from .expected_attention import ExpectedAttention
 from .full import FullKV
 from .h2o import H2O
 from .inputs import LayerInputs, layer_inputs
@@ -35,6 +48,7 @@ __all__ = [
     "PassChunk",
     "SpecKV",
     "DapQ",
+    "ExpectedAttention",
     "FullKV",
     "LAQ",
     "LAQPlusPlus",
