@@ -60,8 +60,16 @@ def ratio_for(budget: int, length: int) -> float:
     return 1.0 - (budget + 0.25) / length
 
 
-def make_press(method: str, budget: int, length: int, p: dict):
-    from kvpress import ExpectedAttentionPress, PyramidKVPress, SnapKVPress, StreamingLLMPress
+def kvzip_ratio(budget: int, length: int, n_layers: int, heads: int, layerwise: bool) -> float:
+    """compression_ratio such that KVzipPress keeps exactly `budget` x heads (x layers, layerwise=False) entries:
+    it prunes int(total * r) of the total; r = 1 - (keep - 0.5) / total makes that total - keep."""
+    total = heads * length * (1 if layerwise else n_layers)
+    keep = heads * budget * (1 if layerwise else n_layers)
+    return 1.0 - (keep - 0.5) / total
+
+
+def make_press(method: str, budget: int, length: int, p: dict, model=None):
+    from kvpress import ExpectedAttentionPress, KVzipPress, PyramidKVPress, SnapKVPress, StreamingLLMPress
 
     window, kernel, sinks, beta = p["window"], p["kernel"], p["sinks"], p["beta"]
     r = ratio_for(budget, length)
@@ -75,7 +83,31 @@ def make_press(method: str, budget: int, length: int, p: dict):
         return ExpectedAttentionPress(
             compression_ratio=r, n_sink=sinks, n_future_positions=p.get("n_future_positions", 512)
         )
+    if method in ("kvzip", "kvzip_layerwise"):  # its defaults: n_sink 4, chunks of 2,048 tokens
+        layerwise = method == "kvzip_layerwise"
+        cfg = model.config
+        r = kvzip_ratio(budget, length, cfg.num_hidden_layers, cfg.num_key_value_heads, layerwise)
+        return KVzipPress(compression_ratio=r, layerwise=layerwise, n_sink=sinks, chunk_size=p.get("chunk_size", 2048))
     raise ValueError(f"unknown method {method!r}")
+
+
+def kvzip_kept(model, length: int) -> list[torch.Tensor]:
+    """Per layer the kept indices per KV head (padded with -1): the complement of the keys KVzipPress masks
+    (`module.masked_key_indices`, its fake compression)."""
+    out = []
+    for layer in model.model.layers:
+        module = layer.self_attn
+        heads = module.config.num_key_value_heads
+        keep = torch.ones(heads, length, dtype=torch.bool)
+        _, h_idx, s_idx = module.masked_key_indices
+        keep[h_idx.cpu(), s_idx.cpu()] = False
+        k = int(keep.sum(-1).max())
+        idx = torch.full((heads, k), -1, dtype=torch.long)
+        for h in range(heads):
+            kept = keep[h].nonzero().squeeze(-1)
+            idx[h, : len(kept)] = kept
+        out.append(idx)
+    return out
 
 
 def recover_indices(keys_in: torch.Tensor, keys_out: torch.Tensor) -> torch.Tensor:
@@ -120,8 +152,12 @@ def run_one(model, ids: list[int], press, stop_ids: set[int], max_new_tokens: in
     with press(model) if press is not None else contextlib.nullcontext(), torch.inference_mode():
         out = model(input_ids=input_ids, past_key_values=cache, logits_to_keep=1)
     prefill_s, prefill_cpu = time.perf_counter() - start, time.process_time() - cpu
-    kept = [recover_indices(*captured[i]) for i in sorted(captured)] if press is not None else []
-    kept_counts = [cache.layers[i].keys.shape[2] for i in range(len(cache.layers))]
+    if type(press).__name__ == "KVzipPress":  # fake compression: the full cache stays, pruned keys are masked
+        kept = kvzip_kept(model, length)
+        kept_counts = [int((k >= 0).sum(-1).float().mean()) for k in kept]
+    else:
+        kept = [recover_indices(*captured[i]) for i in sorted(captured)] if press is not None else []
+        kept_counts = [cache.layers[i].keys.shape[2] for i in range(len(cache.layers))]
     start, cpu = time.perf_counter(), time.process_time()
     tokens: list[int] = []
     logits = out.logits[0, -1]
@@ -152,7 +188,11 @@ def main() -> None:
     job_path, out_prefix = sys.argv[1], sys.argv[2]
     job = json.loads(Path(job_path).read_text())
     t0 = time.perf_counter()
-    model, _ = load(job["model_file"])
+    model, tok = load(job["model_file"])
+    # KVzipPress loads the tokenizer from model.config.name_or_path, which cannot name a GGUF file: hand it ours
+    from kvpress.presses import kvzip_press
+
+    kvzip_press.AutoTokenizer.from_pretrained = lambda *a, **k: tok
     load_s = time.perf_counter() - t0
     p = job["params"]
     stop_ids = set(job["stop_ids"])
@@ -162,7 +202,7 @@ def main() -> None:
     for s_idx, sample in enumerate(job["samples"]):
         ids = sample["ids"]
         for method, budget in [("full", None)] + [tuple(c) for c in job["configs"]]:
-            press = None if method == "full" else make_press(method, budget, len(ids), p)
+            press = None if method == "full" else make_press(method, budget, len(ids), p, model)
             tokens, times, kept, counts = run_one(model, ids, press, stop_ids, job["max_new_tokens"])
             key = f"{method}@{budget}"
             results.append(

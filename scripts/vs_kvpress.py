@@ -45,8 +45,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_PY = ROOT / ".venv-kvpress" / "bin" / "python"
-METHODS = ("snapkv", "pyramidkv", "streamingllm", "expected_attention")
-PARAMS = {"window": 32, "kernel": 7, "sinks": 4, "beta": 20, "n_future_positions": 512}
+METHODS = ("snapkv", "pyramidkv", "streamingllm", "expected_attention", "kvzip", "kvzip_layerwise")
+PARAMS = {"window": 32, "kernel": 7, "sinks": 4, "beta": 20, "n_future_positions": 512, "chunk_size": 2048}
 
 
 # ---------------------------------------------------------------------------------------------------- set-up
@@ -69,6 +69,13 @@ def our_methods(budget: int, selected: tuple[str, ...] = METHODS) -> dict[str, A
         f"streamingllm@{budget}": lambda: get_method("streamingllm", budget=budget, sinks=sinks),
         f"expected_attention@{budget}": lambda: get_method(  # kvpress's defaults are ours: set for clarity
             "expected_attention", budget=budget, n_sink=sinks, n_future_positions=PARAMS["n_future_positions"]
+        ),
+        # KVzipPress's layerwise=False (non-uniform, the default) and layerwise=True (per-layer) budgets
+        f"kvzip@{budget}": lambda: get_method(
+            "kvzip", budget=budget, n_sink=sinks, chunk_size=PARAMS["chunk_size"], allocation="global"
+        ),
+        f"kvzip_layerwise@{budget}": lambda: get_method(
+            "kvzip", budget=budget, n_sink=sinks, chunk_size=PARAMS["chunk_size"], allocation="layer"
         ),
         f"snapkv-max@{budget}": lambda: get_method("snapkv", budget=budget, window=w, kernel=k, pooling="max"),
         f"pyramidkv-max@{budget}": lambda: get_method(
@@ -160,7 +167,11 @@ def run_ours(
             cc = derive(rec, methods[key])
             kept[key] = kept_sets(cc)
             tokens[key] = greedy_decode(cc, cc.first_logits, max_new, stops)[0]
-        gaps = {key: boundary_ranks(rec, methods[key], kept[key]) for key in aligned if "streaming" not in key}
+        gaps = {  # methods ranked by a ScorerMethod score (StreamingLLM has none; KVzip ranks all layers at once)
+            key: boundary_ranks(rec, methods[key], kept[key])
+            for key in aligned
+            if "streaming" not in key and "kvzip" not in key
+        }
         rows.append(
             {
                 "sample": s_idx,
@@ -328,7 +339,7 @@ def main() -> None:
                 st = set_stats(ours[s_idx]["kept"][key], kv_kept[f"{s_idx}|{key}"])
                 jac.append(st)
                 row["kept"] = st
-                if method != "streamingllm":
+                if key in ours[s_idx]["scores_rank"]:
                     row["disagreement"] = disagreement(
                         ours[s_idx]["kept"][key], kv_kept[f"{s_idx}|{key}"], ours[s_idx]["scores_rank"][key]
                     )

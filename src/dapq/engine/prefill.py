@@ -11,7 +11,7 @@ import torch
 
 from ..errors import DapqError
 from ..hf.attention import Step, activate
-from ..hf.cache import kv_bytes
+from ..hf.cache import kv_bytes, make_cache
 from ..methods.base import Method
 from ..methods.protocols import PseudoSuffix, pseudo_length
 from .decode import CompressedCache
@@ -74,7 +74,9 @@ def prefill(
             f"the model's maximum of {info.max_positions} positions. Shorten the context or use a long-context model."
         )
     budgets = [0] * len(prompts) if recording else None  # recording: every (non-sliding) layer is observed
-    state = EngineState.create(info, method, lengths, budgets=budgets, recording=recording)
+    # a recording is per KV head whatever the suffix method's layout (derive lays it out per method)
+    cache = make_cache(info.n_layers) if recording else None
+    state = EngineState.create(info, method, lengths, budgets=budgets, cache=cache, recording=recording)
     cache, device = state.cache, info.device
     ids, pos, valid = ids.to(device), pos.to(device), valid.to(device)
     state.set_step(Step(pos=pos, valid=valid, prompt_len=t))
