@@ -109,23 +109,29 @@ class KVzip(Method, ContextPass):
     ) -> torch.Tensor:  # [B, H_c, T]
         b, h_q, q, d = queries.shape
         h_c, t = keys.shape[1], keys.shape[2]
+        groups = h_q // h_c
         rank = valid.long().cumsum(-1) - 1  # index among the row's real tokens
         start = torch.where(span, rank, torch.full_like(rank, t)).min(-1).values  # [B] the chunk's first index
         sinks = valid & (rank < torch.minimum(start, torch.full_like(start, self.n_sink))[:, None])
         seen = span | sinks  # [B, T] the prompt keys inside the softmax
-        cols = seen.any(0).nonzero().squeeze(-1)  # only those columns (all of a row's chunk for B = 1)
-        k_ctx = keys[:, :, cols]  # [B, H_c, c, D]
-        groups = h_q // h_c
-        k_all = torch.cat([k_ctx, pass_keys], dim=2).repeat_interleave(groups, dim=1)  # [B, H_q, c + q, D]
-        logits = torch.matmul(queries.float(), k_all.float().transpose(-1, -2)) * scaling  # [B, H_q, q, c + q]
-        causal = torch.ones(q, q, dtype=torch.bool, device=keys.device).tril()
-        vis = torch.cat(
-            [seen[:, cols][:, None, :].expand(-1, q, -1), causal[None] & pass_valid[:, None, :]], dim=-1
-        )  # [B, q, c + q]
-        logits = logits.masked_fill(~vis[:, None], float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)[..., : len(cols)]  # [B, H_q, q, c]
-        probs = probs.masked_fill(~pass_valid[:, None, :, None], 0.0)  # padded queries score nothing
-        best = probs.amax(dim=2).view(b, h_c, groups, len(cols)).amax(dim=2)  # [B, H_c, c]
+        cols = seen.any(0).nonzero().squeeze(-1)  # only those columns (exactly a row's sinks + chunk for B = 1)
+        c = len(cols)
+        k_all = torch.cat([keys[:, :, cols], pass_keys], dim=2).float()  # [B, H_c, c + q, D]
+        q_grouped = (queries.float() * scaling).reshape(b, h_c, groups * q, d)  # query head h -> KV head h // G
+        logits = torch.matmul(q_grouped, k_all.transpose(-1, -2)).view(b, h_c, groups, q, c + q)
+        causal = torch.ones(q, q, dtype=torch.bool, device=keys.device).tril()  # [q, q]
+        own = causal[None] & pass_valid[:, None, :]  # [B, q, q] the chunk tokens each query sees
+        own = own | torch.eye(q, dtype=torch.bool, device=keys.device)  # a padded query sees itself: no empty row
+        logits[..., c:] += torch.zeros(own.shape, device=keys.device).masked_fill(~own, float("-inf"))[:, None, None]
+        ctx = seen[:, cols]  # [B, c]
+        if not bool(ctx.all()):  # rows of a batch reconstruct different spans
+            logits[..., :c] += torch.zeros(ctx.shape, device=keys.device).masked_fill(~ctx, float("-inf"))[
+                :, None, None, None
+            ]
+        lse = torch.logsumexp(logits, dim=-1)  # [B, H_c, G, q] the softmax denominators
+        lse = lse.masked_fill(~pass_valid[:, None, None, :], float("inf"))  # padded queries score nothing
+        # max over the queries and the group of softmax(logits)[..., :c] = exp(max(logits - lse))
+        best = (logits[..., :c] - lse[..., None]).amax(dim=(2, 3)).exp()  # [B, H_c, c]
         out = torch.zeros(b, h_c, t, dtype=best.dtype, device=keys.device)
         out[:, :, cols] = best
         return out.masked_fill(~span[:, None, :], 0.0)
