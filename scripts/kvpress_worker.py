@@ -149,7 +149,8 @@ def run_one(model, ids: list[int], press, stop_ids: set[int], max_new_tokens: in
     length = len(ids)
     cache = DynamicCache()
     start, cpu = time.perf_counter(), time.process_time()
-    with press(model) if press is not None else contextlib.nullcontext(), torch.inference_mode():
+    # inference mode OUTSIDE the press: KVzipPress runs its reconstruction passes when its context exits
+    with torch.inference_mode(), press(model) if press is not None else contextlib.nullcontext():
         out = model(input_ids=input_ids, past_key_values=cache, logits_to_keep=1)
     prefill_s, prefill_cpu = time.perf_counter() - start, time.process_time() - cpu
     if type(press).__name__ == "KVzipPress":  # fake compression: the full cache stays, pruned keys are masked

@@ -31,7 +31,7 @@ from ..errors import DapqError
 from ..lazy import torch
 from .base import LayerInputs, ScorerMethod, positive_int, recent_mask, register
 from .protocols import PseudoSuffix
-from .scoring import window_attention
+from .scoring import suffix_scores
 
 CONTENTS = ("auto", "RS_C", "RC_C", "Fix_C", "random_vocab")
 _FL = re.compile(r"^F(\d+)_L(\d+)$")
@@ -137,13 +137,7 @@ class DapQ(ScorerMethod, PseudoSuffix):
         return list(range(start, start + n))
 
     def query_head_scores(self, inp: LayerInputs) -> torch.Tensor:  # [B, H_q, T]
-        t = inp.prompt_len
-        q_slice = slice(t, None)
-        k_slice = slice(0, None) if self.include_pseudo_keys else slice(0, t)
-        probs = window_attention(
-            inp.queries[:, :, q_slice], inp.keys[:, :, k_slice], inp.visible(q_slice, k_slice), inp.scaling
-        )  # [B, H_q, N, T(+N)]
-        return probs.sum(dim=2)[..., :t]
+        return suffix_scores(inp, self.include_pseudo_keys)
 
     def forced_keep(self, inp: LayerInputs) -> torch.Tensor | None:
         return recent_mask(inp, self.keep_recent) if self.keep_recent else None

@@ -8,6 +8,7 @@ w = observation-window length, T = key length, k = kept tokens.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from ..lazy import torch
 from ..lazy import torch_functional as F
@@ -71,6 +72,18 @@ def aggregate_groups(scores: torch.Tensor, n_cache_heads: int, how: str) -> torc
     if how == "max":
         return grouped.amax(dim=2)
     raise ValueError(f"unknown GQA aggregation {how!r}")
+
+
+def suffix_scores(inp: Any, include_suffix_keys: bool) -> torch.Tensor:  # [B, H_q, T]
+    """Attention of a pseudo suffix's queries (the last N of `inp`, a LayerInputs) over the prompt keys, summed over
+    the N queries; the softmax includes the suffix's own keys when `include_suffix_keys` (DapQ, SpecKV)."""
+    t = inp.prompt_len
+    q_slice = slice(t, None)
+    k_slice = slice(0, None) if include_suffix_keys else slice(0, t)
+    probs = window_attention(
+        inp.queries[:, :, q_slice], inp.keys[:, :, k_slice], inp.visible(q_slice, k_slice), inp.scaling
+    )  # [B, H_q, N, T(+N)]
+    return probs.sum(dim=2)[..., :t]
 
 
 def select_topk(

@@ -26,7 +26,7 @@ from ..errors import DapqError
 from ..lazy import torch
 from .base import LayerInputs, ScorerMethod, positive_int, register
 from .protocols import DraftedSuffix
-from .scoring import window_attention
+from .scoring import suffix_scores
 
 
 @register("speckv")
@@ -71,10 +71,4 @@ class SpecKV(ScorerMethod, DraftedSuffix):
         return list(range(prompt_len, prompt_len + self.n_draft))
 
     def query_head_scores(self, inp: LayerInputs) -> torch.Tensor:  # [B, H_q, T]
-        t = inp.prompt_len
-        q_slice = slice(t, None)
-        k_slice = slice(0, None) if self.include_pseudo_keys else slice(0, t)
-        probs = window_attention(
-            inp.queries[:, :, q_slice], inp.keys[:, :, k_slice], inp.visible(q_slice, k_slice), inp.scaling
-        )  # [B, H_q, n, T(+n)]
-        return probs.sum(dim=2)[..., :t]
+        return suffix_scores(inp, self.include_pseudo_keys)
