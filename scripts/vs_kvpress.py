@@ -362,8 +362,8 @@ def main() -> None:
             entry["min_jaccard"] = min(j["min_jaccard"] for j in jac)
             entry["kvpress_kept_per_layer"] = kv_rows[(0, key)]["kept_per_layer"]
             entry["ours_kept_per_layer"] = [int((k[0] >= 0).sum()) for k in ours[0]["kept"][key]]
-        if method not in ("full", "streamingllm"):
-            dis = [r["disagreement"] for r in per_sample if r["config"] == key]
+        dis = [r["disagreement"] for r in per_sample if r["config"] == key and "disagreement" in r]
+        if dis:
             entry["differing_heads"] = sum(d["differing_heads"] for d in dis)
             entry["max_rank_distance"] = max(d["max_rank_distance"] for d in dis)
             entry["max_rel_score_gap"] = max(d["max_rel_score_gap"] for d in dis)
