@@ -44,18 +44,22 @@ def niah_table(data: list[dict[str, Any]]) -> dict[tuple[str, Any], float]:
     return {k: mean(v) for k, v in by.items()}
 
 
-def ruler_table(data: list[dict[str, Any]]) -> tuple[dict[tuple[str, Any, int], float], dict[int, int]]:
-    """AVG over tasks of the per-task mean, per (method, budget, length); and the smallest n per task per length."""
+def ruler_table(
+    data: list[dict[str, Any]],
+) -> tuple[dict[tuple[str, Any, int], float], dict[int, int], dict[int, int]]:
+    """AVG over tasks of the per-task mean, per (method, budget, length); the smallest and largest n per task."""
     by: dict[tuple[str, Any, int, str], list[float]] = defaultdict(list)
     for r in data:
         length = int(r["metadata"].get("length", r["metadata"].get("max_length", 0)))
         by[(*label(r), length, r["task"])].append(r["score"])
     tasks: dict[tuple[str, Any, int], list[float]] = defaultdict(list)
     n_min: dict[int, int] = {}
+    n_max: dict[int, int] = {}
     for (m, b, length, _task), v in by.items():
         tasks[(m, b, length)].append(mean(v))
         n_min[length] = min(n_min.get(length, 10**9), len(v))
-    return {k: mean(v) for k, v in tasks.items()}, n_min
+        n_max[length] = max(n_max.get(length, 0), len(v))
+    return {k: mean(v) for k, v in tasks.items()}, n_min, n_max
 
 
 def costs(data: list[dict[str, Any]]) -> dict[tuple[str, Any], dict[str, float]]:
@@ -82,12 +86,12 @@ def main() -> None:
     args = ap.parse_args()
     niah, ruler = rows(args.niah), rows(args.ruler)
     n_acc = niah_table(niah)
-    r_acc, n_min = ruler_table(ruler)
+    r_acc, n_min, n_max = ruler_table(ruler)
     lengths = sorted(n_min)
     keys = sorted({label(r) for r in niah + ruler}, key=lambda k: (k[0] != "full", str(k[1]), k[0]))
     cost = costs(ruler or niah)
     head = ["method", "budget", f"NIAH ({len(niah) // max(1, len(keys))} cells)"]
-    head += [f"RULER {n} (n={n_min[n]}/task)" for n in lengths]
+    head += [f"RULER {n} (n={n_min[n]}-{n_max[n]}/task)" for n in lengths]
     head += ["accounted KV peak MiB (median row)", "context pass s", "draft s"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
