@@ -90,14 +90,15 @@ def main() -> None:
     lengths = sorted(n_min)
     keys = sorted({label(r) for r in niah + ruler}, key=lambda k: (k[0] != "full", str(k[1]), k[0]))
     cost = costs(ruler or niah)
-    head = ["method", "budget", f"NIAH ({len(niah) // max(1, len(keys))} cells)"]
+    head = ["method", "budget"] + ([f"NIAH ({len(niah) // max(1, len(keys))} cells)"] if niah else [])
     head += [f"RULER {n} (n={n_min[n]}-{n_max[n]}/task)" for n in lengths]
     head += ["accounted KV peak MiB (median row)", "context pass s", "draft s"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for k in keys:
         c = cost.get(k, {})
-        cells = [k[0], str(k[1] if k[1] is not None else "-"), f"{n_acc[k]:.1f}" if k in n_acc else "-"]
+        cells = [k[0], str(k[1] if k[1] is not None else "-")]
+        cells += [f"{n_acc[k]:.1f}" if k in n_acc else "-"] if niah else []
         cells += [f"{r_acc[(*k, n)]:.1f}" if (*k, n) in r_acc else "-" for n in lengths]
         cells += [f"{c.get('kv_peak_mib', 0):.1f}", f"{c.get('pass_s', 0):.1f}", f"{c.get('draft_s', 0):.1f}"]
         print("| " + " | ".join(cells) + " |")
