@@ -1,5 +1,6 @@
-"""The stages after a prefill's selection: a staged method's lookahead (LAQ) and renumbered positions
-(StreamingLLM rerotate). `finish_selection` runs whichever the method declares; serving and replay both call it."""
+"""The stages after a prefill's selection: a context pass (KVzip, `dapq.engine.context_pass`), a staged method's
+lookahead (LAQ) and renumbered positions (StreamingLLM rerotate). `finish_selection` runs whichever the method
+declares; serving and replay both call it."""
 
 from __future__ import annotations
 
