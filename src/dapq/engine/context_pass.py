@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..hf.cache import LayerTrack, gather_tokens, kv_bytes, lookahead_bytes, reserve, restore, set_layer, snapshot
+from ..hf.cache import kv_bytes, lookahead_bytes, reserve, restore, snapshot
 from ..methods.protocols import ContextPass
 from .decode import CompressedCache, append
 from .model_info import sync_device
@@ -66,12 +66,7 @@ def context_pass(
         state.consume_observation(i)
         pick = chosen[i]
         assert pick is not None
-        idx, kept_valid = pick
-        layer, track = cache.layers[i], state.tracks[i]
-        assert track is not None
-        set_layer(layer, gather_tokens(layer.keys, idx), gather_tokens(layer.values, idx))
-        kept = float(kept_valid.sum(-1).float().mean())
-        state.set_track(i, LayerTrack(track.pos.expand(-1, idx.shape[1], -1).gather(-1, idx), kept_valid), kept)
+        state.keep_tokens(i, *pick)
     return peak, seconds
 
 

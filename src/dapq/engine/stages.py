@@ -139,9 +139,7 @@ def stage_two(
         idx, kept_valid = method.stage2_select(
             lookahead_q, layer.keys, track.pos[:, 0], track.valid[:, 0], obs, **extra
         )
-        layer.keys, layer.values = gather_tokens(layer.keys, idx), gather_tokens(layer.values, idx)
-        kept = float(kept_valid.sum(-1).float().mean())
-        state.set_track(i, LayerTrack(track.pos.expand(-1, idx.shape[1], -1).gather(-1, idx), kept_valid), kept)
+        state.keep_tokens(i, idx, kept_valid)
 
 
 def renumber_positions(model: Any, state: EngineState) -> torch.Tensor:

@@ -120,6 +120,15 @@ class EngineState:
         if kept is not None:
             self.kept[layer_idx] = kept
 
+    def keep_tokens(self, layer_idx: int, idx: torch.Tensor, kept_valid: torch.Tensor) -> None:
+        """Keep entries `idx` [B, H_c, k] (validity `kept_valid`) of a layer that still holds its full prompt: its
+        keys, values and tracked positions are gathered (the second selection of LAQ and KVzip)."""
+        layer, track = self.cache.layers[layer_idx], self.tracks[layer_idx]
+        assert track is not None
+        set_layer(layer, gather_tokens(layer.keys, idx), gather_tokens(layer.values, idx))
+        pos = track.pos.expand(-1, idx.shape[1], -1).gather(-1, idx)
+        self.set_track(layer_idx, LayerTrack(pos, kept_valid), float(kept_valid.sum(-1).float().mean()))
+
     def consume_observation(self, layer_idx: int) -> Any:
         obs, self.observed[layer_idx] = self.observed[layer_idx], None
         return obs

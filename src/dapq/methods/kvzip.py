@@ -32,6 +32,7 @@ from ..lazy import torch
 from ..prompts import chat_template_parts
 from .base import Method, check_choice, positive_int, register
 from .protocols import ContextPass, PassChunk
+from .scoring import select_topk
 
 ALLOCATIONS = ("global", "layer", "head")
 FIRST = "\n\nRepeat the previous context exactly."
@@ -148,13 +149,18 @@ class KVzip(Method, ContextPass):
             return [None] * len(scores)
         rank = valid.long().cumsum(-1) - 1
         sinks = valid & (rank < self.n_sink)  # [B, T]
-        ranked = []
+        ranked = {}
         for i in layers:
             s = scores[i]
             assert s is not None
             s = s.float().masked_fill(sinks[:, None, :], float("inf"))
-            ranked.append(s.masked_fill(~valid[:, None, :], float("-inf")))
-        stacked = torch.stack(ranked, dim=1)  # [B, n_l, H_c, T]
+            ranked[i] = s.masked_fill(~valid[:, None, :], float("-inf"))  # [B, H_c, T]
+        out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(scores)
+        if self.allocation == "head":  # exactly the layer's budget per head: the shared top-k
+            for i in layers:
+                out[i] = select_topk(ranked[i], budgets[i].clamp(max=valid.sum(-1)))
+            return out
+        stacked = torch.stack([ranked[i] for i in layers], dim=1)  # [B, n_l, H_c, T]
         b, n_l, h_c, t = stacked.shape
         per_layer = torch.stack([budgets[i] for i in layers], dim=1).to(stacked.device)  # [B, n_l]
         lengths = valid.sum(-1)  # [B]
@@ -163,10 +169,8 @@ class KVzip(Method, ContextPass):
             n = int(lengths[row])
             if self.allocation == "global":
                 groups = [(slice(None), int(per_layer[row].clamp(max=n).sum()) * h_c)]
-            elif self.allocation == "layer":
-                groups = [(j, int(per_layer[row, j].clamp(max=n)) * h_c) for j in range(n_l)]
             else:
-                groups = [((j, hd), int(per_layer[row, j].clamp(max=n))) for j in range(n_l) for hd in range(h_c)]
+                groups = [(j, int(per_layer[row, j].clamp(max=n)) * h_c) for j in range(n_l)]
             for where, k in groups:
                 block = stacked[row][where]
                 flat = block.reshape(-1)
@@ -175,7 +179,6 @@ class KVzip(Method, ContextPass):
                 mask = torch.zeros_like(flat, dtype=torch.bool)
                 mask[top] = True
                 keep[row][where] = mask.view(block.shape) & (block > float("-inf"))
-        out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(scores)
         for j, i in enumerate(layers):
             out[i] = mask_indices(keep[:, j])
         return out
