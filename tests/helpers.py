@@ -11,8 +11,11 @@ the top-k checks then test real rankings instead of near-ties.
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -69,6 +72,19 @@ TINY = {
     "gemma3": TinySpec("Gemma3TextConfig", "Gemma3ForCausalLM", attn="eager", extra=_GEMMA_EXTRA),
 }
 
+def tiny_queries_file(n: int = 6, seed: int = 0) -> str:
+    """A learned-queries file for the tiny models (n random embeddings of their hidden size), written once."""
+    from dapq.methods.learned import save_queries
+
+    path = Path(tempfile.gettempdir()) / f"dapq-tiny-queries-{os.getpid()}-{n}-{seed}.pt"
+    if not path.exists():
+        g = torch.Generator().manual_seed(seed)
+        save_queries(path, torch.randn(n, _COMMON["hidden_size"], generator=g) * 0.2, model="tiny")
+    return str(path)
+
+
+TINY_QUERIES = tiny_queries_file()
+
 # per-method parameters that make tiny prompts meaningful (a window of 32 would not fit a budget of 12)
 METHOD_PARAMS: dict[str, dict[str, Any]] = {
     "snapkv": {"window": 4},
@@ -78,7 +94,8 @@ METHOD_PARAMS: dict[str, dict[str, Any]] = {
     "laq": {"stage1_window": 4, "n_lookahead": 3},
     "laq++": {"stage1_window": 4, "n_lookahead": 3, "prompt_queries": 4},
     "speckv": {"n_draft": 6},
-    "kvzip": {"chunk_size": 16},  # several reconstruction chunks even for the tiny prompts
+    "kvzip": {"chunk_size": 16},
+    "learned": {"queries": TINY_QUERIES},  # several reconstruction chunks even for the tiny prompts
     "laq_reference": {"stage1_window": 4, "n_lookahead": 3},
     "laq++_reference": {"stage1_window": 4, "n_lookahead": 3, "prompt_queries": 4},
 }

@@ -15,7 +15,7 @@ import torch
 from dapq import LayerInputs, ScorerMethod, get_method, list_methods
 from dapq.engine import append, compress, greedy_decode
 from dapq.engine.draft import suffix_rows
-from dapq.methods.protocols import PseudoSuffix, layer_budget, pooled_budget, pseudo_length
+from dapq.methods.protocols import EmbeddedSuffix, PseudoSuffix, layer_budget, pooled_budget, pseudo_length
 from helpers import (
     METHOD_PARAMS,
     TinyTokenizer,
@@ -133,7 +133,12 @@ def reference_inputs(model, method, prompt: list[int], layout: str) -> tuple[dic
     groups = model.config.num_attention_heads // model.config.num_key_value_heads
     values: dict[int, torch.Tensor] = {}
     with capture_qk(model, values) as cap, torch.inference_mode():
-        model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([pos]))
+        if isinstance(method, EmbeddedSuffix):  # learned vectors after the prompt's own token embeddings
+            table = model.get_input_embeddings().weight
+            embeds = torch.cat([table[torch.tensor(prompt)], method.suffix_embeddings(table.shape[1]).to(table)])
+            model(inputs_embeds=embeds[None], position_ids=torch.tensor([pos]))
+        else:
+            model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([pos]))
     out = {}
     for i, (q, k, scaling) in cap.items():
         v = values[i]

@@ -13,7 +13,7 @@ from ..errors import DapqError
 from ..hf.attention import Step, activate
 from ..hf.cache import kv_bytes, make_cache
 from ..methods.base import Method
-from ..methods.protocols import PseudoSuffix, pseudo_length
+from ..methods.protocols import EmbeddedSuffix, PseudoSuffix, pseudo_length
 from .decode import CompressedCache
 from .draft import suffix_rows
 from .model_info import model_info, sync_device
@@ -56,6 +56,16 @@ def prefill_inputs(
     return ids, pos, valid
 
 
+def prefill_embeddings(model: Any, method: Method, ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """[B, T + N, hidden] input embeddings of `ids` (the model's own table) with an `EmbeddedSuffix` method's
+    vectors at the suffix columns [T, T + N)."""
+    assert isinstance(method, EmbeddedSuffix)
+    embeds = model.get_input_embeddings()(ids)
+    suffix = method.suffix_embeddings(int(embeds.shape[-1]))
+    embeds[:, prompt_len:] = suffix.to(device=embeds.device, dtype=embeds.dtype)
+    return embeds
+
+
 def prefill(
     model: Any, tokenizer: Any, prompts: list[list[int]], method: Method, *, recording: bool = False
 ) -> CompressedCache:
@@ -83,8 +93,13 @@ def prefill(
     sync_device(device)
     start = time.perf_counter()
     with activate(list(info.configs), state), torch.inference_mode():
+        tokens = (
+            {"inputs_embeds": prefill_embeddings(model, method, ids, t)}
+            if n and isinstance(method, EmbeddedSuffix)
+            else {"input_ids": ids}
+        )
         out = model(
-            input_ids=ids,
+            **tokens,
             position_ids=pos,
             past_key_values=cache,
             use_cache=True,

@@ -26,7 +26,7 @@ from ..hf.cache import LayerTrack, kv_bytes, lookahead_bytes, make_cache, set_la
 from ..methods.base import Method
 from ..methods.full import FullKV
 from ..methods.inputs import LayerInputs
-from ..methods.protocols import PseudoSuffix, Staged, pseudo_length
+from ..methods.protocols import EmbeddedSuffix, PseudoSuffix, Staged, pseudo_length
 from .decode import CompressedCache, greedy_decode
 from .draft import suffix_rows
 from .model_info import sync_device
@@ -41,7 +41,8 @@ def suffix_key(method: Method, prompts: list[list[int]], model: Any, tokenizer: 
     if not isinstance(method, PseudoSuffix) or method.n_pseudo == 0:
         return ()
     rows, _ = suffix_rows(method, model, prompts, tokenizer)
-    return tuple((tuple(ids), tuple(method.pseudo_positions(len(p)))) for ids, p in zip(rows, prompts))
+    key = tuple((tuple(ids), tuple(method.pseudo_positions(len(p)))) for ids, p in zip(rows, prompts))
+    return (("embedded", method.embedding_key()), *key) if isinstance(method, EmbeddedSuffix) else key
 
 
 @dataclass

@@ -8,6 +8,7 @@ from . import (  # noqa: F401  (registration side effect)
     kvzip,
     lacache,
     laq,
+    learned,
     pyramidkv,
     snapkv,
     speckv,
@@ -22,9 +23,11 @@ from .inputs import LayerInputs, layer_inputs
 from .kvzip import KVzip
 from .lacache import LaCache
 from .laq import LAQ, LAQPlusPlus, LAQPlusPlusReference, LAQReference
+from .learned import LearnedQueries
 from .protocols import (
     ContextPass,
     DraftedSuffix,
+    EmbeddedSuffix,
     LayerBudgetSchedule,
     PassChunk,
     PositionPolicy,
@@ -44,6 +47,8 @@ __all__ = [
     "H2O",
     "ContextPass",
     "DraftedSuffix",
+    "EmbeddedSuffix",
+    "LearnedQueries",
     "KVzip",
     "PassChunk",
     "SpecKV",

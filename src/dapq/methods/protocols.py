@@ -18,6 +18,8 @@ A method is a `Method` (budget, layout, `select`). On top of that it may declare
   as long as the row's total holds). KVzip's context reconstruction.
 - `DraftedSuffix` (a `PseudoSuffix`): the suffix tokens are written by a draft model from the prompt; the engine runs
   the draft (`dapq.engine.draft`) and the method only says which draft and how many tokens. SpecKV.
+- `EmbeddedSuffix` (a `PseudoSuffix`): the suffix is given as input embeddings, not token ids; the engine embeds
+  the prompt with the model's own input embeddings and puts the method's vectors at the suffix. Learned queries.
 
 Module-level helpers (`pseudo_length`, `layer_budget`, `renumbers`) answer for any method, declared or not.
 """
@@ -177,6 +179,23 @@ class DraftedSuffix(PseudoSuffix):
 
     def pseudo_ids(self, prompt_ids: list[int], vocab_size: int, tokenizer: Any = None) -> list[int]:
         raise NotImplementedError("the engine writes a drafted suffix with its draft model (dapq.engine.draft)")
+
+
+class EmbeddedSuffix(PseudoSuffix):
+    """A pseudo suffix of input embeddings (learned queries): the engine feeds the prompt's own token embeddings
+    followed by `suffix_embeddings` at `pseudo_positions`, so the suffix needs no token of the vocabulary."""
+
+    @abc.abstractmethod
+    def suffix_embeddings(self, hidden_size: int) -> torch.Tensor:  # [n_pseudo, hidden_size]
+        """The suffix's input embeddings for a model of `hidden_size` (the engine moves them to its device and
+        dtype); a clear error when they were made for another hidden size."""
+
+    @abc.abstractmethod
+    def embedding_key(self) -> str:
+        """Identifies the embeddings' content (e.g. a hash): recordings share a prefill only for equal keys."""
+
+    def pseudo_ids(self, prompt_ids: list[int], vocab_size: int, tokenizer: Any = None) -> list[int]:
+        return [0] * self.n_pseudo  # placeholders: the engine replaces their embeddings
 
 
 def pseudo_length(method: Any) -> int:

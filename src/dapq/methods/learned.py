@@ -1,0 +1,137 @@
+"""Learned pseudo queries: DapQ's mechanism with trained content (related work: Judge Q, arXiv 2509.10798, trained
+soft-token queries; LookaheadKV, arXiv 2603.10899, learned lookahead tokens).
+
+N input embeddings (a tensor [N, hidden], trained by `dapq train-queries` with the model frozen, `dapq.train`) are
+appended after the prompt during prefill at the positions L .. L+N-1 the first N generated tokens will occupy,
+exactly where DapQ puts its pseudo tokens (`EmbeddedSuffix`: the engine embeds the prompt with the model's own
+embedding table and puts these vectors at the suffix). Their queries score every prompt key with the softmax
+attention of the prefill forward (summed over the N queries, as DapQ's Eq. 4), the scores are max-pooled along the
+key axis (kernel 7) and reduced over the GQA group, the top-B prompt tokens per head are kept and the N pseudo
+entries are dropped: one prefill, DapQ's memory peak.
+
+`queries`: a file written by `dapq train-queries` (a dict with `embeddings` [N, hidden] float32 and what they were
+trained for), or None for the queries shipped in the package for the bundled model (SmolLM2-135M-Instruct,
+`learned_queries/smollm2-135m-instruct.pt`, trained as docs/results/front.md says).
+
+Shapes: the layer's queries [B, H_q, T+N, D] (the learned queries are the last N), keys [B, H_c, T+N, D]; scores
+[B, H_q, T]; kept indices [B, H_c, B_tokens] into the prompt [0, T).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import DapqError
+from ..lazy import torch
+from .base import LayerInputs, ScorerMethod, positive_int, recent_mask, register
+from .protocols import EmbeddedSuffix
+from .scoring import suffix_scores
+
+FORMAT = "dapq-learned-queries"
+SHIPPED = Path(__file__).parent / "learned_queries" / "smollm2-135m-instruct.pt"
+
+
+def load_queries(path: str | Path) -> dict[str, Any]:
+    """A learned-queries file as a dict (`embeddings` [N, hidden] float32, `hidden_size`, `model`, `training`)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DapqError(f"No learned-queries file at {p}: train one with `dapq train-queries --out {p}`.")
+    try:
+        data = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a torn or foreign file
+        raise DapqError(
+            f"{p} is not a learned-queries file ({type(exc).__name__}): write it with dapq train-queries."
+        ) from exc
+    if (
+        not isinstance(data, dict)
+        or data.get("format") != FORMAT
+        or not isinstance(data.get("embeddings"), torch.Tensor)
+    ):
+        raise DapqError(f"{p} is not a learned-queries file (no '{FORMAT}' format tag): write it with train-queries.")
+    emb = data["embeddings"]
+    if emb.dim() != 2 or emb.shape[0] < 1 or not torch.isfinite(emb).all():
+        raise DapqError(f"{p}: embeddings must be a finite [N, hidden] tensor; got shape {tuple(emb.shape)}.")
+    return data
+
+
+def save_queries(path: str | Path, embeddings: torch.Tensor, **meta: Any) -> Path:
+    """Write a learned-queries file (`embeddings` [N, hidden]; `meta`: model, hidden_size, training settings...)
+    atomically (a temporary file renamed over `path`)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    data = {"format": FORMAT, **meta, "embeddings": embeddings.detach().float().cpu().contiguous()}
+    data.setdefault("hidden_size", int(embeddings.shape[1]))
+    torch.save(data, tmp)
+    tmp.replace(p)
+    return p
+
+
+@register("learned")
+@dataclass
+class LearnedQueries(ScorerMethod, EmbeddedSuffix):
+    """Learned pseudo queries. Fields: `queries` (a file from `dapq train-queries`; None: the shipped queries of
+    the bundled model), `include_pseudo_keys` (True: the softmax includes the learned queries' own keys, as the
+    prefill computes it and as they were trained), `keep_recent` (0), `pooling`/`kernel` (max, 7), plus budget,
+    layout, gqa. N is the file's number of embeddings."""
+
+    queries: str | None = None
+    include_pseudo_keys: bool = True
+    keep_recent: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive_int("keep_recent", self.keep_recent, minimum=0)
+        if isinstance(self.budget, int) and self.keep_recent >= self.budget:
+            raise DapqError(f"keep_recent ({self.keep_recent}) must be smaller than the budget ({self.budget}).")
+        if self.queries is None and not SHIPPED.is_file():
+            raise DapqError(
+                f"The shipped learned queries are missing ({SHIPPED}): reinstall dapq or pass queries=FILE."
+            )
+        self._data: dict[str, Any] | None = None
+
+    @property
+    def min_budget(self) -> int:
+        return self.keep_recent + 1
+
+    @property
+    def path(self) -> Path:
+        return SHIPPED if self.queries is None else Path(self.queries)
+
+    def data(self) -> dict[str, Any]:
+        if self._data is None:
+            self._data = load_queries(self.path)
+        return self._data
+
+    @property
+    def n_pseudo(self) -> int:
+        return int(self.data()["embeddings"].shape[0])
+
+    def pseudo_positions(self, prompt_len: int) -> list[int]:
+        return list(range(prompt_len, prompt_len + self.n_pseudo))
+
+    def suffix_embeddings(self, hidden_size: int) -> torch.Tensor:  # [N, hidden]
+        data = self.data()
+        emb = data["embeddings"]
+        if emb.shape[1] != hidden_size:
+            raise DapqError(
+                f"The learned queries in {self.path} were trained for hidden size {emb.shape[1]} "
+                f"({data.get('model', 'unknown model')}); this model has {hidden_size}: train queries for it with "
+                "`dapq train-queries --model ...`."
+            )
+        return emb
+
+    def embedding_key(self) -> str:
+        return hashlib.sha256(self.data()["embeddings"].float().numpy().tobytes()).hexdigest()[:16]
+
+    def score_key(self) -> tuple:  # the scores depend on the file's content, not only its name
+        return super().score_key() + (self.embedding_key(),)
+
+    def query_head_scores(self, inp: LayerInputs) -> torch.Tensor:  # [B, H_q, T]
+        return suffix_scores(inp, self.include_pseudo_keys)
+
+    def forced_keep(self, inp: LayerInputs) -> torch.Tensor | None:
+        return recent_mask(inp, self.keep_recent) if self.keep_recent else None

@@ -1,0 +1,105 @@
+"""Learned pseudo queries: the defining property against a plain transformers forward, the equivalence with DapQ
+when the learned vectors are token embeddings, the file format's errors, and the training loop on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dapq import get_method
+from dapq.engine import compress, derive, record
+from dapq.engine.replay import suffix_key
+from dapq.errors import DapqError
+from dapq.methods.learned import load_queries, save_queries
+from dapq.methods.scoring import pool_scores
+from helpers import TINY_QUERIES, TinyTokenizer, build_tiny, capture_qk, random_prompt
+
+TOK = TinyTokenizer()
+L = 40
+
+
+def kept(cc, layer: int) -> list[set[int]]:
+    track = cc.state.tracks[layer]
+    h = cc.cache.layers[layer].keys.shape[1]
+    pos, valid = track.pos[0].expand(h, -1), track.valid[0].expand(h, -1)
+    return [set(pos[j][valid[j]].tolist()) for j in range(h)]
+
+
+def reference_sets(model, prompt: list[int], emb: torch.Tensor, budget: int, kernel: int = 7) -> dict[int, list]:
+    """Per layer and KV head the top-`budget` prompt keys by the learned queries' attention, from a plain forward of
+    [embed(prompt), emb] (sdpa, no dapq hook): softmax over prompt + learned keys, summed over the learned queries,
+    max-pooled along the keys, averaged over the GQA group."""
+    table = model.get_input_embeddings().weight
+    embeds = torch.cat([table[torch.tensor(prompt)], emb.to(table.dtype)])[None]
+    with capture_qk(model) as cap, torch.inference_mode():
+        model(inputs_embeds=embeds)
+    out = {}
+    n = emb.shape[0]
+    for i, (q, k, scaling) in cap.items():
+        q, k = q[0].float(), k[0].float()  # [H_q, L + n, D], [H_kv, L + n, D]
+        groups = q.shape[0] // k.shape[0]
+        kk = k.repeat_interleave(groups, dim=0)
+        logits = q[:, L:] @ kk.transpose(-1, -2) * scaling  # [H_q, n, L + n]
+        causal = torch.cat([torch.ones(n, L, dtype=torch.bool), torch.ones(n, n, dtype=torch.bool).tril()], dim=1)
+        probs = logits.masked_fill(~causal, float("-inf")).softmax(-1)[..., :L].sum(1)  # [H_q, L]
+        s = pool_scores(probs[None], "max", kernel)[0].view(k.shape[0], groups, L).mean(1)
+        out[i] = [set(torch.sort(s[h], descending=True, stable=True).indices[:budget].tolist()) for h in range(len(s))]
+    return out
+
+
+def test_learned_keeps_the_top_attention_of_its_embeddings():
+    model = build_tiny("llama")
+    prompt = random_prompt(L, 5)
+    method = get_method("learned", budget=10, queries=TINY_QUERIES)
+    emb = load_queries(TINY_QUERIES)["embeddings"]
+    cc = compress(model, TOK, [prompt], method)
+    want = reference_sets(model, prompt, emb, 10)
+    for i, sets in want.items():
+        assert kept(cc, i) == sets, f"layer {i}"
+    assert cc.cache.layers[0].keys.shape[2] == 10  # the learned entries are dropped, the budget holds
+
+
+@pytest.mark.parametrize("layout", ["kv_head", "query_head"])
+def test_token_embeddings_as_learned_queries_equal_dapq(tmp_path, layout):
+    """DapQ with a prompt-independent content (Fix_C) is the learned method whose vectors are those tokens'
+    embeddings: same kept sets, same first logits."""
+    model = build_tiny("llama")
+    prompt = random_prompt(L, 6)
+    dapq = get_method("dapq", budget=12, n_pseudo_tokens=8, content="Fix_C", fixed_text="abcdefgh", layout=layout)
+    ids = dapq.pseudo_ids(prompt, 128, TOK)
+    path = save_queries(tmp_path / "q.pt", model.get_input_embeddings().weight[torch.tensor(ids)], model="tiny")
+    learned = get_method("learned", budget=12, queries=str(path), layout=layout)
+    a, b = compress(model, TOK, [prompt], dapq), compress(model, TOK, [prompt], learned)
+    for i in range(len(a.cache.layers)):
+        assert kept(a, i) == kept(b, i), f"layer {i}"
+    assert torch.allclose(a.first_logits, b.first_logits, atol=1e-5)
+
+
+def test_serving_equals_the_harness_and_recordings_do_not_mix(tmp_path):
+    model = build_tiny("llama")
+    prompts = [random_prompt(L, 7), random_prompt(31, 8)]  # a batch with left padding
+    method = get_method("learned", budget=9, queries=TINY_QUERIES)
+    served = compress(model, TOK, prompts, method)
+    derived = derive(record(model, TOK, prompts, suffix=method), method)
+    for i in range(len(served.cache.layers)):
+        assert torch.equal(served.state.tracks[i].pos, derived.state.tracks[i].pos)
+        assert torch.allclose(served.cache.layers[i].keys, derived.cache.layers[i].keys)
+    other = save_queries(tmp_path / "other.pt", torch.zeros(6, 64), model="tiny")
+    second = get_method("learned", budget=9, queries=str(other))
+    assert suffix_key(method, prompts, model, TOK) != suffix_key(second, prompts, model, TOK)
+    with pytest.raises(ValueError, match="its own pseudo suffix"):
+        derive(record(model, TOK, prompts, suffix=method), second)
+
+
+def test_learned_file_errors(tmp_path):
+    with pytest.raises(DapqError, match="train one with"):
+        get_method("learned", budget=8, queries=str(tmp_path / "missing.pt")).n_pseudo
+    torch.save({"x": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(DapqError, match="not a learned-queries file"):
+        load_queries(tmp_path / "foreign.pt")
+    (tmp_path / "torn.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(DapqError, match="not a learned-queries file"):
+        load_queries(tmp_path / "torn.pt")
+    wide = save_queries(tmp_path / "wide.pt", torch.zeros(4, 32), model="other")
+    with pytest.raises(DapqError, match="trained for hidden size 32"):
+        compress(build_tiny("llama"), TOK, [random_prompt(L, 1)], get_method("learned", budget=8, queries=str(wide)))
