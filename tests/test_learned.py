@@ -93,7 +93,7 @@ def test_serving_equals_the_harness_and_recordings_do_not_mix(tmp_path):
 
 def test_learned_file_errors(tmp_path):
     with pytest.raises(DapqError, match="train one with"):
-        get_method("learned", budget=8, queries=str(tmp_path / "missing.pt")).n_pseudo
+        get_method("learned", budget=8, queries=str(tmp_path / "missing.pt"))
     torch.save({"x": 1}, tmp_path / "foreign.pt")
     with pytest.raises(DapqError, match="not a learned-queries file"):
         load_queries(tmp_path / "foreign.pt")

@@ -92,6 +92,7 @@ class LearnedQueries(ScorerMethod, EmbeddedSuffix):
                 f"The shipped learned queries are missing ({SHIPPED}): reinstall dapq or pass queries=FILE."
             )
         self._data: dict[str, Any] | None = None
+        self.data()  # a missing or foreign file fails here, before any model is loaded
 
     @property
     def min_budget(self) -> int:
