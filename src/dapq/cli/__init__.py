@@ -21,13 +21,13 @@ import sys
 
 from .. import __version__
 from ..errors import DapqError
-from . import ablate, analyze, bench, demo, evaluate, generate, listing, report
+from . import ablate, analyze, bench, demo, evaluate, generate, listing, report, train
 from .args import Parser
 
 __all__ = ["build_parser", "main"]
 
 #: command modules in the order `dapq --help` lists them; each has add_parser(subparsers)
-COMMANDS = (listing, generate, demo, evaluate, analyze, ablate, bench, report)
+COMMANDS = (listing, generate, demo, evaluate, analyze, ablate, bench, train, report)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,6 +12,7 @@ On top of it, a small API over a plain `DynamicCache` of the full prompt:
     real = queries_at(model, state, answer, range(L, L + len(answer)))   # teacher-forced decoding queries
     fake = queries_at(model, state, other_ids, range(0, 32))   # any content at any positions
     pre = to_pre_rope(model, real.queries, real.positions)     # the same queries before RoPE
+    probs = suffix_attention(model, state, embeds, range(L, L + n))  # differentiable attention of input embeddings
 
 Appended tokens follow the prompt in sequence order whatever position ids they get, so they see the whole prompt
 (the standard causal mask of an HF forward with explicit position ids), and the cache is cut back afterwards.
@@ -209,3 +210,76 @@ def to_pre_rope(model: Any, queries: list[torch.Tensor], positions: torch.Tensor
         old = positions.to(q.device)[None, None, :].expand(1, h, n)
         out.append(rerotate_keys(rotary, q[None], old, torch.zeros_like(old))[0])
     return out
+
+
+# ---------------------------------------------------------------------------------------------------- training
+_PROBS: contextvars.ContextVar[list[torch.Tensor | None] | None] = contextvars.ContextVar("dapq_probs", default=None)
+_PROBS_NAME = "dapq_attention_probs"
+
+
+def _probs_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [B, H_q, q, D]
+    key: torch.Tensor,  # [B, H_kv, K, D]
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain (eager) attention that keeps its softmax probabilities [B, H_q, q, K] in the autograd graph."""
+    groups = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(groups, dim=1)
+    v = value.repeat_interleave(groups, dim=1)
+    logits = torch.matmul(query, k.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    if attention_mask is not None:
+        mask = attention_mask[..., : k.shape[-2]]
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+    probs = torch.softmax(logits.float(), dim=-1).to(query.dtype)
+    rec = _PROBS.get()
+    if rec is not None:
+        rec[module.layer_idx] = probs
+    return torch.matmul(probs, v).transpose(1, 2).contiguous(), probs
+
+
+def trainable(state: PromptState) -> PromptState:
+    """The same prompt state with its cache tensors copied out of inference mode, so that forwards on top of it can
+    be differentiated (the prompt KV stays constant: the model is frozen and the prompt comes first)."""
+    for layer in state.cache.layers:
+        layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
+    return state
+
+
+def suffix_attention(
+    model: Any, state: PromptState, embeds: torch.Tensor, positions: Iterable[int]
+) -> list[torch.Tensor]:
+    """Feed input embeddings [n, hidden] after the prompt (sequence order, the given position ids) through the model
+    with differentiable eager attention; returns every layer's attention probabilities [H_q, n, L + n] (over the
+    prompt keys, then the fed tokens' own keys, causal). Gradients reach `embeds` when it requires them (make the
+    state `trainable` first and freeze the model's parameters); the prompt cache is left as it was."""
+    pos = torch.tensor([[int(p) for p in positions]], device=embeds.device)
+    if pos.shape[1] != embeds.shape[0]:
+        raise DapqError(f"suffix_attention needs one position per embedding; got {embeds.shape[0]} and {pos.shape[1]}")
+    if _PROBS_NAME not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(_PROBS_NAME, _probs_attention)
+        AttentionMaskInterface.register(_PROBS_NAME, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    rec: list[torch.Tensor | None] = [None] * n_layers(model)
+    saved = [(layer.keys, layer.values) for layer in state.cache.layers]
+    try:
+        with switched(attention_configs(model), _PROBS_NAME, _PROBS, rec):
+            model(
+                inputs_embeds=embeds[None],
+                position_ids=pos,
+                past_key_values=state.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+    finally:
+        for layer, (k, v) in zip(state.cache.layers, saved):
+            layer.keys, layer.values = k, v
+    if any(p is None for p in rec):
+        raise DapqError("suffix_attention saw a layer without attention probabilities (an unsupported architecture).")
+    return [p[0] for p in rec]  # type: ignore[index]

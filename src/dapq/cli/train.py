@@ -1,0 +1,111 @@
+"""`dapq train-queries`: learned pseudo queries for the `learned` method (`dapq.train`).
+
+    dapq train-queries --out runs/queries/smollm2.pt                       # the bundled model, defaults
+    dapq train-queries --model ./my-model --n-queries 16 --loss gold --out q.pt
+    dapq eval ruler --methods learned --param learned.queries=q.pt ...    # use them
+
+Writes q.pt (the best epoch's embeddings), q.pt.json (settings, per-epoch history, the split), q.png (loss curves
+and validation recall) and q.pt.ckpt (every epoch: rerun the same command to resume; --restart starts over).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ..errors import DapqError
+from .args import DEFAULT_MODEL_NAME, add_model_options, check_model_options, check_positive
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "train-queries",
+        help="train learned pseudo queries (the `learned` method) with the model frozen",
+        description=(
+            "Train N input embeddings whose attention over the prompt matches the attention of the model's own "
+            "greedy answer, on prompts disjoint from every evaluation (see dapq.train.corpus)."
+        ),
+    )
+    p.add_argument("--out", required=True, help="the queries file to write (e.g. runs/queries/q.pt)")
+    p.add_argument("--n-queries", type=int, default=32, help="N learned embeddings (default 32)")
+    p.add_argument("--train", type=int, default=60, help="training prompts (default 60)")
+    p.add_argument("--val", type=int, default=15, help="validation prompts (default 15)")
+    p.add_argument("--lengths", default="512-2048", help="prompt tokens LO-HI, drawn uniformly (default 512-2048)")
+    p.add_argument("--kinds", default=None, help="training prompt kinds (default all: single,multikey,...)")
+    p.add_argument("--answer-tokens", type=int, default=24, help="longest greedy answer used as target (24)")
+    p.add_argument("--epochs", type=int, default=8, help="epochs (default 8)")
+    p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default 0.01)")
+    p.add_argument("--batch", type=int, default=4, help="prompts per optimizer step (default 4)")
+    p.add_argument("--loss", default="kl", help="kl (match the distribution, default) or gold (gold-set mass)")
+    p.add_argument("--budget", type=int, default=128, help="gold-set size for the gold loss and recall (128)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the training prompts (offset from the evaluations')")
+    p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint and start over")
+    add_model_options(p)
+    p.set_defaults(func=cmd_train)
+
+
+def _lengths(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in text.split("-"))
+    except ValueError:
+        raise DapqError(f"--lengths must be LO-HI tokens (e.g. 512-2048); got {text!r}") from None
+    return lo, hi
+
+
+def cmd_train(args: argparse.Namespace, console: Any) -> int:
+    from ..extras import check_extra
+    from ..train.corpus import KINDS
+
+    for option in ("n_queries", "train", "val", "answer_tokens", "epochs", "batch", "budget"):
+        check_positive(getattr(args, option), f"--{option.replace('_', '-')}")
+    out = Path(args.out)
+    if out.exists() and out.is_dir():
+        raise DapqError(f"--out {out} is a folder: pass a file name such as {out / 'queries.pt'}.")
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip()) if args.kinds else KINDS
+    check_extra("eval")  # matplotlib for the loss curve
+    check_model_options(args)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .. import models
+    from ..train.corpus import training_prompts
+    from ..train.fit import TrainSettings, train_queries
+
+    settings = TrainSettings(
+        n_queries=args.n_queries,
+        n_train=args.train,
+        n_val=args.val,
+        lengths=_lengths(args.lengths),
+        kinds=kinds,
+        answer_tokens=args.answer_tokens,
+        epochs=args.epochs,
+        lr=float(args.lr),
+        batch=args.batch,
+        loss=args.loss,
+        budget=args.budget,
+        seed=args.seed,
+    )
+    model, tok = models.load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
+    training_prompts(tok, 1, settings.lengths, settings.seed, settings.kinds)  # bad kinds / lengths: before any work
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = bar.add_task(label, total=total)
+            bar.update(tasks[label], completed=done)
+
+        result = train_queries(
+            model,
+            tok,
+            settings,
+            out,
+            model_name=args.model or DEFAULT_MODEL_NAME,
+            restart=args.restart,
+            progress=progress,
+            log=bar.console.print,
+        )
+    console.print(f"wrote {result.path}, {result.path}.json and {result.path.with_suffix('.png')}")
+    return 0

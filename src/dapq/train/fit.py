@@ -1,0 +1,353 @@
+"""Training learned pseudo queries (`dapq train-queries`): N input embeddings, the model frozen.
+
+    settings = TrainSettings(n_queries=32, n_train=60, n_val=15, epochs=8)
+    result = train_queries(model, tokenizer, settings, out="queries.pt")   # resumes from queries.pt.ckpt
+
+For every training prompt (`dapq.train.corpus`, disjoint from the evaluations): one full prefill, the model's own
+greedy answer (up to `answer_tokens`, stopping at end of turn) teacher-forced to capture its real decoding
+queries (`dapq.hf.capture`, as the analysis suite does), and the target of every layer and KV head: the mean
+attention distribution of those queries over the prompt keys (softmax over the prompt, averaged over the answer's
+queries and the GQA group) [H_kv, L], and its gold set (the top `budget` keys). The learned embeddings E [N, hidden]
+are then fed after the prompt at positions L .. L+N-1 on top of the prompt cache (differentiable eager attention;
+the prompt KV is a constant because the prompt comes first), and their own distribution (the attention of the N
+queries over the prompt keys, the softmax including their own keys as the method computes it, averaged, then
+renormalised over the prompt) is pulled towards the target with Adam:
+- `loss="kl"`: KL(target || learned), averaged over layers and KV heads;
+- `loss="gold"`: -log of the learned distribution's mass on the gold set, averaged the same way.
+Validation after every epoch: the loss and the gold-set recall at `budget` of the learned scores as the `learned`
+method ranks them (summed attention, max-pooled with kernel 7, group mean), beside DapQ's default pseudo tokens
+(F4_L28) and the initial embeddings scored the same way. The best epoch by validation recall is written.
+Checkpoints (`<out>.ckpt`, every epoch) hold E, Adam's state and the history; a rerun with the same settings
+resumes after the last finished epoch (the examples are rebuilt: they are deterministic), other settings refuse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import DapqError
+from ..hf.capture import PromptState, greedy_answer, prefill_prompt, queries_at, suffix_attention, trainable
+from ..methods.base import get_method
+from ..methods.learned import save_queries
+from ..methods.scoring import pool_scores
+from ..prompts import stop_token_ids
+from .corpus import KINDS, N_EVAL_FILES, TRAIN_SEED_BASE, training_files, training_prompts
+
+LOSSES = ("kl", "gold")
+EPS = 1e-9
+
+
+@dataclass
+class TrainSettings:
+    """What a training run depends on (a checkpoint resumes only with equal settings)."""
+
+    n_queries: int = 32
+    n_train: int = 60
+    n_val: int = 15
+    lengths: tuple[int, int] = (512, 2048)
+    kinds: tuple[str, ...] = KINDS
+    answer_tokens: int = 24
+    epochs: int = 8
+    lr: float = 0.01
+    batch: int = 4
+    loss: str = "kl"
+    budget: int = 128
+    init_text: str = "Answer the question using the text above. The answer is:"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("n_queries", "n_train", "n_val", "answer_tokens", "epochs", "batch", "budget"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DapqError(f"--{name.replace('_', '-')} must be an integer >= 1; got {value!r}")
+        if self.loss not in LOSSES:
+            raise DapqError(f"--loss must be one of {', '.join(LOSSES)}; got {self.loss!r}")
+        if not (isinstance(self.lr, float) and self.lr > 0):
+            raise DapqError(f"--lr must be a positive number; got {self.lr!r}")
+        self.lengths = tuple(self.lengths)  # type: ignore[assignment]
+        self.kinds = tuple(self.kinds)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass
+class Example:
+    """One prompt's prefilled state (trainable cache) and its per-layer targets."""
+
+    id: str
+    ids: list[int]  # the prompt's token ids
+    state: PromptState
+    target: list[torch.Tensor]  # per layer [H_kv, L], rows sum to 1
+    gold: list[torch.Tensor]  # per layer [H_kv, budget] key indices
+    answer: str
+
+
+@dataclass
+class TrainResult:
+    path: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = 0
+    seconds: float = 0.0
+
+
+def target_of(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:  # [H_kv, L]
+    """Mean attention distribution of queries [H_q, n, D] over keys [H_kv, L, D] (softmax over the keys only),
+    averaged over the queries and each KV head's query group."""
+    h_q, n, d = queries.shape
+    h_kv = keys.shape[0]
+    g = h_q // h_kv
+    logits = torch.matmul(queries.float().reshape(h_kv, g * n, d), keys.float().transpose(-1, -2)) * scaling
+    return torch.softmax(logits, dim=-1).mean(dim=1)
+
+
+def learned_distribution(probs: torch.Tensor, h_kv: int, length: int) -> torch.Tensor:  # [H_kv, L]
+    """From attention probabilities [H_q, n, L + n]: the mean over the n queries of the mass on each prompt key,
+    averaged over the group and renormalised over the prompt."""
+    p = probs[:, :, :length].mean(dim=1)  # [H_q, L]
+    p = p.reshape(h_kv, -1, length).mean(dim=1)
+    return p / p.sum(dim=-1, keepdim=True).clamp_min(EPS)
+
+
+def learned_ranking(probs: torch.Tensor, h_kv: int, length: int, kernel: int = 7) -> torch.Tensor:  # [H_kv, L]
+    """The scores the `learned` method ranks by: attention summed over the queries, max-pooled, group mean."""
+    s = probs[:, :, :length].sum(dim=1)[None]  # [1, H_q, L]
+    s = pool_scores(s, "max", kernel)[0]
+    return s.reshape(h_kv, -1, length).mean(dim=1)
+
+
+def example_loss(probs: list[torch.Tensor], ex: Example, loss: str) -> torch.Tensor:
+    total = torch.zeros(())
+    for p, target, gold in zip(probs, ex.target, ex.gold):
+        dist = learned_distribution(p, target.shape[0], target.shape[1])
+        if loss == "kl":
+            per_head = (target * (torch.log(target + EPS) - torch.log(dist + EPS))).sum(dim=-1)
+        else:
+            per_head = -torch.log(dist.gather(-1, gold).sum(dim=-1) + EPS)
+        total = total + per_head.mean()
+    return total / len(probs)
+
+
+def recall_of(probs: list[torch.Tensor], ex: Example) -> float:
+    vals = []
+    for p, target, gold in zip(probs, ex.target, ex.gold):
+        rank = learned_ranking(p, target.shape[0], target.shape[1])
+        pred = torch.sort(rank, dim=-1, descending=True, stable=True).indices[:, : gold.shape[1]]
+        hits = (pred[:, :, None] == gold[:, None, :]).any(dim=1).float().mean(dim=-1)  # [H_kv]
+        vals.append(float(hits.mean()))
+    return sum(vals) / len(vals)
+
+
+def build_example(model: Any, tokenizer: Any, prompt: Any, settings: TrainSettings, stops: set[int]) -> Example:
+    state = prefill_prompt(model, prompt.ids, keep_last=1)
+    answer = greedy_answer(model, state, settings.answer_tokens, stops)
+    if not answer:  # the model stopped at once: its first non-stop token stands for the answer
+        answer = greedy_answer(model, state, 1, set(), suppress_ids=stops)
+    length = state.length
+    real = queries_at(model, state, answer, range(length, length + len(answer))).queries
+    target, gold = [], []
+    for i, q in enumerate(real):
+        t = target_of(q, state.keys(i), state.scaling[i])
+        target.append(t)
+        gold.append(torch.sort(t, dim=-1, descending=True, stable=True).indices[:, : min(settings.budget, length)])
+    return Example(prompt.id, list(prompt.ids), trainable(state), target, gold, tokenizer.decode(answer))
+
+
+def embeddings_of(model: Any, ids: list[int]) -> torch.Tensor:  # [len(ids), hidden]
+    table = model.get_input_embeddings().weight
+    return table[torch.tensor(ids, device=table.device)].detach().float().clone()
+
+
+def initial_embeddings(model: Any, tokenizer: Any, settings: TrainSettings) -> torch.Tensor:
+    """The embeddings of `init_text`'s tokens, repeated to N."""
+    ids = list(tokenizer.encode(settings.init_text, add_special_tokens=False)) or [0]
+    return embeddings_of(model, [ids[i % len(ids)] for i in range(settings.n_queries)])
+
+
+def evaluate(model: Any, examples: list[Example], emb_of: Callable[[Example], torch.Tensor], loss: str) -> dict:
+    losses, recalls = [], []
+    with torch.no_grad():
+        for ex in examples:
+            emb = emb_of(ex)
+            length = ex.state.length
+            probs = [p.float() for p in suffix_attention(model, ex.state, emb, range(length, length + len(emb)))]
+            losses.append(float(example_loss(probs, ex, loss)))
+            recalls.append(recall_of(probs, ex))
+    return {"loss": sum(losses) / len(losses), "recall": sum(recalls) / len(recalls)}
+
+
+def train_queries(
+    model: Any,
+    tokenizer: Any,
+    settings: TrainSettings,
+    out: str | Path,
+    *,
+    model_name: str = "",
+    restart: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train, checkpoint every epoch, write the best epoch's embeddings to `out` (+ `<out>.json`, `<out>.png`)."""
+    out = Path(out)
+    ckpt_path = out.with_name(out.name + ".ckpt")
+    started = time.perf_counter()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ckpt = None
+    if ckpt_path.exists() and not restart:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ckpt.get("settings") != settings.as_dict() or ckpt.get("model") != model_name:
+            raise DapqError(
+                f"{ckpt_path} was written with other settings or another model: pass --restart to start over, or "
+                "another --out."
+            )
+        if ckpt["epoch"] >= settings.epochs:
+            log(f"{ckpt_path}: all {settings.epochs} epochs are done; writing {out}.")
+    stops = stop_token_ids(tokenizer)
+    prompts = training_prompts(
+        tokenizer, settings.n_train + settings.n_val, settings.lengths, settings.seed, settings.kinds
+    )
+    examples = []
+    for j, prompt in enumerate(prompts):
+        examples.append(build_example(model, tokenizer, prompt, settings, stops))
+        if progress:
+            progress("targets", j + 1, len(prompts))
+    train, val = examples[: settings.n_train], examples[settings.n_train :]
+    built_s = time.perf_counter() - started
+    log(f"{len(train)} training and {len(val)} validation prompts prefilled with their targets in {built_s:.0f} s")
+
+    emb = initial_embeddings(model, tokenizer, settings).requires_grad_(True)
+    opt = torch.optim.Adam([emb], lr=settings.lr)
+    history: list[dict[str, Any]] = []
+    baselines: dict[str, dict] = {}
+    if ckpt is not None:
+        with torch.no_grad():
+            emb.copy_(ckpt["embeddings"])
+        opt.load_state_dict(ckpt["optimizer"])
+        history, baselines = ckpt["history"], ckpt["baselines"]
+        log(f"resuming {ckpt_path} after epoch {ckpt['epoch']}")
+    else:
+        dapq = get_method("dapq", budget=settings.budget, n_pseudo_tokens=settings.n_queries)
+        vocab = model.get_input_embeddings().weight.shape[0]
+        vocab = model.get_input_embeddings().weight.shape[0]
+        dapq = get_method("dapq", budget=settings.budget, n_pseudo_tokens=settings.n_queries)
+        baselines["dapq"] = evaluate(
+            model, val, lambda ex: embeddings_of(model, dapq.pseudo_ids(ex.ids, vocab, tokenizer)), settings.loss
+        )
+        start = emb.detach().clone()
+        baselines["init"] = evaluate(model, val, lambda ex: start, settings.loss)
+        log(
+            f"validation before training: DapQ (F4_L28) recall@{settings.budget} {baselines['dapq']['recall']:.3f}, "
+            f"initial embeddings recall {baselines['init']['recall']:.3f} loss {baselines['init']['loss']:.4f}"
+        )
+    first_epoch = (ckpt or {}).get("epoch", 0)
+    rng = random.Random(TRAIN_SEED_BASE + settings.seed)
+    for _ in range(first_epoch):  # the same shuffles as an uninterrupted run
+        rng.shuffle(list(range(len(train))))
+    for epoch in range(first_epoch + 1, settings.epochs + 1):
+        t0 = time.perf_counter()
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        total = 0.0
+        opt.zero_grad()
+        for step, j in enumerate(order):
+            ex = train[j]
+            length = ex.state.length
+            probs = suffix_attention(model, ex.state, emb, range(length, length + settings.n_queries))
+            loss = example_loss([p.float() for p in probs], ex, settings.loss) / settings.batch
+            loss.backward()
+            total += float(loss.detach()) * settings.batch
+            if (step + 1) % settings.batch == 0 or step + 1 == len(order):
+                opt.step()
+                opt.zero_grad()
+            if progress:
+                progress(f"epoch {epoch}/{settings.epochs}", step + 1, len(order))
+        val_metrics = evaluate(model, val, lambda ex: emb.detach(), settings.loss)
+        row = {
+            "epoch": epoch,
+            "train_loss": total / len(order),
+            "val_loss": val_metrics["loss"],
+            "val_recall": val_metrics["recall"],
+            "epoch_s": time.perf_counter() - t0,
+            "embeddings": emb.detach().clone(),
+        }
+        history.append(row)
+        log(
+            f"epoch {epoch}: train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
+            f"val recall@{settings.budget} {row['val_recall']:.3f}  ({row['epoch_s']:.0f} s)"
+        )
+        tmp = ckpt_path.with_name(ckpt_path.name + ".tmp")
+        torch.save(
+            {
+                "settings": settings.as_dict(),
+                "model": model_name,
+                "epoch": epoch,
+                "embeddings": emb.detach().clone(),
+                "optimizer": opt.state_dict(),
+                "history": history,
+                "baselines": baselines,
+            },
+            tmp,
+        )
+        tmp.replace(ckpt_path)
+    if not history:
+        raise DapqError("No epoch was trained: raise --epochs.")
+    best = max(history, key=lambda r: (r["val_recall"], -r["val_loss"]))
+    seconds = time.perf_counter() - started
+    summary = [{k: v for k, v in r.items() if k != "embeddings"} for r in history]
+    meta = {
+        "model": model_name,
+        "hidden_size": int(emb.shape[1]),
+        "n_layers": len(train[0].target),
+        "training": {
+            **settings.as_dict(),
+            "best_epoch": best["epoch"],
+            "history": summary,
+            "baselines": baselines,
+            "seconds_this_run": seconds,
+            "split": (
+                f"essays sorted by file name: the first {N_EVAL_FILES} are the evaluations', training reads "
+                f"{len(training_files())} files from {training_files()[0].name}; seeds from {TRAIN_SEED_BASE}"
+            ),
+        },
+    }
+    save_queries(out, best["embeddings"], **meta)
+    out.with_name(out.name + ".json").write_text(json.dumps(meta, indent=1) + "\n")
+    plot_history(summary, baselines, settings, out.with_suffix(".png"))
+    log(f"best epoch {best['epoch']} (val recall {best['val_recall']:.3f}) written to {out} ({seconds:.0f} s)")
+    return TrainResult(out, summary, best["epoch"], seconds)
+
+
+def plot_history(history: list[dict], baselines: dict, settings: TrainSettings, path: Path) -> None:
+    """Loss curves and validation recall per epoch, DapQ's and the initial embeddings' recall as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
+    a.plot(epochs, [r["val_loss"] for r in history], "s-", label="validation")
+    if "init" in baselines:
+        a.axhline(baselines["init"]["loss"], color="grey", ls=":", label="initial (validation)")
+    a.set(xlabel="epoch", ylabel=f"{settings.loss} loss", title="loss")
+    a.legend()
+    b.plot(epochs, [r["val_recall"] for r in history], "o-", label="learned")
+    for name, style in (("dapq", "--"), ("init", ":")):
+        if name in baselines:
+            b.axhline(baselines[name]["recall"], color="grey", ls=style, label=f"{name} (before training)")
+    b.set(xlabel="epoch", ylabel=f"gold-set recall@{settings.budget}", title="validation recall")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
