@@ -230,6 +230,21 @@ def test_runs_of_two_models_are_never_one_front(tmp_path):
     assert (tmp_path / "out" / "config1_front.png").is_file() and (tmp_path / "out" / "config2_front.png").is_file()
 
 
+def test_niah_and_ruler_rows_are_never_one_avg_even_without_run_json(tmp_path):
+    """Folders written before run.json: their configuration is the rows' model/mode/seed, the same for both
+    benchmarks; the front still splits them by benchmark."""
+    niah = [_row(m, b, "niah", "niah-L2048-d0", s) for m, b, s in (("full", None, 100.0), ("snapkv", 64, 20.0))]
+    ruler = [r for r in _ruler_rows() if r["method"] in ("full", "snapkv")]
+    for folder, rows in (("niah", niah), ("ruler", ruler)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    md = write_front([tmp_path], console=_quiet(tmp_path)).read_text()
+    part_niah, part_ruler = md.split("## ruler, 2048-token prompts")
+    assert "## niah, 2048-token prompts" in part_niah and "| snapkv | 64 | 20.00 |" in part_niah
+    assert "| snapkv | 64 | 40.00 |" in part_ruler
+    assert (tmp_path / "niah_front.png").is_file() and (tmp_path / "ruler_front.png").is_file()
+
+
 # ---------------------------------------------------------------------------------------------------- the CLI
 def _one_error_line(capsys) -> str:
     err = capsys.readouterr().err.strip()
