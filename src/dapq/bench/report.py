@@ -14,6 +14,7 @@ import json
 import os
 import re
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,13 @@ def find_results(path: str | Path) -> list[Path]:
 def load_all(path: str | Path) -> list[dict[str, Any]]:
     """Every row under `path` (read-only: a torn last line is skipped, not repaired), each tagged with its
     configuration (`_config`: the run.json settings of its folder, or what its rows say)."""
+    return load_files(find_results(path))
+
+
+def load_files(files: Iterable[Path]) -> list[dict[str, Any]]:
+    """The rows of these results files, tagged with their configuration as `load_all` tags them."""
     rows = []
-    for f in find_results(path):
+    for f in files:
         settings = _settings(f.parent)
         for row in load_rows(f, repair=False):
             row["_config"] = settings if settings is not None else _row_settings(row)
@@ -109,6 +115,15 @@ def summarize(rows: list[dict[str, Any]]) -> tuple[list[str], list[str], list[An
     return tasks, methods, budgets, means
 
 
+def task_average(tasks: list[str], means: dict[tuple, float], method: str, budget: Any) -> float | None:
+    """The tables' AVG: the mean over `tasks` of (method, budget)'s per-task mean score (`summarize`'s means);
+    None when one of the tasks has no score."""
+    vals = [means.get((method, budget, t)) for t in tasks]
+    if not vals or any(v is None for v in vals):
+        return None
+    return sum(vals) / len(vals)
+
+
 def _fmt(v: float | None) -> str:
     return f"{v:.2f}" if v is not None else "-"
 
@@ -121,8 +136,7 @@ def _block(tasks: list[str], methods: list[str], budget: Any, means: dict[tuple,
         vals = [means.get((m, b, t)) for t in tasks]
         if all(v is None for v in vals):
             continue
-        avg = sum(vals) / len(vals) if all(v is not None for v in vals) else None
-        out.append([m, *[_fmt(v) for v in vals], _fmt(avg)])
+        out.append([m, *[_fmt(v) for v in vals], _fmt(task_average(tasks, means, m, b))])
     return out
 
 
@@ -231,16 +245,16 @@ def budget_curve(rows: list[dict[str, Any]], out_dir: Path, name: str = "accurac
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     for m in methods:
-        if all((m, None, t) in means for t in tasks):
-            avg = sum(means[(m, None, t)] for t in tasks) / len(tasks)
+        avg = task_average(tasks, means, m, None)
+        if avg is not None:
             ax.axhline(avg, linestyle="--", color="gray", label=f"{m} ({avg:.1f})")
             continue
         xs, ys = [], []
         for b in budgets:
-            vals = [means.get((m, b, t)) for t in tasks]
-            if all(v is not None for v in vals):
+            avg = task_average(tasks, means, m, b)
+            if avg is not None:
                 xs.append(float(b))
-                ys.append(sum(vals) / len(vals))
+                ys.append(avg)
         if xs:
             ax.plot(xs, ys, marker="o", label=m)
     ax.set_xscale("log", base=2)

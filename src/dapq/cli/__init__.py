@@ -5,6 +5,7 @@
     dapq demo                                    # the README demo on the bundled model
     dapq eval niah|ruler|longbench|longbench-v2|helmet ...      # the evaluation harness (resumable)
     dapq report runs/<folder>                    # tables and figures from result files
+    dapq report --front runs/<a> runs/<b>        # accuracy vs peak KV and TTFT per method and budget, the front
     dapq analyze similarity|recall|attention     # the paper's observations
     dapq ablate content|length|position          # the paper's DapQ ablations
     dapq bench ttft|throughput|memory|vs-kvpress # efficiency

@@ -1,25 +1,70 @@
-"""`dapq report <folder>`: tables (terminal + report.md) and PNG figures from result files only."""
+"""`dapq report <folder>`: tables (terminal + report.md) and PNG figures from result files only.
+
+dapq report runs/ruler-1a2b3c4d5e
+dapq report --front runs/ruler-1a2b3c4d5e runs/ruler-... --ttft ttft.json --memory memory.json --out docs/front
+"""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
+from ..errors import DapqError
+
 
 def add_parser(sub: Any) -> None:
     rp = sub.add_parser(
         "report",
         help="tables (terminal + markdown) and figures from a results folder",
-        description="Read results.jsonl files under a folder and write report.md and PNG figures next to them.",
+        description="Read results.jsonl files under a folder and write report.md and PNG figures next to them. "
+        "With --front: accuracy against peak KV and against TTFT for every method and budget of one or more runs "
+        "(front.md and PNGs), marking the points no other point beats on all three.",
     )
-    rp.add_argument("path", help="a results folder (runs/<bench>-<hash>), a folder of several, or a results.jsonl")
+    rp.add_argument(
+        "paths",
+        nargs="+",
+        metavar="path",
+        help="a results folder (runs/<bench>-<hash>), a folder of several, or a results.jsonl (several: --front only)",
+    )
+    rp.add_argument(
+        "--front",
+        action="store_true",
+        help="the accuracy-memory-time front: front.md and front*.png instead of the tables",
+    )
+    rp.add_argument(
+        "--ttft",
+        metavar="FILE",
+        help="with --front: the ttft.json of `dapq bench ttft` (measured TTFT instead of the harness's)",
+    )
+    rp.add_argument(
+        "--memory",
+        metavar="FILE",
+        help="with --front: the memory.json of `dapq bench memory` (measured peak instead of the accounted KV peak)",
+    )
+    rp.add_argument(
+        "--out", metavar="DIR", help="with --front: where front.md and the PNGs go (default: the first path)"
+    )
     rp.set_defaults(func=cmd_report)
 
 
 def cmd_report(args: argparse.Namespace, console: Any) -> int:
-    from ..bench.report import write_report
     from ..extras import check_extra
 
+    if not args.front:
+        given = [f"--{name}" for name in ("ttft", "memory", "out") if getattr(args, name) is not None]
+        if given:
+            raise DapqError(f"{', '.join(given)} only go with --front: add --front or drop them.")
+        if len(args.paths) > 1:
+            raise DapqError(
+                f"dapq report takes one path ({len(args.paths)} given); pass a folder that holds them all, or --front."
+            )
     check_extra("eval")
-    write_report(args.path, console)
+    if args.front:
+        from ..bench.front import write_front
+
+        write_front(args.paths, ttft=args.ttft, memory=args.memory, out=args.out, console=console)
+        return 0
+    from ..bench.report import write_report
+
+    write_report(args.paths[0], console)
     return 0
