@@ -281,10 +281,6 @@ def train_queries(
             "embeddings": emb.detach().clone(),
         }
         history.append(row)
-        log(
-            f"epoch {epoch}: train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
-            f"val recall@{settings.budget} {row['val_recall']:.3f}  ({row['epoch_s']:.0f} s)"
-        )
         tmp = ckpt_path.with_name(ckpt_path.name + ".tmp")
         torch.save(
             {
@@ -299,6 +295,10 @@ def train_queries(
             tmp,
         )
         tmp.replace(ckpt_path)
+        log(
+            f"epoch {epoch}: train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
+            f"val recall@{settings.budget} {row['val_recall']:.3f}  ({row['epoch_s']:.0f} s)"
+        )
     if not history:
         raise DapqError("No epoch was trained: raise --epochs.")
     best = max(history, key=lambda r: (r["val_recall"], -r["val_loss"]))

@@ -1,0 +1,112 @@
+"""Training learned queries (`dapq.train`): the split is disjoint from the evaluations, the loop lowers its loss,
+checkpoints resume to the same result, and the written file serves the `learned` method."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from dapq import get_method
+from dapq.data import haystack_text, needle_sample
+from dapq.engine import compress
+from dapq.errors import DapqError
+from dapq.hf.capture import prefill_prompt, suffix_attention, trainable
+from dapq.train.corpus import evaluation_files, training_files, training_prompts
+from dapq.train.fit import TrainSettings, learned_distribution, target_of, train_queries
+from helpers import TinyTokenizer, build_tiny, random_prompt
+
+TOK = TinyTokenizer()
+SMALL = dict(n_queries=4, n_train=4, n_val=2, lengths=(300, 450), answer_tokens=4, epochs=2, batch=2, budget=16)
+
+
+def shingles(text: str, n: int = 8) -> set[tuple[str, ...]]:
+    words = re.sub(r"\s+", " ", text).split(" ")
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def test_training_text_is_disjoint_from_the_evaluations():
+    train, evaluation = set(training_files()), set(evaluation_files())
+    assert train and evaluation and not train & evaluation
+    def text_of(files) -> set[tuple[str, ...]]:  # joined as haystack_text joins, through the test tokenizer's codec
+        return shingles(TOK.decode(TOK.encode("\n\n".join(p.read_text(encoding="utf-8") for p in sorted(files)))))
+
+    train_text = text_of(train)
+    # the longest NIAH haystack any bundled-model evaluation builds (8k positions), with a character tokenizer (many
+    # more words per token than a real one): every 8-word run comes from the evaluation files, none from training
+    context = needle_sample(TOK, 60_000, 50, seed=0).context
+    ctx = shingles(context)
+    eval_text = text_of(evaluation)
+    outside = ctx - eval_text  # only the runs across the needle and the cut at the end
+    assert len(outside) < 20, sorted(outside)[:5]
+    # runs shared with the training files are the essays' own repeats ("Want to start a startup? ...")
+    assert ctx & train_text <= eval_text
+    assert haystack_text().startswith(sorted(evaluation)[0].read_text(encoding="utf-8")[:200])
+
+
+def test_training_prompts_are_deterministic_and_fit_their_lengths():
+    a = training_prompts(TOK, 6, (500, 900), seed=3)
+    b = training_prompts(TOK, 6, (500, 900), seed=3)
+    assert [p.ids for p in a] == [p.ids for p in b]
+    assert all(len(p.ids) <= 900 for p in a)
+    assert {p.kind for p in a} == {"single", "multikey", "multivalue", "alias", "summary"}
+    assert [p.ids for p in training_prompts(TOK, 6, (500, 900), seed=4)] != [p.ids for p in a]
+    with pytest.raises(DapqError, match="Unknown training kind"):
+        training_prompts(TOK, 1, (500, 900), seed=0, kinds=("nope",))
+
+
+def test_suffix_attention_is_the_forward_attention_and_differentiable():
+    model = build_tiny("llama_eager")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    prompt = random_prompt(30, 2)
+    state = trainable(prefill_prompt(model, prompt, keep_last=1))
+    ids = random_prompt(5, 9)
+    emb = model.get_input_embeddings().weight[torch.tensor(ids)].clone().requires_grad_(True)
+    probs = suffix_attention(model, state, emb, range(30, 35))
+    with torch.inference_mode():  # the same tokens as ids through a plain eager forward with attentions
+        out = model(torch.tensor([prompt + ids]), output_attentions=True)
+    for i, p in enumerate(probs):
+        ref = out.attentions[i][0, :, 30:]  # [H_q, 5, 35]
+        assert torch.allclose(p, ref, atol=1e-5), f"layer {i}"
+    target = target_of(torch.randn(4, 3, 16), state.keys(0), state.scaling[0])
+    dist = learned_distribution(probs[0], 2, 30)
+    (target * -torch.log(dist)).sum().backward()
+    assert emb.grad is not None and float(emb.grad.abs().sum()) > 0
+    assert state.cache.layers[0].keys.shape[2] == 30  # the prompt cache is left as it was
+
+
+def test_training_lowers_the_loss_and_resumes_to_the_same_result(tmp_path):
+    model = build_tiny("llama")
+    settings = TrainSettings(**SMALL, lr=0.05)
+    whole = train_queries(model, TOK, settings, tmp_path / "a.pt", log=lambda s: None)
+    data = torch.load(tmp_path / "a.pt", weights_only=True)
+    hist = data["training"]["history"]
+    assert hist[-1]["val_loss"] < data["training"]["baselines"]["init"]["loss"]
+    assert (tmp_path / "a.png").exists() and (tmp_path / "a.pt.json").exists()
+
+    def stop_after_first(line: str) -> None:
+        if line.startswith("epoch 1:"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_queries(model, TOK, settings, tmp_path / "b.pt", log=stop_after_first)
+    assert not (tmp_path / "b.pt").exists() and (tmp_path / "b.pt.ckpt").exists()
+    resumed = train_queries(model, TOK, settings, tmp_path / "b.pt", log=lambda s: None)
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+    again = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert torch.equal(again["embeddings"], data["embeddings"])
+    with pytest.raises(DapqError, match="other settings"):
+        train_queries(model, TOK, TrainSettings(**{**SMALL, "epochs": 3}), tmp_path / "b.pt", log=lambda s: None)
+
+    method = get_method("learned", budget=16, queries=str(tmp_path / "a.pt"))
+    cc = compress(model, TOK, [random_prompt(60, 1)], method)
+    assert method.n_pseudo == 4 and cc.cache.layers[0].keys.shape[2] == 16
+
+
+def test_settings_errors():
+    with pytest.raises(DapqError, match="--loss"):
+        TrainSettings(loss="mse")
+    with pytest.raises(DapqError, match="--epochs"):
+        TrainSettings(epochs=0)
