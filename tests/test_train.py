@@ -80,7 +80,7 @@ def test_suffix_attention_is_the_forward_attention_and_differentiable():
 def test_training_lowers_the_loss_and_resumes_to_the_same_result(tmp_path):
     model = build_tiny("llama")
     settings = TrainSettings(**SMALL, lr=0.05)
-    whole = train_queries(model, TOK, settings, tmp_path / "a.pt", log=lambda s: None)
+    train_queries(model, TOK, settings, tmp_path / "a.pt", log=lambda s: None)
     data = torch.load(tmp_path / "a.pt", weights_only=True)
     hist = data["training"]["history"]
     assert hist[-1]["val_loss"] < data["training"]["baselines"]["init"]["loss"]
