@@ -72,6 +72,7 @@ TINY = {
     "gemma3": TinySpec("Gemma3TextConfig", "Gemma3ForCausalLM", attn="eager", extra=_GEMMA_EXTRA),
 }
 
+
 def tiny_queries_file(n: int = 6, seed: int = 0) -> str:
     """A learned-queries file for the tiny models (n random embeddings of their hidden size), written once."""
     from dapq.methods.learned import save_queries

@@ -29,6 +29,7 @@ def shingles(text: str, n: int = 8) -> set[tuple[str, ...]]:
 def test_training_text_is_disjoint_from_the_evaluations():
     train, evaluation = set(training_files()), set(evaluation_files())
     assert train and evaluation and not train & evaluation
+
     def text_of(files) -> set[tuple[str, ...]]:  # joined as haystack_text joins, through the test tokenizer's codec
         return shingles(TOK.decode(TOK.encode("\n\n".join(p.read_text(encoding="utf-8") for p in sorted(files)))))
 
