@@ -108,3 +108,21 @@ def test_every_method_answers_a_short_needle_prompt_at_a_generous_budget(bundled
         if needle.answer not in text:
             wrong[name] = text
     assert not wrong, f"methods that lost the needle {needle.answer}: {wrong}"
+
+
+def test_shipped_learned_queries_fit_the_bundled_model(bundled, needle):
+    from dapq import get_method
+    from dapq.engine import compress
+    from dapq.methods.learned import SHIPPED, load_queries
+    from dapq.models import BUNDLED_NAME
+    from dapq.prompts import build_prompt
+
+    model, tok = bundled
+    data = load_queries(SHIPPED)
+    assert data["model"] == BUNDLED_NAME and data["hidden_size"] == model.config.hidden_size
+    assert "first 25" in data["training"]["split"]  # the split the docs describe
+    method = get_method("learned", budget=64)
+    ctx, q = build_prompt(tok, needle.context, needle.question, answer_prefix=needle.answer_prefix)
+    cc = compress(model, tok, [ctx + q], method)
+    assert cc.stats["pseudo_tokens"] == method.n_pseudo == data["embeddings"].shape[0]
+    assert cc.cache.layers[0].keys.shape[2] == 64

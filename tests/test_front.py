@@ -284,3 +284,18 @@ def test_cli_plain_report_still_works_and_front_runs(tmp_path, capsys):
     assert main(["report", "--front", str(run), "--out", str(tmp_path / "front")]) == 0
     assert (tmp_path / "front" / "front.md").is_file() and (tmp_path / "front" / "front.png").is_file()
     assert "front" in capsys.readouterr().out
+
+
+def test_same_samples_keeps_only_the_samples_every_point_scored():
+    from dapq.bench.front import common_samples, front_groups
+
+    rows = [
+        _row("full", None, "ruler/a", "s1", 100),
+        _row("full", None, "ruler/a", "s2", 0),
+        _row("snapkv", 128, "ruler/a", "s1", 100),  # only s1: with the same samples full's accuracy is 100, not 50
+    ]
+    assert {r["sample_id"] for r in common_samples(rows)} == {"s1"}
+    (loose,) = front_groups(rows)
+    (same,) = front_groups(rows, same_samples=True)
+    assert {p.name: p.accuracy for p in loose.points}["full"] == 50
+    assert {p.name: p.accuracy for p in same.points}["full"] == 100

@@ -251,11 +251,24 @@ def bench_of(row: dict[str, Any]) -> str:
     return bench if isinstance(bench, str) and bench else row["task"].split("/", 1)[0]
 
 
+def common_samples(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of the samples that every (method, budget) of `rows` scored (the same prompts behind each point)."""
+    by: dict[tuple[str, Any], set[str]] = defaultdict(set)
+    for r in rows:
+        by[(r["method_key"], json.dumps(r["budget"]))].add(r["sample_id"])
+    shared = set.intersection(*by.values()) if by else set()
+    return [r for r in rows if r["sample_id"] in shared]
+
+
 def front_groups(
-    rows: list[dict[str, Any]], ttft: dict[str, Any] | None = None, memory: dict[str, Any] | None = None
+    rows: list[dict[str, Any]],
+    ttft: dict[str, Any] | None = None,
+    memory: dict[str, Any] | None = None,
+    same_samples: bool = False,
 ) -> list[Group]:
     """Rows split by configuration, benchmark (never one AVG over NIAH and RULER, even from folders without
-    run.json) and prompt length; each group's points with its front marked."""
+    run.json) and prompt length; each group's points with its front marked. `same_samples`: each group keeps only
+    the samples every one of its points scored."""
     configs = config_groups(rows)
     out = []
     for n, (described, config_rows) in enumerate(configs, 1):
@@ -266,6 +279,8 @@ def front_groups(
             prefix = (f"config{n}_" if len(configs) > 1 else "") + (f"{bench}_" if len(benches) > 1 else "")
             lengths = length_groups(bench_rows)
             for length, group in lengths:
+                if same_samples:
+                    group = common_samples(group)
                 points, tasks, left_out = group_points(group, ttft, memory)
                 if not points:
                     continue
@@ -442,6 +457,7 @@ def write_front(
     memory: str | Path | None = None,
     out: str | Path | None = None,
     console: Console | None = None,
+    same_samples: bool = False,
 ) -> Path:
     """Print the front tables of the runs under `paths`; write front.md and the figures into `out` (default: the
     first run folder). Returns front.md's path."""
@@ -451,7 +467,7 @@ def write_front(
     ttft_data = load_bench(ttft, "ttft") if ttft is not None else None
     memory_data = load_bench(memory, "memory") if memory is not None else None
     rows, dropped = load_runs(paths)
-    groups = front_groups(rows, ttft_data, memory_data)
+    groups = front_groups(rows, ttft_data, memory_data, same_samples)
     if not groups:
         raise DapqError(
             f"No scored rows with every task under {', '.join(map(str, paths))}: run `dapq eval` into it first."
@@ -462,6 +478,8 @@ def write_front(
         raise DapqError(f"--out {out_dir} is an existing file: pass a folder.")
     out_dir.mkdir(parents=True, exist_ok=True)
     md = ["# Accuracy, peak KV and TTFT", "", f"Runs: {', '.join(_md_cell(p) for p in paths)}", ""]
+    if same_samples:
+        md += ["Every point of a table is measured on the same samples (those all its points scored).", ""]
     if dropped:
         note = (
             f"{dropped} duplicate row(s) (same sample, method, budget and configuration in several runs) counted once."

@@ -42,6 +42,11 @@ def add_parser(sub: Any) -> None:
         help="with --front: the memory.json of `dapq bench memory` (measured peak instead of the accounted KV peak)",
     )
     rp.add_argument(
+        "--same-samples",
+        action="store_true",
+        help="with --front: keep only the samples every method and budget of a table scored",
+    )
+    rp.add_argument(
         "--out", metavar="DIR", help="with --front: where front.md and the PNGs go (default: the first path)"
     )
     rp.set_defaults(func=cmd_report)
@@ -52,6 +57,7 @@ def cmd_report(args: argparse.Namespace, console: Any) -> int:
 
     if not args.front:
         given = [f"--{name}" for name in ("ttft", "memory", "out") if getattr(args, name) is not None]
+        given += ["--same-samples"] if args.same_samples else []
         if given:
             raise DapqError(f"{', '.join(given)} only go with --front: add --front or drop them.")
         if len(args.paths) > 1:
@@ -62,7 +68,14 @@ def cmd_report(args: argparse.Namespace, console: Any) -> int:
     if args.front:
         from ..bench.front import write_front
 
-        write_front(args.paths, ttft=args.ttft, memory=args.memory, out=args.out, console=console)
+        write_front(
+            args.paths,
+            ttft=args.ttft,
+            memory=args.memory,
+            out=args.out,
+            console=console,
+            same_samples=args.same_samples,
+        )
         return 0
     from ..bench.report import write_report
 
