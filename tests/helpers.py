@@ -147,6 +147,14 @@ def random_prompt(length: int, seed: int) -> list[int]:
     return torch.randint(3, VOCAB, (length,), generator=g).tolist()
 
 
+def kept_sets(cc: Any, layer: int) -> list[set[int]]:
+    """The kept prompt positions of each cache head of row 0 at `layer`."""
+    track = cc.state.tracks[layer]
+    h = cc.cache.layers[layer].keys.shape[1]
+    pos, valid = track.pos[0].expand(h, -1), track.valid[0].expand(h, -1)
+    return [set(pos[j][valid[j]].tolist()) for j in range(h)]
+
+
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 

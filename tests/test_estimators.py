@@ -13,17 +13,10 @@ from dapq.engine.draft import draft_suffix, suffix_rows
 from dapq.errors import DapqError
 from dapq.hf.capture import greedy_answer, prefill_prompt, queries_at
 from dapq.methods.kvzip import FIRST, LATER
-from helpers import TinyTokenizer, build_tiny, capture_qk, plain_greedy, random_prompt
+from helpers import TinyTokenizer, build_tiny, capture_qk, kept_sets, plain_greedy, random_prompt
 
 TOK = TinyTokenizer()
 L = 40
-
-
-def kept_sets(cc, layer: int) -> list[set[int]]:
-    track = cc.state.tracks[layer]
-    h = cc.cache.layers[layer].keys.shape[1]
-    pos, valid = track.pos[0].expand(h, -1), track.valid[0].expand(h, -1)
-    return [set(pos[j][valid[j]].tolist()) for j in range(h)]
 
 
 # ---------------------------------------------------------------------------------------------------- KVzip

@@ -13,16 +13,10 @@ from dapq.errors import DapqError
 from dapq.methods.learned import load_queries, save_queries
 from dapq.methods.scoring import pool_scores
 from helpers import TINY_QUERIES, TinyTokenizer, build_tiny, capture_qk, random_prompt
+from helpers import kept_sets as kept
 
 TOK = TinyTokenizer()
 L = 40
-
-
-def kept(cc, layer: int) -> list[set[int]]:
-    track = cc.state.tracks[layer]
-    h = cc.cache.layers[layer].keys.shape[1]
-    pos, valid = track.pos[0].expand(h, -1), track.valid[0].expand(h, -1)
-    return [set(pos[j][valid[j]].tolist()) for j in range(h)]
 
 
 def reference_sets(model, prompt: list[int], emb: torch.Tensor, budget: int, kernel: int = 7) -> dict[int, list]:
