@@ -92,6 +92,7 @@ class LearnedQueries(ScorerMethod, EmbeddedSuffix):
                 f"The shipped learned queries are missing ({SHIPPED}): reinstall dapq or pass queries=FILE."
             )
         self._data: dict[str, Any] | None = None
+        self._key: str | None = None
         self.data()  # a missing or foreign file fails here, before any model is loaded
 
     @property
@@ -125,8 +126,10 @@ class LearnedQueries(ScorerMethod, EmbeddedSuffix):
             )
         return emb
 
-    def embedding_key(self) -> str:
-        return hashlib.sha256(self.data()["embeddings"].float().numpy().tobytes()).hexdigest()[:16]
+    def embedding_key(self) -> str:  # hashed once: score_key asks for it at every layer
+        if self._key is None:
+            self._key = hashlib.sha256(self.data()["embeddings"].float().numpy().tobytes()).hexdigest()[:16]
+        return self._key
 
     def score_key(self) -> tuple:  # the scores depend on the file's content, not only its name
         return super().score_key() + (self.embedding_key(),)

@@ -34,11 +34,12 @@ from typing import Any
 
 import torch
 
+from ..analysis.quantities import attention_distribution, recall, topk_indices
 from ..errors import DapqError
 from ..hf.capture import PromptState, greedy_answer, prefill_prompt, queries_at, suffix_attention, trainable
 from ..methods.base import get_method
 from ..methods.learned import save_queries
-from ..methods.scoring import pool_scores
+from ..methods.scoring import aggregate_groups, pool_scores
 from ..prompts import stop_token_ids
 from .corpus import KINDS, N_EVAL_FILES, TRAIN_SEED_BASE, training_files, training_prompts
 
@@ -102,12 +103,8 @@ class TrainResult:
 
 def target_of(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:  # [H_kv, L]
     """Mean attention distribution of queries [H_q, n, D] over keys [H_kv, L, D] (softmax over the keys only),
-    averaged over the queries and each KV head's query group."""
-    h_q, n, d = queries.shape
-    h_kv = keys.shape[0]
-    g = h_q // h_kv
-    logits = torch.matmul(queries.float().reshape(h_kv, g * n, d), keys.float().transpose(-1, -2)) * scaling
-    return torch.softmax(logits, dim=-1).mean(dim=1)
+    averaged over the queries (`attention_distribution`) and each KV head's query group."""
+    return aggregate_groups(attention_distribution(queries, keys, scaling)[None], keys.shape[0], "mean")[0]
 
 
 def learned_distribution(probs: torch.Tensor, h_kv: int, length: int) -> torch.Tensor:  # [H_kv, L]
@@ -120,9 +117,8 @@ def learned_distribution(probs: torch.Tensor, h_kv: int, length: int) -> torch.T
 
 def learned_ranking(probs: torch.Tensor, h_kv: int, length: int, kernel: int = 7) -> torch.Tensor:  # [H_kv, L]
     """The scores the `learned` method ranks by: attention summed over the queries, max-pooled, group mean."""
-    s = probs[:, :, :length].sum(dim=1)[None]  # [1, H_q, L]
-    s = pool_scores(s, "max", kernel)[0]
-    return s.reshape(h_kv, -1, length).mean(dim=1)
+    s = pool_scores(probs[:, :, :length].sum(dim=1)[None], "max", kernel)  # [1, H_q, L]
+    return aggregate_groups(s, h_kv, "mean")[0]
 
 
 def example_loss(probs: list[torch.Tensor], ex: Example, loss: str) -> torch.Tensor:
@@ -140,10 +136,8 @@ def example_loss(probs: list[torch.Tensor], ex: Example, loss: str) -> torch.Ten
 def recall_of(probs: list[torch.Tensor], ex: Example) -> float:
     vals = []
     for p, target, gold in zip(probs, ex.target, ex.gold):
-        rank = learned_ranking(p, target.shape[0], target.shape[1])
-        pred = torch.sort(rank, dim=-1, descending=True, stable=True).indices[:, : gold.shape[1]]
-        hits = (pred[:, :, None] == gold[:, None, :]).any(dim=1).float().mean(dim=-1)  # [H_kv]
-        vals.append(float(hits.mean()))
+        pred = topk_indices(learned_ranking(p, target.shape[0], target.shape[1]), gold.shape[1])
+        vals.append(float(recall(gold, pred).mean()))
     return sum(vals) / len(vals)
 
 
@@ -158,7 +152,7 @@ def build_example(model: Any, tokenizer: Any, prompt: Any, settings: TrainSettin
     for i, q in enumerate(real):
         t = target_of(q, state.keys(i), state.scaling[i])
         target.append(t)
-        gold.append(torch.sort(t, dim=-1, descending=True, stable=True).indices[:, : min(settings.budget, length)])
+        gold.append(topk_indices(t, settings.budget))
     return Example(prompt.id, list(prompt.ids), trainable(state), target, gold, tokenizer.decode(answer))
 
 
@@ -236,8 +230,6 @@ def train_queries(
         history, baselines = ckpt["history"], ckpt["baselines"]
         log(f"resuming {ckpt_path} after epoch {ckpt['epoch']}")
     else:
-        dapq = get_method("dapq", budget=settings.budget, n_pseudo_tokens=settings.n_queries)
-        vocab = model.get_input_embeddings().weight.shape[0]
         vocab = model.get_input_embeddings().weight.shape[0]
         dapq = get_method("dapq", budget=settings.budget, n_pseudo_tokens=settings.n_queries)
         baselines["dapq"] = evaluate(
