@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DapqError
-from .args import DEFAULT_MODEL_NAME, add_model_options, check_model_options, check_positive
+from .args import DEFAULT_MODEL_NAME, add_model_options, check_model_options
 
 
 def add_parser(sub: Any) -> None:
@@ -57,8 +57,6 @@ def cmd_train(args: argparse.Namespace, console: Any) -> int:
     from ..extras import check_extra
     from ..train.corpus import KINDS
 
-    for option in ("n_queries", "train", "val", "answer_tokens", "epochs", "batch", "budget"):
-        check_positive(getattr(args, option), f"--{option.replace('_', '-')}")
     out = Path(args.out)
     if out.exists() and out.is_dir():
         raise DapqError(f"--out {out} is a folder: pass a file name such as {out / 'queries.pt'}.")

@@ -69,7 +69,8 @@ class TrainSettings:
         for name in ("n_queries", "n_train", "n_val", "answer_tokens", "epochs", "batch", "budget"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise DapqError(f"--{name.replace('_', '-')} must be an integer >= 1; got {value!r}")
+                option = {"n_train": "--train", "n_val": "--val"}.get(name, f"--{name.replace('_', '-')}")
+                raise DapqError(f"{option} must be an integer >= 1; got {value!r}")
         if self.loss not in LOSSES:
             raise DapqError(f"--loss must be one of {', '.join(LOSSES)}; got {self.loss!r}")
         if not (isinstance(self.lr, float) and self.lr > 0):
