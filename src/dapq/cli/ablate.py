@@ -14,7 +14,15 @@ import argparse
 from typing import Any
 
 from ..analysis import ablate as lib
-from .args import MODES, add_model_options, check_model_options, parse_budgets, parse_lengths, run_dir
+from .args import (
+    MODES,
+    add_model_options,
+    check_model_options,
+    load_model_from_args,
+    parse_budgets,
+    parse_lengths,
+    run_dir,
+)
 
 NOT_HASHED = ("func", "out", "command", "device", "attn")
 HELPS = {
@@ -74,7 +82,6 @@ def cmd_ablate(args: argparse.Namespace, console: Any) -> int:
     """Run `dapq ablate <kind>`: validate everything, load the model, run, write and print the outputs."""
     import dataclasses
 
-    from .. import models
     from ..bench.runner import RESULTS, open_run
     from ..errors import DapqError
     from ..extras import check_extra
@@ -95,7 +102,7 @@ def cmd_ablate(args: argparse.Namespace, console: Any) -> int:
     out = run_dir(args, f"ablate-{kind}", NOT_HASHED)
     config = run_config(args, args.task)
     out = open_run(out, dataclasses.replace(config, extra={**config.extra, "ablation": kind}), check_only=True)
-    model, tok = models.load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
+    model, tok = load_model_from_args(args)
     samples = lib.build_samples(tok, args.task, lengths, args.samples, seed=args.seed, data_dir=args.data_dir)
     console.print(f"ablate {kind}: {len(samples)} sample(s), budgets {', '.join(map(str, budgets))} -> {out}")
     lib.run_ablation(

@@ -15,7 +15,15 @@ import argparse
 from typing import Any
 
 from ..errors import DapqError
-from .args import DEFAULT_MODEL_NAME, add_model_options, check_model_options, parse_ints, parse_names, run_dir
+from .args import (
+    DEFAULT_MODEL_NAME,
+    add_model_options,
+    check_model_options,
+    load_model_from_args,
+    parse_ints,
+    parse_names,
+    run_dir,
+)
 
 KINDS = ("similarity", "recall", "attention")
 NOT_HASHED = ("func", "out", "command", "device", "attn")
@@ -91,7 +99,7 @@ def cmd_analyze(args: argparse.Namespace, console: Any) -> int:
     ckpt = Checkpoint(out / "items.jsonl")
     if ckpt.items:
         console.print(f"resuming: {len(ckpt.items)} finished item(s) in {out / 'items.jsonl'}")
-    model, tok = models.load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
+    model, tok = load_model_from_args(args)
     n = args.samples or (1 if kind == "similarity" else 4)
     prompts = analysis_prompts(tok, args.task, args.length, n, seed=args.seed, data_dir=args.data_dir)
 

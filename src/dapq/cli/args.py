@@ -163,7 +163,15 @@ def parse_size(text: str, option: str = "--memory-cap") -> int:
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """--model, --dtype, --device, --attn (the same for every command that loads a model)."""
     parser.add_argument(
-        "--model", default=None, help="hub id or local folder (default: the bundled SmolLM2-135M-Instruct)"
+        "--model",
+        default=None,
+        help="a known offline model (dapq models), a .gguf file, a local folder or a hub id "
+        "(default: the bundled SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where GGUF files are converted to safetensors once (default: $DAPQ_CACHE_DIR or ~/.cache/dapq)",
     )
     parser.add_argument(
         "--dtype",
@@ -184,9 +192,21 @@ def check_model_options(args: argparse.Namespace) -> None:
     unknown dtype or attention backend, a device this torch cannot use."""
     model = getattr(args, "model", None)
     if model:
-        looks_local = model.startswith(("/", "./", "../", "~")) or model.endswith(".gguf") or Path(model).exists()
-        if looks_local and not Path(model).expanduser().exists():
-            raise DapqError(f"--model {model}: no such file or folder. Pass a local model folder or a hub id.")
+        from ..catalog import known_model
+
+        known = known_model(model)
+        if known is not None:
+            known.sources()  # not installed: the install command, before the slow start
+        else:
+            looks_local = model.startswith(("/", "./", "../", "~")) or model.endswith(".gguf") or Path(model).exists()
+            if looks_local and not Path(model).expanduser().exists():
+                raise DapqError(
+                    f"--model {model}: no such file or folder. Pass a .gguf file, a local model folder, a hub id or a "
+                    "name from `dapq models`."
+                )
+    cache_dir = getattr(args, "cache_dir", None)
+    if cache_dir and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise DapqError(f"--cache-dir {cache_dir} is an existing file: pass a folder.")
     attn = getattr(args, "attn", None)
     if attn is not None and attn not in ATTN_CHOICES:
         raise DapqError(f"--attn {attn!r} is not an attention backend. Use one of: {', '.join(ATTN_CHOICES)}.")
@@ -198,6 +218,19 @@ def check_model_options(args: argparse.Namespace) -> None:
     models.resolve_dtype(dtype)
     if device is not None:
         models.check_device(device)
+
+
+def load_model_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(model, tokenizer) from --model, --dtype, --device, --attn and --cache-dir."""
+    from .. import models
+
+    return models.load_model(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        attn_implementation=args.attn,
+        cache_dir=getattr(args, "cache_dir", None),
+    )
 
 
 def check_positive(value: Any, option: str) -> None:

@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DapqError
-from .args import DEFAULT_MODEL_NAME, add_model_options, parse_budget, parse_lengths, parse_names, parse_size, run_dir
+from .args import (
+    DEFAULT_MODEL_NAME,
+    add_model_options,
+    load_model_from_args,
+    parse_budget,
+    parse_lengths,
+    parse_names,
+    parse_size,
+    run_dir,
+)
 
 NOT_HASHED = ("func", "out", "command")
 ALL_METHODS = "full,snapkv,pyramidkv,h2o,streamingllm,lacache,laq,dapq"
@@ -70,7 +79,6 @@ def cmd_bench(args: argparse.Namespace, console: Any) -> int:
     import torch
     from rich.markdown import Markdown
 
-    from .. import models
     from ..bench import speed
 
     for name in methods:
@@ -78,7 +86,7 @@ def cmd_bench(args: argparse.Namespace, console: Any) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = run_dir(args, f"bench-{args.kind}", NOT_HASHED)
-    model, tok = models.load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
+    model, tok = load_model_from_args(args)
 
     def progress(msg: str) -> None:
         console.print(f"  {msg}")

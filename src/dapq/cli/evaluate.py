@@ -21,6 +21,7 @@ from .args import (
     add_model_options,
     check_model_options,
     check_positive,
+    load_model_from_args,
     parse_budgets,
     parse_lengths,
     parse_method_params,
@@ -191,7 +192,6 @@ def run_config(args: argparse.Namespace, bench: str) -> Any:
 
 
 def cmd_eval(args: argparse.Namespace, console: Any) -> int:
-    from .. import models
     from ..bench.runner import open_run, run
     from ..extras import check_extra
 
@@ -208,7 +208,7 @@ def cmd_eval(args: argparse.Namespace, console: Any) -> int:
     out = run_dir(args, args.bench, NOT_HASHED)
     config = run_config(args, args.bench)
     out = open_run(out, config, new_run=args.new_run, check_only=True)  # a settings clash, before the model load
-    model, tok = models.load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
+    model, tok = load_model_from_args(args)
     samples = eval_samples(args, tok)
     console.print(f"{len(samples)} samples x {len(specs)} methods -> {out}")
     path = run(model, tok, samples, specs, budgets, out, config=config, console=console, new_run=args.new_run)

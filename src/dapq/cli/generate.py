@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DapqError
-from .args import MODES, add_model_options, check_model_options, check_positive, method_params, parse_budget
+from .args import (
+    MODES,
+    add_model_options,
+    check_model_options,
+    check_positive,
+    load_model_from_args,
+    method_params,
+    parse_budget,
+)
 
 
 def add_parser(sub: Any) -> None:
@@ -78,7 +86,6 @@ def read_context(args: argparse.Namespace) -> str:
 def cmd_generate(args: argparse.Namespace, console: Any) -> int:
     import json
 
-    from .. import models
     from ..engine import generate
     from ..methods import get_method
 
@@ -94,7 +101,7 @@ def cmd_generate(args: argparse.Namespace, console: Any) -> int:
         params["budget"] = parse_budget(args.budget)
     method = get_method(args.method, **params)
     check_model_options(args)
-    model, tok = models.load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
+    model, tok = load_model_from_args(args)
     out = generate(
         model,
         tok,

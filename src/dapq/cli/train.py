@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DapqError
-from .args import DEFAULT_MODEL_NAME, add_model_options, check_model_options
+from .args import DEFAULT_MODEL_NAME, add_model_options, check_model_options, load_model_from_args
 
 
 def add_parser(sub: Any) -> None:
@@ -65,7 +65,6 @@ def cmd_train(args: argparse.Namespace, console: Any) -> int:
     check_model_options(args)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .. import models
     from ..train.corpus import training_prompts
     from ..train.fit import TrainSettings, train_queries
 
@@ -83,7 +82,7 @@ def cmd_train(args: argparse.Namespace, console: Any) -> int:
         budget=args.budget,
         seed=args.seed,
     )
-    model, tok = models.load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
+    model, tok = load_model_from_args(args)
     training_prompts(tok, 1, settings.lengths, settings.seed, settings.kinds)  # bad kinds / lengths: before any work
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
