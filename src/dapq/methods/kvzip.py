@@ -37,6 +37,7 @@ from .scoring import select_topk
 ALLOCATIONS = ("global", "layer", "head")
 FIRST = "\n\nRepeat the previous context exactly."
 LATER = "\n\nRepeat the part of the previous context exactly, starting with"
+QUERY_BLOCK = 64  # reconstruction queries scored at a time (2.8x faster than all at once on CPU at chunk 2048)
 
 
 @register("kvzip")
@@ -117,24 +118,35 @@ class KVzip(Method, ContextPass):
         seen = span | sinks  # [B, T] the prompt keys inside the softmax
         cols = seen.any(0).nonzero().squeeze(-1)  # only those columns (exactly a row's sinks + chunk for B = 1)
         c = len(cols)
-        k_all = torch.cat([keys[:, :, cols], pass_keys], dim=2).float()  # [B, H_c, c + q, D]
-        q_grouped = (queries.float() * scaling).reshape(b, h_c, groups * q, d)  # query head h -> KV head h // G
-        logits = torch.matmul(q_grouped, k_all.transpose(-1, -2)).view(b, h_c, groups, q, c + q)
-        causal = torch.ones(q, q, dtype=torch.bool, device=keys.device).tril()  # [q, q]
-        own = causal[None] & pass_valid[:, None, :]  # [B, q, q] the chunk tokens each query sees
-        own = own | torch.eye(q, dtype=torch.bool, device=keys.device)  # a padded query sees itself: no empty row
-        logits[..., c:] += torch.zeros(own.shape, device=keys.device).masked_fill(~own, float("-inf"))[:, None, None]
+        dev = keys.device
+        k_ctx = keys[:, :, cols].float().transpose(-1, -2)  # [B, H_c, D, c]
+        k_own = pass_keys.float()  # [B, H_c, q, D]
+        q_grouped = (queries.float() * scaling).view(b, h_c, groups, q, d)  # query head h -> KV head h // G
         ctx = seen[:, cols]  # [B, c]
-        if not bool(ctx.all()):  # rows of a batch reconstruct different spans
-            logits[..., :c] += torch.zeros(ctx.shape, device=keys.device).masked_fill(~ctx, float("-inf"))[
-                :, None, None, None
-            ]
-        lse = torch.logsumexp(logits, dim=-1)  # [B, H_c, G, q] the softmax denominators
-        lse = lse.masked_fill(~pass_valid[:, None, None, :], float("inf"))  # padded queries score nothing
-        # max over the queries and the group of softmax(logits)[..., :c] = exp(max(logits - lse))
-        best = (logits[..., :c] - lse[..., None]).amax(dim=(2, 3)).exp()  # [B, H_c, c]
-        out = torch.zeros(b, h_c, t, dtype=best.dtype, device=keys.device)
-        out[:, :, cols] = best
+        ctx_bias = None  # rows of a batch that reconstruct different spans mask the others' columns
+        if not bool(ctx.all()):
+            ctx_bias = torch.zeros(ctx.shape, device=dev).masked_fill(~ctx, float("-inf"))[:, None, None, None]
+        causal = torch.ones(q, q, dtype=torch.bool, device=dev).tril()  # [q, q]
+        own_all = causal[None] & pass_valid[:, None, :]  # [B, q, q] the chunk tokens each query sees
+        own_all = own_all | torch.eye(q, dtype=torch.bool, device=dev)  # a padded query sees itself: no empty row
+        best = torch.full((b, h_c, c), float("-inf"), device=dev)  # max over queries and group of log softmax
+        # blocks of queries (the same numbers as one [G * q, c + q] softmax, within float rounding): the block's
+        # logits stay in cache, and a block needs its own keys only up to its last query (causal)
+        for s0 in range(0, q, QUERY_BLOCK):
+            s1 = min(q, s0 + QUERY_BLOCK)
+            n = s1 - s0
+            qb = q_grouped[:, :, :, s0:s1].reshape(b, h_c, groups * n, d)
+            lc = torch.matmul(qb, k_ctx).view(b, h_c, groups, n, c)  # prompt keys
+            if ctx_bias is not None:
+                lc = lc + ctx_bias
+            lo = torch.matmul(qb, k_own[:, :, :s1].transpose(-1, -2)).view(b, h_c, groups, n, s1)  # own keys
+            lo = lo.masked_fill(~own_all[:, None, None, s0:s1, :s1], float("-inf"))
+            top = torch.maximum(lc.amax(-1), lo.amax(-1))  # [B, H_c, G, n]
+            lse = top + ((lc - top[..., None]).exp().sum(-1) + (lo - top[..., None]).exp().sum(-1)).log()
+            lse = lse.masked_fill(~pass_valid[:, None, None, s0:s1], float("inf"))  # padded queries score nothing
+            best = torch.maximum(best, (lc - lse[..., None]).amax(dim=(2, 3)))
+        out = torch.zeros(b, h_c, t, dtype=best.dtype, device=dev)
+        out[:, :, cols] = best.exp()  # max of softmax(logits)[..., :c] = exp(max(logits - lse))
         return out.masked_fill(~span[:, None, :], 0.0)
 
     # ------------------------------------------------------------------------------------------- selection
