@@ -18,7 +18,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -298,7 +298,8 @@ def write_text_safely(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _append_row(f: Any, row: dict[str, Any]) -> None:
+def append_row(f: Any, row: dict[str, Any]) -> None:
+    """One row, flushed and fsynced: a row on disk is a row done."""
     f.write(json.dumps(row, default=str) + "\n")
     f.flush()
     os.fsync(f.fileno())
@@ -354,15 +355,145 @@ def run(
     if not methods:
         raise DapqError("No methods to evaluate.")
     # every method x budget built (validated) before the long run starts; their fields are part of the resume key
-    fields = {
-        (spec.key, json.dumps(budget)): dataclasses.asdict(spec.build(budget))
-        for spec in methods
-        for budget in (budgets if spec.uses_budget else [None])
-    }
+    fields = method_fields(methods, budgets)
     config = config.with_model(model)
     out = open_run(out_dir, config, new_run=new_run)
     with RunLock(out):
         return _run_locked(model, tokenizer, samples, methods, budgets, fields, out, config, console, total)
+
+
+def sweep_progress(console: Console) -> Progress:
+    """The one progress bar of a sweep: rows done of all, elapsed, ETA."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+def row_meta(config: RunConfig) -> dict[str, Any]:
+    """The fields every row of a run carries besides its own results (model, mode, seed, versions, config id)."""
+    return {
+        "model": config.model,
+        "mode": config.mode,
+        "seed": config.seed,
+        "versions": versions(),
+        **config.extra,
+        "config_id": config_hash(config.settings()),
+    }
+
+
+def method_fields(methods: list[MethodSpec], budgets: list[int | float]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Every method x budget built (validated): their fields, part of the resume key."""
+    return {
+        (spec.key, json.dumps(budget)): dataclasses.asdict(spec.build(budget))
+        for spec in methods
+        for budget in (budgets if spec.uses_budget else [None])
+    }
+
+
+def todo_jobs(
+    sample: Sample,
+    methods: list[MethodSpec],
+    budgets: list[int | float],
+    fields: dict[tuple[str, str], dict[str, Any]],
+    done: set[tuple],
+) -> list[tuple[MethodSpec, int | float | None]]:
+    """The (method, budget) pairs of `sample` not yet written."""
+    return [
+        (spec, budget)
+        for spec in methods
+        for budget in (budgets if spec.uses_budget else [None])
+        if row_key(sample.id, spec.key, budget, fields[(spec.key, json.dumps(budget))]) not in done
+    ]
+
+
+def evaluate_sample(
+    model: Any,
+    tokenizer: Any,
+    sample: Sample,
+    todo: list[tuple[MethodSpec, int | float | None]],
+    config: RunConfig,
+    meta: dict[str, Any],
+    stops: set[int] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """The rows of one sample for the given (method, budget) pairs, as they are decoded: one recording per pseudo
+    suffix (methods without one share a plain prefill), every budget derived from it, caches decoded in batches.
+    The single-process runner and every Ray worker call this, so their rows are the same."""
+    from .metrics import METRICS, score_prediction
+
+    stops = stop_token_ids(tokenizer) if stops is None else stops
+    ctx, q = sample.prompt_ids(tokenizer)
+    prompts = [ctx + q] if config.mode == "query_aware" else [ctx]
+    built = [(spec, budget, spec.build(budget)) for spec, budget in todo]
+    # record with a pseudo suffix first: methods without one can reuse that prefill (no second recording)
+    built.sort(key=lambda job: pseudo_length(job[2]) == 0)
+    recordings: dict[tuple, Any] = {}
+    prefill_s: dict[tuple, float] = {}
+    jobs: list[Any] = []  # (spec, budget, method, compressed cache, recording key)
+    by_recording: dict[tuple, list[int]] = {}
+    for spec, budget, method in built:
+        skey = suffix_key(method, prompts, model, tokenizer)
+        if skey not in recordings and not (skey == () and recordings):
+            start = time.perf_counter()
+            recordings[skey] = record(model, tokenizer, prompts, suffix=method if skey else None)
+            prefill_s[skey] = time.perf_counter() - start
+        rec_key = skey if skey in recordings else next(iter(recordings))
+        by_recording.setdefault(rec_key, []).append(len(jobs))
+        jobs.append((spec, budget, method, None, rec_key))
+    for rec_key, ids in by_recording.items():
+        derived = derive_many(recordings[rec_key], [jobs[n][2] for n in ids], config.batch_lookahead)
+        for n, cc in zip(ids, derived):
+            jobs[n] = (*jobs[n][:3], cc, rec_key)
+    batches = decode_batches([job[3] for job in jobs], config.decode_batch)
+    for ids in batches:
+        merged = merge([jobs[n][3] for n in ids])
+        start = time.perf_counter()
+        if config.mode == "query_aware":
+            logits = merged.first_logits
+        else:  # question-agnostic: the question follows the compressed context
+            logits = append(merged, [q] * len(ids), tokenizer.pad_token_id or 0)
+        outputs = greedy_decode(merged, logits, sample.max_new_tokens, stops, compact=True)
+        decode_s = (time.perf_counter() - start) / len(ids)
+        for n, tokens in zip(ids, outputs):
+            spec, budget, method, cc, rec_key = jobs[n]
+            prediction = tokenizer.decode(tokens, skip_special_tokens=True)
+            if sample.metadata.get("stop_on_newline"):  # greedy: cutting the text = stopping at "\n"
+                prediction = prediction.split("\n", 1)[0]
+            if sample.metric not in METRICS:
+                raise DapqError(f"Unknown metric {sample.metric!r}. Known: {', '.join(sorted(METRICS))}.")
+            score = 100.0 * score_prediction(sample.metric, prediction, sample.references, sample.metadata)
+            row = {
+                "sample_id": sample.id,
+                "task": sample.task,
+                "method": spec.name,
+                "method_key": spec.key,
+                "method_config": dataclasses.asdict(method),
+                "budget": budget,
+                "prediction": prediction,
+                "references": sample.references,
+                "metric": sample.metric,
+                "score": score,
+                "prompt_tokens": len(prompts[0]) + (0 if config.mode == "query_aware" else len(q)),
+                "kept_mean": cc.stats["kept_mean"],
+                "kv_bytes_compressed": cc.stats["kv_bytes_compressed"],
+                "kv_bytes_peak": cc.stats["kv_bytes_peak"],  # accounted as `generate` accounts it
+                "prefill_s": prefill_s.get(rec_key, 0.0),
+                "select_s": cc.stats["select_s"],
+                # a context pass (KVzip) and a draft (SpecKV) run before the first token: TTFT includes them
+                "pass_s": cc.stats.get("pass_s", 0.0),
+                "draft_s": cc.stats.get("draft_s", 0.0),
+                "draft_kv_bytes_peak": cc.stats.get("draft_kv_bytes_peak", 0),
+                "decode_s": decode_s,
+                "decode_batch": len(ids),
+                "new_tokens": len(tokens),
+                "metadata": sample.metadata,
+                **meta,
+            }
+            yield row
 
 
 def _run_locked(
@@ -377,114 +508,23 @@ def _run_locked(
     console: Console | None,
     total: int | None,
 ) -> Path:
-    from .metrics import METRICS, score_prediction
-
     path = out / RESULTS
     done = {row_key(r["sample_id"], r["method_key"], r["budget"], r.get("method_config")) for r in load_rows(path)}
     samples = list(samples)
     stops = stop_token_ids(tokenizer)
-    settings = config.settings()
-    meta = {
-        "model": config.model,
-        "mode": config.mode,
-        "seed": config.seed,
-        "versions": versions(),
-        **config.extra,
-        "config_id": config_hash(settings),
-    }
+    meta = row_meta(config)
     console = console or Console(stderr=True)
     jobs_per_sample = sum(len(budgets) if s.uses_budget else 1 for s in methods)
-    with (
-        open(path, "a", encoding="utf-8") as f,
-        Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-        ) as progress,
-    ):
+    with open(path, "a", encoding="utf-8") as f, sweep_progress(console) as progress:
         task = progress.add_task("eval", total=(total or len(samples)) * jobs_per_sample)
         for sample in samples:
-            todo = [
-                (spec, budget)
-                for spec in methods
-                for budget in (budgets if spec.uses_budget else [None])
-                if row_key(sample.id, spec.key, budget, fields[(spec.key, json.dumps(budget))]) not in done
-            ]
+            todo = todo_jobs(sample, methods, budgets, fields, done)
             progress.advance(task, jobs_per_sample - len(todo))
             if not todo:
                 continue
             progress.update(task, description=f"{sample.task} {sample.id}")
-            ctx, q = sample.prompt_ids(tokenizer)
-            prompts = [ctx + q] if config.mode == "query_aware" else [ctx]
-            built = [(spec, budget, spec.build(budget)) for spec, budget in todo]
-            # record with a pseudo suffix first: methods without one can reuse that prefill (no second recording)
-            built.sort(key=lambda job: pseudo_length(job[2]) == 0)
-            recordings: dict[tuple, Any] = {}
-            prefill_s: dict[tuple, float] = {}
-            jobs: list[Any] = []  # (spec, budget, method, compressed cache, recording key)
-            by_recording: dict[tuple, list[int]] = {}
-            for spec, budget, method in built:
-                skey = suffix_key(method, prompts, model, tokenizer)
-                if skey not in recordings and not (skey == () and recordings):
-                    start = time.perf_counter()
-                    recordings[skey] = record(model, tokenizer, prompts, suffix=method if skey else None)
-                    prefill_s[skey] = time.perf_counter() - start
-                rec_key = skey if skey in recordings else next(iter(recordings))
-                by_recording.setdefault(rec_key, []).append(len(jobs))
-                jobs.append((spec, budget, method, None, rec_key))
-            for rec_key, ids in by_recording.items():
-                derived = derive_many(recordings[rec_key], [jobs[n][2] for n in ids], config.batch_lookahead)
-                for n, cc in zip(ids, derived):
-                    jobs[n] = (*jobs[n][:3], cc, rec_key)
-            batches = decode_batches([job[3] for job in jobs], config.decode_batch)
-            for ids in batches:
-                merged = merge([jobs[n][3] for n in ids])
-                start = time.perf_counter()
-                if config.mode == "query_aware":
-                    logits = merged.first_logits
-                else:  # question-agnostic: the question follows the compressed context
-                    logits = append(merged, [q] * len(ids), tokenizer.pad_token_id or 0)
-                outputs = greedy_decode(merged, logits, sample.max_new_tokens, stops, compact=True)
-                decode_s = (time.perf_counter() - start) / len(ids)
-                for n, tokens in zip(ids, outputs):
-                    spec, budget, method, cc, rec_key = jobs[n]
-                    prediction = tokenizer.decode(tokens, skip_special_tokens=True)
-                    if sample.metadata.get("stop_on_newline"):  # greedy: cutting the text = stopping at "\n"
-                        prediction = prediction.split("\n", 1)[0]
-                    if sample.metric not in METRICS:
-                        raise DapqError(f"Unknown metric {sample.metric!r}. Known: {', '.join(sorted(METRICS))}.")
-                    score = 100.0 * score_prediction(sample.metric, prediction, sample.references, sample.metadata)
-                    row = {
-                        "sample_id": sample.id,
-                        "task": sample.task,
-                        "method": spec.name,
-                        "method_key": spec.key,
-                        "method_config": dataclasses.asdict(method),
-                        "budget": budget,
-                        "prediction": prediction,
-                        "references": sample.references,
-                        "metric": sample.metric,
-                        "score": score,
-                        "prompt_tokens": len(prompts[0]) + (0 if config.mode == "query_aware" else len(q)),
-                        "kept_mean": cc.stats["kept_mean"],
-                        "kv_bytes_compressed": cc.stats["kv_bytes_compressed"],
-                        "kv_bytes_peak": cc.stats["kv_bytes_peak"],  # accounted as `generate` accounts it
-                        "prefill_s": prefill_s.get(rec_key, 0.0),
-                        "select_s": cc.stats["select_s"],
-                        # a context pass (KVzip) and a draft (SpecKV) run before the first token: TTFT includes them
-                        "pass_s": cc.stats.get("pass_s", 0.0),
-                        "draft_s": cc.stats.get("draft_s", 0.0),
-                        "draft_kv_bytes_peak": cc.stats.get("draft_kv_bytes_peak", 0),
-                        "decode_s": decode_s,
-                        "decode_batch": len(ids),
-                        "new_tokens": len(tokens),
-                        "metadata": sample.metadata,
-                        **meta,
-                    }
-                    _append_row(f, row)
-                    done.add(row_key(sample.id, spec.key, budget, row["method_config"]))
-                    progress.advance(task)
+            for row in evaluate_sample(model, tokenizer, sample, todo, config, meta, stops):
+                append_row(f, row)
+                done.add(row_key(sample.id, row["method_key"], row["budget"], row["method_config"]))
+                progress.advance(task)
     return path
