@@ -245,3 +245,37 @@ def plain_rotary(model: Any) -> Any:
         return cos.float(), sin.float()
 
     return at
+
+
+# ---------------------------------------------------------------------------------------------------- Ray workers
+def tiny_loader(family: str = "llama") -> tuple[Any, Any]:
+    """(tiny model, tokenizer stub) for a Ray worker process (`WorkerSpec(loader=...)`)."""
+    return build_tiny(family), TinyTokenizer()
+
+
+@dataclass(frozen=True)
+class DyingLoader:
+    """A worker loader whose process kills itself (os._exit, as the OOM killer would end it: no exception, no
+    cleanup) at its `after`-th model forward, if `marker` does not exist yet; it creates the marker first, so exactly
+    one worker of a sweep dies, once. A forward = a pass through the first decoder layer."""
+
+    marker: str
+    after: int = 3
+
+    def __call__(self) -> tuple[Any, Any]:
+        model, tok = tiny_loader()
+        calls = [0]
+
+        def maybe_die(module: Any, args: Any) -> None:
+            calls[0] += 1
+            if calls[0] >= self.after and not os.path.exists(self.marker):
+                try:
+                    fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:
+                    return
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
+                os._exit(1)
+
+        model.model.layers[0].register_forward_pre_hook(maybe_die)  # every forward passes the first layer
+        return model, tok

@@ -51,3 +51,19 @@ def test_metrics_without_rouge_score_say_how_to_install_it(monkeypatch):
             metrics.rouge1("a b", ["a b"], {})
     finally:
         metrics._rouge_scorer.cache_clear()
+
+
+def test_eval_ray_without_ray_gives_the_install_command(monkeypatch, capsys):
+    from dapq.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    assert main(["eval", "niah", "--ray", "--lengths", "1000", "--depths", "1", "--methods", "full"]) == 2
+    err = capsys.readouterr().err
+    assert 'pip install "dapq[ray]"' in err and len(err.strip().splitlines()) == 1
+
+
+def test_ray_options_need_ray(capsys):
+    from dapq.cli import main
+
+    assert main(["eval", "niah", "--workers", "2", "--lengths", "1000", "--depths", "1", "--methods", "full"]) == 2
+    assert "go with --ray" in capsys.readouterr().err

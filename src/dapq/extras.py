@@ -27,6 +27,7 @@ EXTRAS: dict[str, dict[str, str]] = {
         "wonderwords": "wonderwords",
         "matplotlib": "matplotlib",
     },
+    "ray": {"ray": "ray"},  # dapq eval --ray: sweeps on a Ray cluster
 }
 
 

@@ -26,7 +26,15 @@ from . import gguf_cache
 from .catalog import BUNDLED, KnownModel, bundled_model_path, known_model
 from .errors import DapqError
 
-__all__ = ["bundled_model_path", "check_device", "gguf_sources", "load_model", "model_fingerprint", "resolve_dtype"]
+__all__ = [
+    "bundled_model_path",
+    "check_device",
+    "gguf_sources",
+    "load_model",
+    "load_tokenizer",
+    "model_fingerprint",
+    "resolve_dtype",
+]
 
 BUNDLED_NAME = BUNDLED.name
 BUNDLED_INSTALL = BUNDLED.install_command()
@@ -148,6 +156,32 @@ def load_model(
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def load_tokenizer(
+    name_or_path: str | None = None,
+    *,
+    cache_dir: str | os.PathLike | bool | None = None,
+    trust_remote_code: bool = False,
+) -> Any:
+    """The tokenizer `load_model` would return, without the model's weights (a sweep's driver builds prompts with it;
+    a GGUF file is converted into the cache first, as `load_model` would)."""
+    from transformers import AutoTokenizer
+
+    gguf = gguf_sources(name_or_path)
+    if gguf is None:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    else:
+        sources, name, known = gguf
+        sha = known.sha256 if known is not None else None
+        root = None if cache_dir is False else gguf_cache.cache_root(None if cache_dir is True else cache_dir)
+        if root is None:
+            tokenizer = gguf_cache.load_uncached(sources, sha)[1]
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(gguf_cache.gguf_folder(sources, name, root, sha))
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def model_fingerprint(name_or_path: str | None = None) -> str:

@@ -261,6 +261,9 @@ def method_params(name: str, items: list[str], option: str = "--param") -> dict[
     return typed_params(name, split_params(items, option))
 
 
+UNHASHED_EVERYWHERE = ("cache_dir", "ray", "workers", "gpus_per_worker", "threads_per_worker")
+
+
 def run_dir(args: argparse.Namespace, prefix: str, exclude: tuple[str, ...]) -> Path:
     """`--out`, or runs/<prefix>-<hash of the options except `exclude`>: the same command reuses (resumes) its
     folder."""
@@ -269,5 +272,7 @@ def run_dir(args: argparse.Namespace, prefix: str, exclude: tuple[str, ...]) -> 
         return Path(args.out)
     from ..bench.runner import config_hash
 
-    config = {k: v for k, v in vars(args).items() if k not in exclude}
+    # where GGUF conversions are cached and how a sweep is scheduled do not change its rows
+    skip = (*exclude, *UNHASHED_EVERYWHERE)
+    config = {k: v for k, v in vars(args).items() if k not in skip}
     return Path("runs") / f"{prefix}-{config_hash(config)}"

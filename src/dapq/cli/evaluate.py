@@ -30,7 +30,7 @@ from .args import (
 )
 
 #: options that do not change results, left out of the hash that names the output folder
-NOT_HASHED = ("func", "out", "command", "device", "attn", "new_run")
+NOT_HASHED = ("func", "out", "command", "device", "attn", "new_run")  # and args.UNHASHED_EVERYWHERE
 #: options that change rows without changing sample ids: recorded in run.json, a rerun must match them (what selects
 #: samples, such as --samples, --lengths or --tasks, may change between reruns of one run)
 ROW_SETTINGS = ("max_prompt_tokens", "data_dir", "data_file", "from_hub", "length", "prompt_style")
@@ -74,6 +74,25 @@ def add_parser(sub: Any) -> None:
         "refusing",
     )
     add_model_options(common)
+    common.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="run the sweep on Ray workers: no ADDRESS starts a local Ray instance, `auto` joins the running "
+        'cluster, or give a cluster address (needs pip install "dapq[ray]")',
+    )
+    common.add_argument("--workers", type=int, default=None, help="with --ray: Ray workers, one model each (default 2)")
+    common.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        help="with --ray: GPUs per worker (default 1 when the cluster has GPUs, else 0)",
+    )
+    common.add_argument(
+        "--threads-per-worker", type=int, default=None, help="with --ray: CPUs (torch threads) per worker (default 1)"
+    )
     common.add_argument("--max-prompt-tokens", type=int, default=None, help="truncate real-data prompts (head + tail)")
     p = bench.add_parser("niah", parents=[common], help="Kamradt needle in a haystack (Paul Graham essays)")
     p.add_argument("--lengths", default="1000-4000:500", help="prompt lengths: start-stop:step or a list (1k,2k)")
@@ -208,9 +227,53 @@ def cmd_eval(args: argparse.Namespace, console: Any) -> int:
     out = run_dir(args, args.bench, NOT_HASHED)
     config = run_config(args, args.bench)
     out = open_run(out, config, new_run=args.new_run, check_only=True)  # a settings clash, before the model load
+    if args.ray is not None:
+        return eval_on_ray(args, specs, budgets, out, config, console)
+    if args.workers is not None or args.gpus_per_worker is not None or args.threads_per_worker is not None:
+        raise DapqError("--workers, --gpus-per-worker and --threads-per-worker go with --ray.")
     model, tok = load_model_from_args(args)
     samples = eval_samples(args, tok)
     console.print(f"{len(samples)} samples x {len(specs)} methods -> {out}")
     path = run(model, tok, samples, specs, budgets, out, config=config, console=console, new_run=args.new_run)
     console.print(f"results: {path}   tables and figures: dapq report {path.parent}")
+    return 0
+
+
+def eval_on_ray(args: argparse.Namespace, specs: list, budgets: list, out: Any, config: Any, console: Any) -> int:
+    """`dapq eval ... --ray`: the driver builds the samples with the tokenizer only; each worker loads the model."""
+    from .. import models
+    from ..bench.distributed import WorkerSpec, ray_module, run_ray
+
+    ray_module()  # not installed: the install command, before anything loads
+    workers = 2 if args.workers is None else args.workers
+    check_positive(workers, "--workers")
+    check_positive(args.threads_per_worker, "--threads-per-worker")
+    if args.gpus_per_worker is not None and args.gpus_per_worker < 0:
+        raise DapqError(f"--gpus-per-worker must be >= 0; got {args.gpus_per_worker}")
+    tok = models.load_tokenizer(args.model, cache_dir=args.cache_dir)
+    samples = eval_samples(args, tok)
+    spec = WorkerSpec(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        attn=args.attn,
+        cache_dir=args.cache_dir,
+        threads=args.threads_per_worker or 1,
+    )
+    where = "a local Ray instance" if args.ray == "local" else f"Ray at {args.ray}"
+    console.print(f"{len(samples)} samples x {len(specs)} methods on {workers} worker(s), {where} -> {out}")
+    summary = run_ray(
+        spec,
+        samples,
+        specs,
+        budgets,
+        out,
+        config=config,
+        address=None if args.ray == "local" else args.ray,
+        workers=workers,
+        gpus_per_worker=args.gpus_per_worker,
+        console=console,
+        new_run=args.new_run,
+    )
+    console.print(f"results: {summary.path}   tables and figures: dapq report {summary.path.parent}")
     return 0
