@@ -279,3 +279,17 @@ class DyingLoader:
 
         model.model.layers[0].register_forward_pre_hook(maybe_die)  # every forward passes the first layer
         return model, tok
+
+
+@dataclass(frozen=True)
+class SlowLoader:
+    """A worker loader whose model sleeps `delay` seconds before every forward (a sweep slow enough to kill)."""
+
+    delay: float = 0.05
+
+    def __call__(self) -> tuple[Any, Any]:
+        import time
+
+        model, tok = tiny_loader()
+        model.model.layers[0].register_forward_pre_hook(lambda module, args: time.sleep(self.delay))
+        return model, tok

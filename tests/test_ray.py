@@ -6,6 +6,12 @@ A local Ray instance with 2 CPU workers on a tiny model (skipped when Ray is not
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -51,6 +57,55 @@ def keyed(rows: list[dict]) -> dict[tuple, tuple]:
 def single_process(tmp_path: Path, items: list[Sample]) -> list[dict]:
     path = run(build_tiny("llama"), TinyTokenizer(), items, SPECS, BUDGETS, tmp_path / "single", config=CONFIG)
     return load_rows(path)
+
+
+DRIVER = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {tests!r})
+    import test_ray as t
+    from dapq.bench.distributed import WorkerSpec, run_ray
+    from helpers import SlowLoader
+    run_ray(WorkerSpec(loader=SlowLoader(0.05)), t.samples(24), t.SPECS, t.BUDGETS, {out!r}, config=t.CONFIG,
+            init_kwargs={{"num_cpus": 2, "runtime_env": {{"env_vars": {{"PYTHONPATH": {tests!r}}}}}}})
+    """
+)
+
+
+def test_kill_minus_nine_of_the_driver_then_resume(tmp_path):
+    """The driver process is killed (SIGKILL) in the middle of a Ray sweep; the same folder is finished by the
+    single-process runner: no row lost, none duplicated, every row equal to a whole single-process run's.
+    (First in this file: it starts its own Ray instance, before the module's shared one exists.)"""
+    out = tmp_path / "ray"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DRIVER.format(tests=str(TESTS), out=str(out))],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its Ray processes in their own group, cleaned up below
+    )
+    results = out / "results.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if results.exists() and results.read_text().count("\n") >= 7:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the sweep ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the orphaned local Ray instance it started
+    except ProcessLookupError:
+        pass
+    partial = load_rows(results)
+    assert 7 <= len(partial) < 24 * 5, f"killed with {len(partial)} rows"
+    items = samples(24)
+    path = run(build_tiny("llama"), TinyTokenizer(), items, SPECS, BUDGETS, out, config=CONFIG)
+    rows = load_rows(path)
+    keys = [(r["sample_id"], r["method_key"], json.dumps(r["budget"])) for r in rows]
+    assert len(keys) == len(set(keys)) == 24 * 5, "rows lost or duplicated"
+    assert keyed(rows) == keyed(single_process(tmp_path, items))
 
 
 @pytest.fixture(scope="module")
