@@ -119,6 +119,29 @@ def build_tiny(name: str) -> Any:
     return _MODELS[name]
 
 
+def toy_samples(n: int, chars: int = 60, max_new_tokens: int = 4, long_one: int | None = None) -> list[Any]:
+    """n harness samples of `chars` letters each (one id per sample: s0, s1, ...) for the tiny models; sample
+    `long_one` gets 600 letters, more than the tiny models' 512 positions (an error in any worker)."""
+    from dapq.bench.base import Sample
+
+    out = []
+    for i in range(n):
+        length = 600 if i == long_one else chars
+        out.append(
+            Sample(
+                id=f"s{i}",
+                task="toy",
+                context="".join(chr(97 + (i * 7 + j) % 26) for j in range(length)),
+                question=f"q{i}?",
+                references=["a"],
+                metric="string_match_all",
+                max_new_tokens=max_new_tokens,
+                metadata={"length": length},
+            )
+        )
+    return out
+
+
 def sliding_layers(model: Any) -> list[bool]:
     types = getattr(model.config, "layer_types", None) or ["full_attention"] * model.config.num_hidden_layers
     return [t == "sliding_attention" for t in types]

@@ -23,7 +23,7 @@ from dapq.bench.runner import RESULTS, load_rows
 from dapq.cli import ablate as ablate_cli
 from dapq.cli.args import parse_budgets
 from dapq.errors import DapqError
-from helpers import TinyTokenizer, build_tiny
+from helpers import TinyTokenizer, build_tiny, toy_samples
 
 TOK = TinyTokenizer()
 
@@ -38,19 +38,7 @@ def _one_thread():
 
 
 def _samples(n: int, chars: int = 60) -> list[Sample]:
-    return [
-        Sample(
-            id=f"s{i}",
-            task="toy",
-            context="".join(chr(97 + (i * 7 + j) % 26) for j in range(chars)),
-            question=f"q{i}?",
-            references=["a"],
-            metric="string_match_all",
-            max_new_tokens=3,
-            metadata={"length": chars},
-        )
-        for i in range(n)
-    ]
+    return toy_samples(n, chars, max_new_tokens=3)
 
 
 def _quiet() -> Console:

@@ -18,7 +18,7 @@ import pytest
 
 from dapq.bench.base import Sample
 from dapq.bench.runner import MethodSpec, RunConfig, load_rows, run
-from helpers import DyingLoader, TinyTokenizer, build_tiny, tiny_loader
+from helpers import DyingLoader, TinyTokenizer, build_tiny, tiny_loader, toy_samples
 
 ray = pytest.importorskip("ray", reason='Ray is not installed: pip install "dapq[ray]"')
 
@@ -32,22 +32,7 @@ CONFIG = RunConfig(model="tiny-llama")
 
 
 def samples(n: int, long_one: int | None = None) -> list[Sample]:
-    out = []
-    for i in range(n):
-        length = 600 if i == long_one else 60  # 600 > the tiny model's 512 positions: an error in every worker
-        out.append(
-            Sample(
-                id=f"s{i}",
-                task="toy",
-                context="".join(chr(97 + (i * 7 + j) % 26) for j in range(length)),
-                question=f"q{i}?",
-                references=["a"],
-                metric="string_match_all",
-                max_new_tokens=4,
-                metadata={"length": length},
-            )
-        )
-    return out
+    return toy_samples(n, long_one=long_one)
 
 
 def keyed(rows: list[dict]) -> dict[tuple, tuple]:

@@ -20,7 +20,7 @@ from dapq.bench.base import Sample
 from dapq.bench.runner import MethodSpec, RunConfig, decode_batches, load_rows, run
 from dapq.engine import compress, derive, generate, greedy_decode, merge, record
 from dapq.methods.protocols import pseudo_length
-from helpers import METHOD_PARAMS, TinyTokenizer, build_tiny, random_prompt
+from helpers import METHOD_PARAMS, TinyTokenizer, build_tiny, random_prompt, toy_samples
 
 TOK = TinyTokenizer()
 TESTS = Path(__file__).parent
@@ -56,19 +56,7 @@ def test_a_dapq_variant_with_another_suffix_is_refused():
 
 
 def _samples(n: int) -> list[Sample]:
-    return [
-        Sample(
-            id=f"s{i}",
-            task="toy",
-            context="".join(chr(97 + (i * 7 + j) % 26) for j in range(60)),
-            question=f"q{i}?",
-            references=["a"],
-            metric="string_match_all",
-            max_new_tokens=4,
-            metadata={"length": 60},
-        )
-        for i in range(n)
-    ]
+    return toy_samples(n)
 
 
 SPECS = [MethodSpec.of("full"), MethodSpec.of("snapkv", window=4), MethodSpec.of("dapq", n_pseudo_tokens=8)]
