@@ -61,12 +61,12 @@ def resolve_draft(method: DraftedSuffix, model: Any) -> Any:
 
 
 def load_draft(name: str, target: Any) -> Any:
-    """A draft model from a local folder, a hub id or the bundled model's name, on the target's device and dtype
-    (its tokenizer is the target's: only the model is loaded)."""
-    from ..models import BUNDLED_NAME, load_model
+    """A draft model from a local folder, a hub id, a .gguf file or a known offline model's name (`dapq models`), on
+    the target's device and dtype (its tokenizer is the target's: only the model is loaded)."""
+    from ..models import gguf_sources, load_model
 
     device, dtype = model_info(target).device, next(target.parameters()).dtype
-    if name == BUNDLED_NAME:
+    if gguf_sources(name) is not None:  # a known offline model or a .gguf file: through the conversion cache
         return load_model(name, dtype=dtype, device=device)[0]
     from transformers import AutoModelForCausalLM
 
