@@ -261,3 +261,15 @@ def test_qwen_loads_and_answers():
     )
     out = generate(model, tok, "The secret code is 7341. " * 3, "What is the secret code?", FullKV(), max_new_tokens=12)
     assert "7341" in out.text
+
+
+@pytest.mark.bundled
+def test_load_tokenizer_is_load_models_tokenizer(bundled):
+    """The Ray driver builds prompts with `load_tokenizer` alone: the same ids and template as `load_model`'s."""
+    from dapq import build_prompt
+    from dapq.models import load_tokenizer
+
+    tok = load_tokenizer()
+    text = "The keeper wrote down every ship that passed."
+    assert build_prompt(tok, text, "What did she write?") == build_prompt(bundled[1], text, "What did she write?")
+    assert tok.pad_token_id == bundled[1].pad_token_id and tok.chat_template == bundled[1].chat_template
