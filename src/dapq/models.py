@@ -123,13 +123,12 @@ def load_model(
         load_kwargs["device_map"] = device_map
     gguf = gguf_sources(name_or_path)
     if gguf is not None:
-        sources, name, known = gguf
-        sha = known.sha256 if known is not None else None
-        root = None if cache_dir is False else gguf_cache.cache_root(None if cache_dir is True else cache_dir)
-        if root is None:
+        folder = gguf_entry(gguf, cache_dir)
+        if folder is None:
+            sources, _, known = gguf
+            sha = known.sha256 if known is not None else None
             model, tokenizer = gguf_cache.load_uncached(sources, sha, dtype=torch_dtype, **load_kwargs)
         else:
-            folder = gguf_cache.gguf_folder(sources, name, root, sha)
             with contextlib.redirect_stderr(io.StringIO()):  # a "Loading weights" bar per load
                 tokenizer = AutoTokenizer.from_pretrained(folder)
                 model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype or torch.float32, **load_kwargs)
@@ -153,9 +152,7 @@ def load_model(
     if device is not None and device_map is None:
         model = model.to(check_device(device))
     model.eval()
-    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return model, with_pad_token(tokenizer)
 
 
 def load_tokenizer(
@@ -170,15 +167,31 @@ def load_tokenizer(
 
     gguf = gguf_sources(name_or_path)
     if gguf is None:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    else:
-        sources, name, known = gguf
-        sha = known.sha256 if known is not None else None
-        root = None if cache_dir is False else gguf_cache.cache_root(None if cache_dir is True else cache_dir)
-        if root is None:
-            tokenizer = gguf_cache.load_uncached(sources, sha)[1]
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(gguf_cache.gguf_folder(sources, name, root, sha))
+        try:
+            return with_pad_token(AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code))
+        except OSError as exc:
+            raise DapqError(f"Could not load the tokenizer of {name_or_path!r}: {exc}") from exc
+    folder = gguf_entry(gguf, cache_dir)
+    if folder is None:
+        sources, _, known = gguf
+        return with_pad_token(gguf_cache.load_uncached(sources, known.sha256 if known is not None else None)[1])
+    return with_pad_token(AutoTokenizer.from_pretrained(folder))
+
+
+def gguf_entry(
+    gguf: tuple[list[Path], str, KnownModel | None], cache_dir: str | os.PathLike | bool | None
+) -> Path | None:
+    """The conversion cache's folder for `gguf_sources(...)`'s file (converted on first use; a known model's pinned
+    sha256 checked), or None when caching is off (`cache_dir=False`, DAPQ_CACHE_DIR=off)."""
+    sources, name, known = gguf
+    root = None if cache_dir is False else gguf_cache.cache_root(None if cache_dir is True else cache_dir)
+    if root is None:
+        return None
+    return gguf_cache.gguf_folder(sources, name, root, known.sha256 if known is not None else None)
+
+
+def with_pad_token(tokenizer: Any) -> Any:
+    """The tokenizer, padding with its end-of-sequence token when it has no pad token (batches are left-padded)."""
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -37,8 +37,8 @@ from .runner import (
     RunConfig,
     RunLock,
     append_row,
+    done_keys,
     evaluate_sample,
-    load_rows,
     method_fields,
     open_run,
     row_key,
@@ -260,7 +260,7 @@ def _drive(
     stats = {n: WorkerStats(name=f"worker {n}", host=infos[n]["host"]) for n in range(n_workers)}
     with RunLock(out):
         path = out / RESULTS
-        done = {row_key(r["sample_id"], r["method_key"], r["budget"], r.get("method_config")) for r in load_rows(path)}
+        done = done_keys(path)
         meta = row_meta(config)
         jobs_per_sample = sum(len(budgets) if s.uses_budget else 1 for s in methods)
         queue: deque[int] = deque()

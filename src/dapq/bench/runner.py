@@ -134,6 +134,11 @@ def row_key(sample_id: str, method_key: str, budget: Any, method_config: dict[st
     return (sample_id, method_key, json.dumps(budget), cfg)
 
 
+def done_keys(path: Path) -> set[tuple]:
+    """The row keys already in a results file (its torn last line cut off): what a resumed run skips."""
+    return {row_key(r["sample_id"], r["method_key"], r["budget"], r.get("method_config")) for r in load_rows(path)}
+
+
 def check_fields(row: Any, where: str, fields: dict[str, Any]) -> dict[str, Any]:
     """A JSON object with every field of `fields` (name -> type, `object` for any value; a bool is not a number),
     else a one-line DapqError naming `where`."""
@@ -509,7 +514,7 @@ def _run_locked(
     total: int | None,
 ) -> Path:
     path = out / RESULTS
-    done = {row_key(r["sample_id"], r["method_key"], r["budget"], r.get("method_config")) for r in load_rows(path)}
+    done = done_keys(path)
     samples = list(samples)
     stops = stop_token_ids(tokenizer)
     meta = row_meta(config)
