@@ -1,0 +1,55 @@
+"""Merge the result rows of several `dapq eval` folders (or .jsonl / .jsonl.gz files) into one gzipped JSONL.
+
+    python scripts/merge_rows.py runs/est4k-a runs/est4k-b --out docs/results/estimators/ruler-4k.jsonl.gz
+
+Sweeps split over processes each start from a copy of the committed rows, so the same row appears in several
+inputs: a row is kept once per (sample_id, method_key, budget, method_config), the first one read wins. Error rows
+are dropped (they are not results). The gzip header carries no time stamp, so the same rows give the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+from pathlib import Path
+
+
+def read(path: str) -> list[dict]:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.jsonl"
+    opener = gzip.open if p.suffix == ".gz" else open
+    with opener(p, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def key(row: dict) -> tuple:
+    return row["sample_id"], row["method_key"], row["budget"], json.dumps(row.get("method_config"), sort_keys=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("inputs", nargs="+")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    seen: set[tuple] = set()
+    out: list[dict] = []
+    dropped = 0
+    for path in args.inputs:
+        for row in read(path):
+            if row.get("error"):
+                dropped += 1
+                continue
+            k = key(row)
+            if k not in seen:
+                seen.add(k)
+                out.append(row)
+    with open(args.out, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz:
+        for row in out:
+            gz.write((json.dumps(row) + "\n").encode())
+    print(f"{len(out)} rows ({dropped} error rows dropped) -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
