@@ -12,16 +12,8 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-from pathlib import Path
 
-
-def read(path: str) -> list[dict]:
-    p = Path(path)
-    if p.is_dir():
-        p = p / "results.jsonl"
-    opener = gzip.open if p.suffix == ".gz" else open
-    with opener(p, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+from estimator_tables import rows  # the same folder: one reader of result rows for both scripts
 
 
 def key(row: dict) -> tuple:
@@ -37,7 +29,7 @@ def main() -> None:
     out: list[dict] = []
     dropped = 0
     for path in args.inputs:
-        for row in read(path):
+        for row in rows(path):
             if row.get("error"):
                 dropped += 1
                 continue
