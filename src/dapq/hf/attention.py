@@ -211,10 +211,7 @@ def dapq_attention(
         if q == 1 and window is None and track.all_valid:
             mask = None
         else:
-            k_pos, k_valid = track.pos, track.valid  # [B, H_s, T]
-            if q > 1 and k_pos.shape[1] > 1 and bool((k_pos == k_pos[:, :1]).all() & (k_valid == k_valid[:, :1]).all()):
-                k_pos, k_valid = k_pos[:, :1], k_valid[:, :1]  # heads agree: one mask broadcast, not H_q copies
-            mask = _visible(step.pos.to(dev), k_pos, k_valid, window)  # [B, H_s or 1, q, T]
+            mask = _visible(step.pos.to(dev), track.pos, track.valid, window)  # [B, H_s, q, T]
             new = torch.arange(q, device=mask.device)
             mask[..., -q:] |= new[:, None] == new[None, :]  # every query sees itself (pad queries too)
     if mask is not None:
