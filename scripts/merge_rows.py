@@ -3,8 +3,9 @@
     python scripts/merge_rows.py runs/est4k-a runs/est4k-b --out docs/results/estimators/ruler-4k.jsonl.gz
 
 Sweeps split over processes each start from a copy of the committed rows, so the same row appears in several
-inputs: a row is kept once per (sample_id, method_key, budget, method_config), the first one read wins. Error rows
-are dropped (they are not results). The gzip header carries no time stamp, so the same rows give the same bytes.
+inputs: a row is kept once per `dapq.bench.runner.row_key` (sample, method, budget, config), the first one read
+wins. Error rows are dropped (they are not results). The gzip header carries no time stamp, so the same rows give
+the same bytes.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ import json
 
 from estimator_tables import rows  # the same folder: one reader of result rows for both scripts
 
-
-def key(row: dict) -> tuple:
-    return row["sample_id"], row["method_key"], row["budget"], json.dumps(row.get("method_config"), sort_keys=True)
+from dapq.bench.runner import row_key  # the key a resumed run skips on: merged rows are unique in the same sense
 
 
 def main() -> None:
@@ -33,7 +32,7 @@ def main() -> None:
             if row.get("error"):
                 dropped += 1
                 continue
-            k = key(row)
+            k = row_key(row["sample_id"], row["method_key"], row["budget"], row.get("method_config"))
             if k not in seen:
                 seen.add(k)
                 out.append(row)
