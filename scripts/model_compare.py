@@ -4,8 +4,9 @@
         --niah docs/results/qwen/niah.jsonl.gz docs/results/qwen/smollm2-niah.jsonl.gz \
         --ruler docs/results/qwen/ruler-2k.jsonl.gz docs/results/qwen/smollm2-ruler-2k.jsonl.gz
 
-Reads the result rows of `dapq eval` (results.jsonl or .jsonl.gz) of the same grid measured on two models and prints
-markdown: one table per bench (method x budget, both models side by side, on the sample ids both models scored),
+Reads the result rows of `dapq eval` (results.jsonl or .jsonl.gz; several joined by '+') of the same grid on two
+models and prints markdown: one table per bench and budget (both models side by side, on the sample ids both scored;
+a method measured on one model only shows its own samples' value, marked),
 then per bench and budget each model's ranking of the methods they share, the Kendall tau between the two rankings,
 and every pair of methods whose order differs between the models with the gap on each. Nothing here is computed
 that the rows do not hold.
@@ -24,24 +25,43 @@ from estimator_tables import rows  # the same folder: one reader of result rows 
 Key = tuple[str, Any]  # (method, budget)
 
 
-def scores(data: list[dict[str, Any]], ids: set[str]) -> dict[Key, float]:
-    """AVG over tasks of the per-task mean score, per (method, budget), on the sample ids in `ids`."""
-    by: dict[tuple[str, Any, str], list[float]] = defaultdict(list)
+def cells(data: list[dict[str, Any]]) -> dict[Key, dict[str, dict[str, float]]]:
+    """{(method, budget): {task: {sample_id: score}}}; `learned,queries=...` is `learned`."""
+    out: dict[Key, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
     for r in data:
-        if r.get("error") is None and r["sample_id"] in ids:
-            by[(r["method_key"], r["budget"], r["task"])].append(float(r["score"]))
-    tasks: dict[Key, list[float]] = defaultdict(list)
-    for (m, b, _t), v in by.items():
-        tasks[(m, b)].append(mean(v))
-    return {k: mean(v) for k, v in tasks.items()}
+        if r.get("error") is None:
+            out[(r["method_key"].split(",")[0], r["budget"])][r["task"]][r["sample_id"]] = float(r["score"])
+    return out
 
 
-def n_per_task(data: list[dict[str, Any]], ids: set[str]) -> dict[str, int]:
-    seen: dict[str, set[str]] = defaultdict(set)
-    for r in data:
-        if r["sample_id"] in ids:
-            seen[r["task"]].add(r["sample_id"])
-    return {t: len(v) for t, v in sorted(seen.items())}
+def avg(cell: dict[str, dict[str, float]], ids: set[str]) -> float:
+    """AVG over tasks of the per-task mean score on the sample ids in `ids`."""
+    return mean(mean(v for i, v in per.items() if i in ids) for per in cell.values() if any(i in ids for i in per))
+
+
+def ids_of(cell: dict[str, dict[str, float]]) -> set[str]:
+    return {i for per in cell.values() for i in per}
+
+
+def per_task(cell: dict[str, dict[str, float]], ids: set[str]) -> str:
+    ns = sorted({sum(i in ids for i in per) for per in cell.values()})
+    return str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+
+
+def joined(spec: str, tasks: str | None) -> list[dict[str, Any]]:
+    """The rows of one or more files joined by '+', the first row of a (sample, method, budget) wins; only `tasks`
+    (comma-separated, without the bench prefix) when given."""
+    keep = {t.strip() for t in tasks.split(",")} if tasks else None
+    out: list[dict[str, Any]] = []
+    seen: set[tuple[str, str, Any]] = set()
+    for path in spec.split("+"):
+        for r in rows(path):
+            key = (r["sample_id"], r["method_key"], r["budget"])
+            if key in seen or (keep is not None and r["task"].split("/")[-1] not in keep and r["task"] != "niah"):
+                continue
+            seen.add(key)
+            out.append(r)
+    return out
 
 
 def kendall_tau(a: list[float], b: list[float]) -> float:
@@ -68,45 +88,56 @@ def fmt_budget(b: Any) -> str:
 
 
 def bench_section(title: str, names: list[str], data: list[list[dict[str, Any]]]) -> list[str]:
-    ids = set.intersection(*({r["sample_id"] for r in d} for d in data))
-    tabs = [scores(d, ids) for d in data]
+    tabs = [cells(d) for d in data]
     out = [f"### {title}", ""]
-    out.append(f"Samples per task (scored by both models): {n_per_task(data[0], ids)}")
-    out.append("")
     budgets = sorted({b for t in tabs for (_m, b) in t if b is not None})
     methods: list[str] = []
     for t in tabs:
         for m, _b in t:
             if m not in methods:
                 methods.append(m)
-    head = ["method"] + [f"{n} {b}" for b in budgets for n in names]
-    out.append("| " + " | ".join(head) + " |")
-    out.append("|" + "---|" * len(head))
-    for m in methods:
-        cells = [m]
-        for b in budgets:
-            for t in tabs:
-                v = t.get((m, b), t.get((m, None)))  # FullKV has no budget: the same value in every column
-                cells.append("" if v is None else f"{v:.1f}")
-        out.append("| " + " | ".join(cells) + " |")
-    out.append("")
     for b in budgets:
+        out += [f"#### Budget {b}", ""]
+        out.append(f"| method | {names[0]} | {names[1]} | samples per task (both) |")
+        out.append("|---|---|---|---|")
+        for m in methods:
+            key = (m, b) if (m, b) in tabs[0] or (m, b) in tabs[1] else (m, None)
+            if key not in tabs[0] and key not in tabs[1]:
+                continue
+            both = key in tabs[0] and key in tabs[1]
+            ids = ids_of(tabs[0][key]) & ids_of(tabs[1][key]) if both else set()
+            if ids:
+                vals = [f"{avg(t[key], ids):.1f}" for t in tabs]
+                n = per_task(tabs[0][key], ids)
+            else:  # one model only: its own samples, marked
+                vals = [f"({avg(t[key], ids_of(t[key])):.1f})" if key in t else "" for t in tabs]
+                own = next(i for i, t in enumerate(tabs) if key in t)
+                n = f"{names[own]} only: {per_task(tabs[own][key], ids_of(tabs[own][key]))}"
+            label = m if key[1] is not None else f"{m} (no budget)"
+            out.append(f"| {label} | {vals[0]} | {vals[1]} | {n} |")
+        out.append("")
         shared = [m for m in methods if m != "full" and all((m, b) in t for t in tabs)]
-        vals = [[t[(m, b)] for m in shared] for t in tabs]
+        common = set.intersection(*(ids_of(t[(m, b)]) for t in tabs for m in shared)) if shared else set()
+        if len(shared) < 2 or not common:
+            out += ["Too few methods measured on both models at this budget to rank.", ""]
+            continue
+        vals = [[avg(t[(m, b)], common) for m in shared] for t in tabs]
         tau = kendall_tau(vals[0], vals[1])
-        out.append(f"**Budget {b}**: Kendall tau between the two rankings of {len(shared)} methods = {tau:.2f}.")
-        for n, v in zip(names, vals):
+        n = per_task(tabs[0][(shared[0], b)], common)
+        out.append(
+            f"Rankings on the samples every ranked method scored on both models ({n} per task): "
+            f"Kendall tau = {tau:.2f} over {len(shared)} methods."
+        )
+        for name, v in zip(names, vals):
             ranked = sorted(zip(shared, v), key=lambda x: -x[1])
-            out.append(f"- {n}: " + " > ".join(f"{m} {s:.1f}" for m, s in ranked))
+            out.append(f"- {name}: " + " > ".join(f"{m} {s:.1f}" for m, s in ranked))
         flips = []
         for i, j in combinations(range(len(shared)), 2):
             da, db = vals[0][i] - vals[0][j], vals[1][i] - vals[1][j]
             if da * db < 0:
                 flips.append(f"{shared[i]} vs {shared[j]}: {names[0]} {da:+.1f}, {names[1]} {db:+.1f}")
-        out.append(
-            f"- pairs in a different order ({len(flips)} of {len(shared) * (len(shared) - 1) // 2}): "
-            + ("; ".join(flips) if flips else "none")
-        )
+        pairs = len(shared) * (len(shared) - 1) // 2
+        out.append(f"- pairs in opposite order ({len(flips)} of {pairs}): " + ("; ".join(flips) if flips else "none"))
         out.append("")
     return out
 
@@ -116,15 +147,16 @@ def main() -> None:
     ap.add_argument("--names", required=True, help="two labels, comma-separated, in the order of the files")
     ap.add_argument("--niah", nargs=2, metavar="ROWS")
     ap.add_argument("--ruler", nargs=2, metavar="ROWS")
+    ap.add_argument("--tasks", help="only these RULER tasks (comma-separated), e.g. niah_single_1,niah_multikey_1")
     args = ap.parse_args()
     names = args.names.split(",")
     if len(names) != 2:
         raise SystemExit("--names takes two labels, e.g. --names qwen,smollm2")
     out: list[str] = []
     if args.niah:
-        out += bench_section("NIAH (word recall x 100)", names, [rows(p) for p in args.niah])
+        out += bench_section("NIAH (word recall x 100)", names, [joined(p, args.tasks) for p in args.niah])
     if args.ruler:
-        out += bench_section("RULER 2k AVG (string_match x 100)", names, [rows(p) for p in args.ruler])
+        out += bench_section("RULER 2k AVG (string_match x 100)", names, [joined(p, args.tasks) for p in args.ruler])
     print("\n".join(out))
 
 
