@@ -1,8 +1,10 @@
 """Two models on the same grids: per method and budget the NIAH mean and the RULER AVG, and whether the orderings held.
 
-    python scripts/model_compare.py --names qwen,smollm2 \
-        --niah docs/results/qwen/niah.jsonl.gz docs/results/qwen/smollm2-niah.jsonl.gz \
-        --ruler docs/results/qwen/ruler-2k.jsonl.gz docs/results/qwen/smollm2-ruler-2k.jsonl.gz
+    python scripts/model_compare.py --names Qwen,SmolLM2 \
+        --tasks niah_single_1,niah_single_2,niah_single_3,niah_multikey_1 \
+        --niah docs/results/qwen2.5-coder-0.5b/niah.jsonl.gz docs/results/qwen2.5-coder-0.5b/smollm2-niah.jsonl.gz \
+        --ruler docs/results/qwen2.5-coder-0.5b/ruler-2k.jsonl.gz docs/results/estimators/ruler-2k.jsonl.gz+...
+    (the full commands: docs/results/qwen2.5-coder-0.5b.md)
 
 Reads the result rows of `dapq eval` (results.jsonl or .jsonl.gz; several joined by '+') of the same grid on two
 models and prints markdown: one table per bench and budget (both models side by side, on the sample ids both scored;
@@ -21,6 +23,8 @@ from statistics import mean
 from typing import Any
 
 from estimator_tables import rows  # the same folder: one reader of result rows for every script
+
+from dapq.bench.runner import row_key  # a row's identity, as merge_rows and a resumed run use it
 
 Key = tuple[str, Any]  # (method, budget)
 
@@ -50,14 +54,14 @@ def per_task(cell: dict[str, dict[str, float]], ids: set[str]) -> str:
 
 def joined(spec: str, tasks: str | None) -> list[dict[str, Any]]:
     """The rows of one or more files joined by '+', the first row of a (sample, method, budget) wins; only `tasks`
-    (comma-separated, without the bench prefix) when given."""
+    (comma-separated, without the bench prefix, e.g. niah_single_1) when given."""
     keep = {t.strip() for t in tasks.split(",")} if tasks else None
     out: list[dict[str, Any]] = []
-    seen: set[tuple[str, str, Any]] = set()
+    seen: set[tuple] = set()
     for path in spec.split("+"):
         for r in rows(path):
-            key = (r["sample_id"], r["method_key"], r["budget"])
-            if key in seen or (keep is not None and r["task"].split("/")[-1] not in keep and r["task"] != "niah"):
+            key = row_key(r["sample_id"], r["method_key"], r["budget"])  # without the config: the first file wins
+            if key in seen or (keep is not None and r["task"].split("/")[-1] not in keep):
                 continue
             seen.add(key)
             out.append(r)
@@ -81,10 +85,6 @@ def kendall_tau(a: list[float], b: list[float]) -> float:
             disc += 1
     denom = ((conc + disc + ties_a) * (conc + disc + ties_b)) ** 0.5
     return (conc - disc) / denom if denom else float("nan")
-
-
-def fmt_budget(b: Any) -> str:
-    return "-" if b is None else str(b)
 
 
 def bench_section(title: str, names: list[str], data: list[list[dict[str, Any]]]) -> list[str]:
@@ -154,7 +154,7 @@ def main() -> None:
         raise SystemExit("--names takes two labels, e.g. --names qwen,smollm2")
     out: list[str] = []
     if args.niah:
-        out += bench_section("NIAH (word recall x 100)", names, [joined(p, args.tasks) for p in args.niah])
+        out += bench_section("NIAH (word recall x 100)", names, [joined(p, None) for p in args.niah])
     if args.ruler:
         out += bench_section("RULER 2k AVG (string_match x 100)", names, [joined(p, args.tasks) for p in args.ruler])
     print("\n".join(out))
