@@ -11,8 +11,9 @@ cd "$(dirname "$0")/.."  # the repository root
 S=${SAMPLES:-5}
 if [ "${PART:-}" = grid ]; then
   L=${LENGTH:-2048}
-  dapq eval ruler --tasks all --lengths "$L" --samples "$S" --methods full,snapkv,dapq,laq,learned --budgets 64,128,256 \
-    --out "runs/front-ruler-$L"
+  # TASKS=a,b,... and OUT=runs/...: one share of the tasks per 1-thread process (merge the folders with merge_rows.py)
+  dapq eval ruler --tasks "${TASKS:-all}" --lengths "$L" --samples "$S" --methods full,snapkv,dapq,laq,learned \
+    --budgets 64,128,256 --out "${OUT:-runs/front-ruler-$L}"
   exit
 fi
 Q=${QUERIES:-}  # a queries file to evaluate instead of the shipped one (its own run folder)
