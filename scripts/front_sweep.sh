@@ -3,10 +3,10 @@
 # the same prompts as docs/results/estimators.md), budgets 64/128/256: the shipped learned queries alone, then the
 # one-shot and lookahead baselines at 64 and 256 (budget 128: the estimator grid's rows). SAMPLES=10 extends both.
 # PART=grid LENGTH=2048|4096 SAMPLES=10: the front's grid in one folder per length, runs/front-ruler-<L>: FullKV,
-# SnapKV, DapQ, LAQ and the shipped `learned` at 64/128/256. Seed it with the committed rows first (they resume):
-#   python scripts/merge_rows.py docs/results/estimators/ruler-2k.jsonl.gz docs/results/front/ruler-2k-base-partial.jsonl.gz \
-#     --out /tmp/seed.gz && mkdir -p runs/front-ruler-2048 && zcat /tmp/seed.gz > runs/front-ruler-2048/results.jsonl
-# (rows of the methods not asked for stay in the file and are ignored; 4096: estimators/ruler-4k.jsonl.gz alone).
+# SnapKV, DapQ, LAQ and the shipped `learned` at 64/128/256 (budget 128 of the baselines: the estimator grid's rows).
+# To resume a committed grid, put its rows in the folder first (rows of methods not asked for are kept and ignored):
+#   mkdir -p runs/front-ruler-2048 && zcat docs/results/front/ruler-2k.jsonl.gz > runs/front-ruler-2048/results.jsonl
+# A new length starts from the estimator grid's rows (docs/results/estimators/ruler-4k.jsonl.gz for 4096).
 cd "$(dirname "$0")/.."  # the repository root
 S=${SAMPLES:-5}
 if [ "${PART:-}" = grid ]; then
