@@ -16,6 +16,13 @@ if [ "${PART:-}" = grid ]; then
     --budgets 64,128,256 --out "${OUT:-runs/front-ruler-$L}"
   exit
 fi
+if [ "${PART:-}" = niah ]; then
+  # the estimator grid's NIAH (7 lengths x 10 depths, budget 128) with `learned` added; seed the folder with
+  # docs/results/estimators/niah.jsonl.gz (or, to resume, docs/results/front/niah-est-grid.jsonl.gz) first
+  dapq eval niah --methods full,snapkv,dapq,laq,learned --budgets 128 --lengths 1000-4000:500 --depths 10 \
+    --out runs/front-niah
+  exit
+fi
 Q=${QUERIES:-}  # a queries file to evaluate instead of the shipped one (its own run folder)
 if [ -n "$Q" ]; then
   dapq eval ruler --tasks all --lengths 2048 --samples "$S" --methods learned --param "learned.queries=$Q" \
