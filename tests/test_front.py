@@ -159,6 +159,24 @@ def test_bench_files_override_the_row_values_where_they_measured(tmp_path):
     assert "at 2000 tokens, the nearest measured length" in md
 
 
+def test_one_bench_file_per_budget_each_matches_its_own_budget(tmp_path):
+    run = _write_run(tmp_path / "run", _ruler_rows())
+    m64, m128 = tmp_path / "memory-64.json", tmp_path / "memory-128.json"
+    m64.write_text(json.dumps(_bench("memory", 64, {"snapkv": {2000: 4 * MiB}, "dapq": {2000: 5 * MiB}})))
+    m128.write_text(json.dumps(_bench("memory", 128, {"full": {2000: 100 * MiB}, "dapq": {2000: 7 * MiB}})))
+    md = write_front([run], memory=[m64, m128], out=tmp_path / "out", console=_quiet(tmp_path)).read_text()
+    table = {line.split(" | ")[0] + " " + line.split(" | ")[1]: line for line in md.splitlines() if line[:2] == "| "}
+    assert "| 4.00 |" in table["| snapkv 64"] and "| 5.00 |" in table["| dapq 64"], table  # the 64 file
+    assert "| 7.00 |" in table["| dapq 128"] and "| 100.00 |" in table["| full full"], table  # the 128 file
+    assert "| 9.00† |" in table["| snapkv 128"], table  # in neither file at its budget: the rows' value
+    assert "memory-64.json (budget 64), memory-128.json (budget 128)" in md, md
+    # the CLI takes the option twice
+    assert main(["report", "--front", str(run), "--memory", str(m64), "--memory", str(m128)]) == 0
+    # two files of one budget: which one to read is ambiguous, refused in one line
+    with pytest.raises(DapqError, match="pass one file per budget"):
+        write_front([run], memory=[m128, m128], console=_quiet(tmp_path))
+
+
 def test_a_bench_file_of_the_wrong_kind_is_refused(tmp_path):
     run = _write_run(tmp_path / "run", _ruler_rows())
     memory = tmp_path / "memory.json"

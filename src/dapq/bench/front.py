@@ -2,6 +2,8 @@
 
     dapq report --front runs/ruler-1a2b3c4d5e [more runs] [--ttft ttft.json] [--memory memory.json] [--out DIR]
 
+`--ttft` and `--memory` repeat, one bench file per budget (each `dapq bench` run measures one budget).
+
 One point per (method key, budget) and per prompt-length group (`report.length_groups`: RULER at 2k and 4k are two
 groups, a NIAH run of mixed lengths is one group "all"), within one configuration (`report.config_groups`: runs of
 different models are never mixed). FullKV's budget is "full".
@@ -58,6 +60,8 @@ NOT_METHODS = ("transformers", "activations only")
 #: kind -> the field of a bench cell this module reads
 BENCH_FIELDS = {"ttft": "ttft_s", "memory": "peak_over_activations"}
 PEAK_MARK, TTFT_MARK = "†", "‡"
+#: the loaded files of one kind (`load_benches`), one per budget
+Benches = list[dict[str, Any]]
 
 
 @dataclass
@@ -190,27 +194,39 @@ def _cell_length(cell: dict[str, Any], key: str, path: Path) -> int:
         raise DapqError(f"{path}: length {key!r} is not a number; pass a file written by `dapq bench`.") from None
 
 
-def bench_value(
-    bench: dict[str, Any] | None, method: str, budget: Any, tokens: float | None
-) -> tuple[float, int] | None:
-    """(value, bench length) of `method` at `budget` in a bench result, at the length nearest to `tokens`; None when
-    the bench did not measure that method at that budget. FullKV (budget None) matches any bench budget."""
-    if bench is None or method in NOT_METHODS:
+def load_benches(paths: str | Path | Sequence[str | Path] | None, kind: str) -> Benches | None:
+    """Several bench results of one kind, one per budget (`--memory a.json --memory b.json`); None for none."""
+    if paths is None:
         return None
-    cells = bench["rows"].get(method)
-    if not cells:
+    benches = [load_bench(p, kind) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+    budgets = [float(b["budget"]) for b in benches]
+    for budget in budgets:
+        if budgets.count(budget) > 1:
+            names = ", ".join(b["_path"] for b in benches if float(b["budget"]) == budget)
+            raise DapqError(f"--{kind}: {names} are all at budget {budget:g}; pass one file per budget.")
+    return benches or None
+
+
+def bench_value(benches: Benches | None, method: str, budget: Any, tokens: float | None) -> tuple[float, int] | None:
+    """(value, bench length) of `method` at `budget` in the bench file of that budget, at the length nearest to
+    `tokens`; None when no file measured that method at that budget. FullKV (budget None) matches the first file
+    that measured it, whatever its budget."""
+    if not benches or method in NOT_METHODS:
         return None
-    if budget is not None and float(budget) != float(bench["budget"]):
-        return None
-    path = Path(bench["_path"])
-    options = [(_cell_length(c, k, path), c) for k, c in cells.items()]
-    target = tokens if tokens is not None else min(n for n, _ in options)
-    length, cell = min(options, key=lambda o: (abs(o[0] - target), o[0]))
-    return float(cell[BENCH_FIELDS[bench["kind"]]]), length
+    for bench in benches:
+        cells = bench["rows"].get(method)
+        if not cells or (budget is not None and float(budget) != float(bench["budget"])):
+            continue
+        path = Path(bench["_path"])
+        options = [(_cell_length(c, k, path), c) for k, c in cells.items()]
+        target = tokens if tokens is not None else min(n for n, _ in options)
+        length, cell = min(options, key=lambda o: (abs(o[0] - target), o[0]))
+        return float(cell[BENCH_FIELDS[bench["kind"]]]), length
+    return None
 
 
 def group_points(
-    rows: list[dict[str, Any]], ttft: dict[str, Any] | None = None, memory: dict[str, Any] | None = None
+    rows: list[dict[str, Any]], ttft: Benches | None = None, memory: Benches | None = None
 ) -> tuple[list[Point], list[str], list[str]]:
     """The points of one group of rows (one configuration, one length group), the front marked; also the tasks and
     the (method, budget) names left out because a task has no score for them."""
@@ -262,8 +278,8 @@ def common_samples(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def front_groups(
     rows: list[dict[str, Any]],
-    ttft: dict[str, Any] | None = None,
-    memory: dict[str, Any] | None = None,
+    ttft: Benches | None = None,
+    memory: Benches | None = None,
     same_samples: bool = False,
 ) -> list[Group]:
     """Rows split by configuration, benchmark (never one AVG over NIAH and RULER, even from folders without
@@ -298,19 +314,19 @@ def front_groups(
 
 
 # ---------------------------------------------------------------------------------------------------- tables
-def _headers(ttft: dict[str, Any] | None, memory: dict[str, Any] | None) -> tuple[str, str]:
+def _headers(ttft: Benches | None, memory: Benches | None) -> tuple[str, str]:
     peak = "measured peak MiB (bench memory)" if memory is not None else "accounted KV peak MiB"
     first = "measured TTFT s (bench ttft)" if ttft is not None else "harness TTFT s (shared prefill)"
     return peak, first
 
 
-def _cells(p: Point, ttft: dict[str, Any] | None, memory: dict[str, Any] | None) -> list[str]:
+def _cells(p: Point, ttft: Benches | None, memory: Benches | None) -> list[str]:
     peak = f"{p.peak_bytes / MiB:.2f}" + (PEAK_MARK if memory is not None and not p.peak_measured else "")
     first = f"{p.ttft_s:.3f}" + (TTFT_MARK if ttft is not None and not p.ttft_measured else "")
     return [p.method, p.budget_label, f"{p.accuracy:.2f}", peak, first, str(p.samples), "yes" if p.on_front else ""]
 
 
-def _notes(group: Group, ttft: dict[str, Any] | None, memory: dict[str, Any] | None) -> list[str]:
+def _notes(group: Group, ttft: Benches | None, memory: Benches | None) -> list[str]:
     front = ", ".join(p.name for p in group.points if p.on_front)
     lines = [
         f"Front (no other point as good on accuracy, peak and TTFT and better on one): {front}.",
@@ -324,12 +340,14 @@ def _notes(group: Group, ttft: dict[str, Any] | None, memory: dict[str, Any] | N
             continue
         lengths = sorted({getattr(p, used) for p in group.points if getattr(p, used) is not None})
         prompt = f"; the rows' prompts: {group.prompt_tokens:.0f} tokens on average" if group.prompt_tokens else ""
+        files = ", ".join(f"{Path(b['_path']).name} (budget {b['budget']})" for b in bench)
         lines.append(
-            f"{kind.upper() if kind == 'ttft' else 'Peak'}: {Path(bench['_path']).name} (budget {bench['budget']}) at "
+            f"{kind.upper() if kind == 'ttft' else 'Peak'}: {files} at "
             f"{', '.join(str(n) for n in lengths) or '-'} tokens, the nearest measured length{prompt}."
         )
         if any(not getattr(p, used.replace("_length", "_measured")) for p in group.points):
-            lines.append(f"{mark} not measured in {Path(bench['_path']).name} for this method and budget: {fallback}.")
+            names = ", ".join(Path(b["_path"]).name for b in bench)
+            lines.append(f"{mark} not measured in {names} for this method and budget: {fallback}.")
     if ttft is None:
         lines.append(
             "Harness TTFT: the mean of prefill_s (the sample's shared recording) + select_s + draft_s, + pass_s "
@@ -340,7 +358,7 @@ def _notes(group: Group, ttft: dict[str, Any] | None, memory: dict[str, Any] | N
     return lines
 
 
-def markdown_table(group: Group, ttft: dict[str, Any] | None = None, memory: dict[str, Any] | None = None) -> str:
+def markdown_table(group: Group, ttft: Benches | None = None, memory: Benches | None = None) -> str:
     """One group's table (sorted by accuracy, best first), the front's members and the notes, as markdown."""
     peak, first = _headers(ttft, memory)
     head = ["method", "budget", "accuracy", peak, first, "n samples", "front"]
@@ -349,9 +367,7 @@ def markdown_table(group: Group, ttft: dict[str, Any] | None = None, memory: dic
     return "\n\n".join(["\n".join(table), *(_md_cell(n) for n in _notes(group, ttft, memory))])
 
 
-def print_table(
-    group: Group, console: Console, ttft: dict[str, Any] | None = None, memory: dict[str, Any] | None = None
-) -> None:
+def print_table(group: Group, console: Console, ttft: Benches | None = None, memory: Benches | None = None) -> None:
     peak, first = _headers(ttft, memory)
     table = Table(title=escape(group.title))
     for col in ["method", "budget", "accuracy", peak, first, "n samples", "front"]:
@@ -369,9 +385,7 @@ def _md_cell(text: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- figure
-def front_figure(
-    group: Group, path: Path, ttft: dict[str, Any] | None = None, memory: dict[str, Any] | None = None
-) -> Path:
+def front_figure(group: Group, path: Path, ttft: Benches | None = None, memory: Benches | None = None) -> Path:
     """Two panels: accuracy vs peak MiB and accuracy vs TTFT s; one marker and colour per method, budgets written
     beside the points, the points on the (three-way) front circled, each panel's own two-way front as a step line."""
     matplotlib = require("matplotlib", "eval")
@@ -453,8 +467,8 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[list[dict[str, Any]], int]:
 def write_front(
     paths: Sequence[str | Path],
     *,
-    ttft: str | Path | None = None,
-    memory: str | Path | None = None,
+    ttft: str | Path | Sequence[str | Path] | None = None,
+    memory: str | Path | Sequence[str | Path] | None = None,
     out: str | Path | None = None,
     console: Console | None = None,
     same_samples: bool = False,
@@ -464,8 +478,8 @@ def write_front(
     console = console or Console()
     if not paths:
         raise DapqError("Pass at least one results folder written by `dapq eval`.")
-    ttft_data = load_bench(ttft, "ttft") if ttft is not None else None
-    memory_data = load_bench(memory, "memory") if memory is not None else None
+    ttft_data = load_benches(ttft, "ttft")
+    memory_data = load_benches(memory, "memory")
     rows, dropped = load_runs(paths)
     groups = front_groups(rows, ttft_data, memory_data, same_samples)
     if not groups:

@@ -34,12 +34,16 @@ def add_parser(sub: Any) -> None:
     rp.add_argument(
         "--ttft",
         metavar="FILE",
-        help="with --front: the ttft.json of `dapq bench ttft` (measured TTFT instead of the harness's)",
+        action="append",
+        help="with --front: the ttft.json of `dapq bench ttft` (measured TTFT instead of the harness's); repeat it "
+        "for the files of other budgets",
     )
     rp.add_argument(
         "--memory",
         metavar="FILE",
-        help="with --front: the memory.json of `dapq bench memory` (measured peak instead of the accounted KV peak)",
+        action="append",
+        help="with --front: the memory.json of `dapq bench memory` (measured peak instead of the accounted KV peak); "
+        "repeat it for the files of other budgets",
     )
     rp.add_argument(
         "--same-samples",
