@@ -25,6 +25,7 @@ from rich.table import Table
 from ..errors import DapqError
 from ..extras import require
 from .metrics import row_score_max
+from .paired import DEFAULT_BOOT, PAIRED_HEADERS, paired, paired_cells, parse_pair
 from .runner import RESULTS, RUN_FILE, load_rows, write_text_safely
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+=-]+")
@@ -273,12 +274,17 @@ def budget_curve(rows: list[dict[str, Any]], out_dir: Path, name: str = "accurac
     return path
 
 
-def write_report(path: str | Path, console: Console | None = None) -> Path:
-    """Print the tables; write report.md and the figures into the results folder."""
+def write_report(
+    path: str | Path, console: Console | None = None, pairs: Iterable[str] | None = None, n_boot: int = DEFAULT_BOOT
+) -> Path:
+    """Print the tables; write report.md and the figures into the results folder. `pairs` ('A,B' each): after each
+    length's tables, A against B on the prompts both scored, with a paired-bootstrap interval (`dapq.bench.paired`)."""
     console = console or Console()
     rows = load_all(path)
     if not rows:
         raise DapqError(f"The results under {path} are empty.")
+    present = list(dict.fromkeys(r["method_key"] for r in rows))
+    compared = [parse_pair(text, present) for text in pairs or []]
     out_dir = Path(path) if Path(path).is_dir() else Path(path).parent
     configs = config_groups(rows)
     figures: list[Path] = []
@@ -295,6 +301,8 @@ def write_report(path: str | Path, console: Console | None = None) -> Path:
                 md += f"## {length}-token prompts\n\n"
             print_tables(group, console)
             md += markdown_tables(group) + "\n"
+            if compared:
+                md += paired_tables(group, compared, console, n_boot) + "\n"
             name = f"{prefix}accuracy_vs_budget" + (f"_L{length}" if length is not None else "")
             curve = budget_curve(group, out_dir, name)
             if curve is not None:
@@ -304,6 +312,32 @@ def write_report(path: str | Path, console: Console | None = None) -> Path:
     write_text_safely(report, md)
     console.print(f"wrote {report} and {len(figures)} figure(s)")
     return report
+
+
+def paired_tables(
+    rows: list[dict[str, Any]], compared: list[tuple[str, str]], console: Console, n_boot: int = DEFAULT_BOOT
+) -> str:
+    """Print and return (markdown) the paired comparisons of `compared` on these rows (one length of one config)."""
+    found = [p for a, b in compared for p in paired(rows, a, b, n_boot=n_boot)]
+    if not found:
+        console.print("paired: no prompt scored by both methods of a pair here")
+        return ""
+    table = Table(title=f"paired: A - B on the prompts both scored ({n_boot} task-stratified bootstrap draws)")
+    for col in PAIRED_HEADERS:
+        table.add_column(escape(col), justify="left" if col in ("A", "B") else "right")
+    lines = [
+        f"### Paired comparisons (A - B on the prompts both scored; 95% interval of {n_boot} task-stratified "
+        "paired bootstrap draws)",
+        "",
+        "| " + " | ".join(PAIRED_HEADERS) + " |",
+        "|---" * len(PAIRED_HEADERS) + "|",
+    ]
+    for p in found:
+        row = paired_cells(p)
+        table.add_row(*(escape(c) for c in row))
+        lines.append("| " + " | ".join(_md_cell(c) for c in row) + " |")
+    console.print(table)
+    return "\n".join(lines) + "\n"
 
 
 def _md_cell(text: Any) -> str:

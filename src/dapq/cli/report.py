@@ -1,6 +1,7 @@
 """`dapq report <folder>`: tables (terminal + report.md) and PNG figures from result files only.
 
 dapq report runs/ruler-1a2b3c4d5e
+dapq report runs/ruler-1a2b3c4d5e --paired learned,laq --paired learned,snapkv
 dapq report --front runs/ruler-1a2b3c4d5e runs/ruler-... --ttft ttft.json --memory memory.json --out docs/front
 """
 
@@ -51,6 +52,20 @@ def add_parser(sub: Any) -> None:
         help="with --front: keep only the samples every method and budget of a table scored",
     )
     rp.add_argument(
+        "--paired",
+        metavar="A,B",
+        action="append",
+        help="without --front: after each length's tables, method A against B on the prompts both scored (AVG "
+        "difference, 95%% task-stratified paired-bootstrap interval, wins/losses/ties); repeat it for more pairs",
+    )
+    rp.add_argument(
+        "--bootstrap",
+        metavar="N",
+        type=int,
+        default=None,
+        help="with --paired: bootstrap draws (default 10000)",
+    )
+    rp.add_argument(
         "--out", metavar="DIR", help="with --front: where front.md and the PNGs go (default: the first path)"
     )
     rp.set_defaults(func=cmd_report)
@@ -59,6 +74,14 @@ def add_parser(sub: Any) -> None:
 def cmd_report(args: argparse.Namespace, console: Any) -> int:
     from ..extras import check_extra
 
+    if args.front:
+        given = [f"--{name}" for name in ("paired", "bootstrap") if getattr(args, name) is not None]
+        if given:
+            raise DapqError(f"{', '.join(given)} do not go with --front: drop them, or report one run without --front.")
+    if args.bootstrap is not None and not args.paired:
+        raise DapqError("--bootstrap only goes with --paired A,B: add --paired or drop it.")
+    if args.bootstrap is not None and args.bootstrap < 1:
+        raise DapqError(f"--bootstrap must be a positive number of draws; got {args.bootstrap}.")
     if not args.front:
         given = [f"--{name}" for name in ("ttft", "memory", "out") if getattr(args, name) is not None]
         given += ["--same-samples"] if args.same_samples else []
@@ -81,7 +104,8 @@ def cmd_report(args: argparse.Namespace, console: Any) -> int:
             same_samples=args.same_samples,
         )
         return 0
+    from ..bench.paired import DEFAULT_BOOT
     from ..bench.report import write_report
 
-    write_report(args.paths[0], console)
+    write_report(args.paths[0], console, pairs=args.paired, n_boot=args.bootstrap or DEFAULT_BOOT)
     return 0
