@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import sys
 
 from estimator_tables import rows  # the same folder: one reader of result rows for both scripts
 
@@ -28,7 +29,14 @@ def main() -> None:
     out: list[dict] = []
     dropped = 0
     for path in args.inputs:
-        for row in rows(path):
+        try:
+            found = rows(path)
+        except (OSError, ValueError) as e:  # not a results file (a .log beside the folders, a torn copy, ...)
+            print(
+                f"merge_rows.py: {path} is not a results folder or JSONL file ({e}); pass those only.", file=sys.stderr
+            )
+            sys.exit(2)
+        for row in found:
             if row.get("error"):
                 dropped += 1
                 continue
