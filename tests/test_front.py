@@ -317,3 +317,25 @@ def test_same_samples_keeps_only_the_samples_every_point_scored():
     (same,) = front_groups(rows, same_samples=True)
     assert {p.name: p.accuracy for p in loose.points}["full"] == 50
     assert {p.name: p.accuracy for p in same.points}["full"] == 100
+
+
+def test_methods_are_picked_before_same_samples(tmp_path):
+    rows = [
+        _row("full", None, "ruler/a", "s1", 100),
+        _row("full", None, "ruler/a", "s2", 0),
+        _row("snapkv", 128, "ruler/a", "s1", 100),
+        _row("snapkv", 128, "ruler/a", "s2", 50),
+        _row("speckv", 128, "ruler/a", "s1", 100),  # only s1: it would shrink the others to s1
+    ]
+    run = _write_run(tmp_path / "run", rows)
+    md = write_front([run], out=tmp_path / "all", console=_quiet(tmp_path), same_samples=True).read_text()
+    assert "| full | full | 100.00 |" in md and "| 1 |" in md
+    md = write_front(
+        [run], out=tmp_path / "two", console=_quiet(tmp_path), same_samples=True, methods=["full", "snapkv"]
+    ).read_text()
+    assert "speckv" not in md.split("Methods:")[1].split("\n", 1)[1], "a left-out method has no point"
+    assert "| full | full | 50.00 |" in md and "| snapkv | 128 | 75.00 |" in md and "| 2 |" in md
+    with pytest.raises(DapqError, match="Methods there: full, snapkv, speckv"):
+        write_front([run], out=tmp_path / "x", console=_quiet(tmp_path), methods=["full", "laq"])
+    assert main(["report", "--front", str(run), "--methods", "full,snapkv", "--out", str(tmp_path / "cli")]) == 0
+    assert main(["report", str(run), "--methods", "full"]) == 2, "--methods only goes with --front"

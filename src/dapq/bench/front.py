@@ -472,15 +472,26 @@ def write_front(
     out: str | Path | None = None,
     console: Console | None = None,
     same_samples: bool = False,
+    methods: Sequence[str] | None = None,
 ) -> Path:
     """Print the front tables of the runs under `paths`; write front.md and the figures into `out` (default: the
-    first run folder). Returns front.md's path."""
+    first run folder). Returns front.md's path. `methods`: only these method keys' points (before `same_samples`
+    picks the shared samples, so a method scored on fewer samples does not shrink the others')."""
     console = console or Console()
     if not paths:
         raise DapqError("Pass at least one results folder written by `dapq eval`.")
     ttft_data = load_benches(ttft, "ttft")
     memory_data = load_benches(memory, "memory")
     rows, dropped = load_runs(paths)
+    if methods:
+        present = list(dict.fromkeys(r["method_key"] for r in rows))
+        missing = [m for m in methods if m not in present]
+        if missing:
+            raise DapqError(
+                f"--methods: no rows of {', '.join(missing)} under {', '.join(map(str, paths))}. "
+                f"Methods there: {', '.join(present)}."
+            )
+        rows = [r for r in rows if r["method_key"] in set(methods)]
     groups = front_groups(rows, ttft_data, memory_data, same_samples)
     if not groups:
         raise DapqError(
@@ -492,6 +503,8 @@ def write_front(
         raise DapqError(f"--out {out_dir} is an existing file: pass a folder.")
     out_dir.mkdir(parents=True, exist_ok=True)
     md = ["# Accuracy, peak KV and TTFT", "", f"Runs: {', '.join(_md_cell(p) for p in paths)}", ""]
+    if methods:
+        md += [f"Methods: {', '.join(_md_cell(m) for m in methods)} (the others of these runs left out).", ""]
     if same_samples:
         md += ["Every point of a table is measured on the same samples (those all its points scored).", ""]
     if dropped:

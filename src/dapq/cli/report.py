@@ -52,6 +52,11 @@ def add_parser(sub: Any) -> None:
         help="with --front: keep only the samples every method and budget of a table scored",
     )
     rp.add_argument(
+        "--methods",
+        metavar="A,B,...",
+        help="with --front: only these method keys' points (picked before --same-samples)",
+    )
+    rp.add_argument(
         "--paired",
         metavar="A,B",
         action="append",
@@ -83,7 +88,7 @@ def cmd_report(args: argparse.Namespace, console: Any) -> int:
     if args.bootstrap is not None and args.bootstrap < 1:
         raise DapqError(f"--bootstrap must be a positive number of draws; got {args.bootstrap}.")
     if not args.front:
-        given = [f"--{name}" for name in ("ttft", "memory", "out") if getattr(args, name) is not None]
+        given = [f"--{name}" for name in ("ttft", "memory", "methods", "out") if getattr(args, name) is not None]
         given += ["--same-samples"] if args.same_samples else []
         if given:
             raise DapqError(f"{', '.join(given)} only go with --front: add --front or drop them.")
@@ -102,6 +107,7 @@ def cmd_report(args: argparse.Namespace, console: Any) -> int:
             out=args.out,
             console=console,
             same_samples=args.same_samples,
+            methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None,
         )
         return 0
     from ..bench.paired import DEFAULT_BOOT
