@@ -491,7 +491,8 @@ def write_front(
                 f"--methods: no rows of {', '.join(missing)} under {', '.join(map(str, paths))}. "
                 f"Methods there: {', '.join(present)}."
             )
-        rows = [r for r in rows if r["method_key"] in set(methods)]
+        wanted = set(methods)
+        rows = [r for r in rows if r["method_key"] in wanted]
     groups = front_groups(rows, ttft_data, memory_data, same_samples)
     if not groups:
         raise DapqError(

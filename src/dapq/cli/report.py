@@ -11,6 +11,7 @@ import argparse
 from typing import Any
 
 from ..errors import DapqError
+from .args import parse_names
 
 
 def add_parser(sub: Any) -> None:
@@ -107,7 +108,7 @@ def cmd_report(args: argparse.Namespace, console: Any) -> int:
             out=args.out,
             console=console,
             same_samples=args.same_samples,
-            methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None,
+            methods=parse_names(args.methods, "--methods") if args.methods is not None else None,
         )
         return 0
     from ..bench.paired import DEFAULT_BOOT
