@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from ..bench.base import Sample
 from ..errors import DapqError
 from ..methods.protocols import PseudoSuffix
+from ..safefile import ensure_dir, save_figure, write_text
 
 if TYPE_CHECKING:  # the runner imports torch: imported where used, so that `dapq ablate --help` stays fast
     from rich.console import Console
@@ -572,7 +573,7 @@ def figure(summary: dict[str, Any], path: str | Path) -> Path:
     fig.suptitle(f"DapQ ablation: {kind} ({summary['figure']})", fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -594,11 +595,10 @@ def write_outputs(
     summary = summarize(rows, kind, labels)
     summary["skipped"] = list(skipped)
     summary["config"] = dict(config or {})
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(out_dir)
     stem = f"ablate-{kind}"
-    (out / f"{stem}.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
-    (out / f"{stem}.md").write_text(markdown(summary), encoding="utf-8")
+    write_text(out / f"{stem}.json", json.dumps(summary, indent=1, default=str), "json")
+    write_text(out / f"{stem}.md", markdown(summary), "markdown")
     figure(summary, out / f"{stem}.png")
     if console is not None:
         print_table(summary, console)

@@ -20,7 +20,9 @@ class Checkpoint:
         self.items = {row["key"]: row["value"] for row in rows}
 
     def save(self, key: str, value: Any) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
+        from ..safefile import open_append
+
+        with open_append(self.path) as f:
             f.write(json.dumps({"key": key, "value": value}) + "\n")
             f.flush()
             os.fsync(f.fileno())

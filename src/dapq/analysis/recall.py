@@ -30,6 +30,7 @@ from ..extras import require
 from ..hf.capture import greedy_answer, prefill_prompt, queries_at
 from ..methods.base import get_method
 from ..prompts import stop_token_ids
+from ..safefile import save_figure
 from .quantities import (
     attention_distribution,
     distribution_cosine,
@@ -266,5 +267,5 @@ def figure(result: dict[str, Any], quantity: str, path: str) -> None:
     ax.set_title(("Recall" if quantity == "recall" else "Attention similarity") + f", budget {result['budget']}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)

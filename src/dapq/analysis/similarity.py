@@ -27,6 +27,7 @@ from ..errors import DapqError
 from ..extras import require
 from ..hf.capture import PromptState, greedy_answer, prefill_prompt, queries_at, to_pre_rope
 from ..prompts import stop_token_ids
+from ..safefile import save_figure
 from .quantities import mean_query_cosine
 
 FIXED_TEXT = "Sorry, I don't know. "
@@ -257,5 +258,5 @@ def figure(result: dict[str, Any], path: str) -> None:
     if result["offset_curves"]:
         axes[1].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)

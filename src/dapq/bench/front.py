@@ -42,17 +42,17 @@ from rich.table import Table
 
 from ..errors import DapqError
 from ..extras import require
+from ..safefile import save_figure, write_text
 from .report import (
     config_groups,
     find_results,
     length_groups,
     load_files,
     safe_name,
-    save_figure,
     summarize,
     task_average,
 )
-from .runner import row_key, write_text_safely
+from .runner import row_key
 
 MiB = 2**20
 #: rows of the bench JSONs that are not methods (the plain model; the activations-only baseline)
@@ -521,6 +521,6 @@ def write_front(
         print_table(group, console, ttft_data, memory_data)
         md += [markdown_table(group, ttft_data, memory_data), "", f"![{figure.stem}]({figure.name})", ""]
     report = out_dir / "front.md"
-    write_text_safely(report, "\n".join(md))
+    write_text(report, "\n".join(md), "markdown")
     console.print(f"wrote {report} and {len(groups)} figure(s)")
     return report

@@ -11,7 +11,6 @@ the paper's Figure 5 (depth x context length, red to green) and every run an acc
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections import defaultdict
 from collections.abc import Iterable
@@ -24,9 +23,10 @@ from rich.table import Table
 
 from ..errors import DapqError
 from ..extras import require
+from ..safefile import save_figure, write_text
 from .metrics import row_score_max
 from .paired import DEFAULT_BOOT, PAIRED_HEADERS, paired, paired_cells, parse_pair
-from .runner import RESULTS, RUN_FILE, load_rows, write_text_safely
+from .runner import RESULTS, RUN_FILE, load_rows
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+=-]+")
 
@@ -217,13 +217,6 @@ def niah_heatmaps(rows: list[dict[str, Any]], out_dir: Path, prefix: str = "") -
     return paths
 
 
-def save_figure(fig: Any, path: Path) -> None:
-    """Save through a temporary file and a rename (an existing symlink at `path` is replaced, never followed)."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-
-
 def length_groups(rows: list[dict[str, Any]]) -> list[tuple[int | None, list[dict[str, Any]]]]:
     """Rows split by prompt length when a run holds several lengths of tasks other than NIAH (RULER at 2k and 4k,
     reported per length as in the paper); NIAH rows (whose lengths are heatmap columns) form the group `None`.
@@ -309,7 +302,7 @@ def write_report(
                 figures.append(curve)
     md += "\n".join(f"![{p.stem}]({p.name})" for p in figures) + "\n"
     report = out_dir / "report.md"
-    write_text_safely(report, md)
+    write_text(report, md, "markdown")
     console.print(f"wrote {report} and {len(figures)} figure(s)")
     return report
 

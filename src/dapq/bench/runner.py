@@ -27,11 +27,13 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ..checks import finite
 from ..engine import append, derive_many, greedy_decode, merge, record, suffix_key
 from ..errors import DapqError
 from ..methods.base import Method, get_method
 from ..methods.protocols import pseudo_length
 from ..prompts import stop_token_ids
+from ..safefile import FileLock, ensure_dir, open_append, write_json
 from .base import Sample
 
 RESULTS = "results.jsonl"
@@ -155,6 +157,7 @@ def check_fields(row: Any, where: str, fields: dict[str, Any]) -> dict[str, Any]
 def check_row(row: Any, where: str) -> dict[str, Any]:
     """A results row with the fields reports and resumes rely on, else a one-line DapqError naming `where`."""
     check_fields(row, where, ROW_FIELDS)
+    finite("score", row["score"], what=f"{where}: the row's")
     if not isinstance(row.get("metadata", {}), dict):
         raise DapqError(f"{where}: metadata must be a JSON object; fix or delete that line.")
     budget = row.get("budget")
@@ -166,15 +169,18 @@ def check_row(row: Any, where: str) -> dict[str, Any]:
 def load_rows(
     path: Path, *, repair: bool = True, check: Callable[[Any, str], dict[str, Any]] = check_row
 ) -> list[dict[str, Any]]:
-    """All complete rows of a JSON-lines file; a torn last line (a run killed mid-write) is cut off the file when
-    `repair` (else ignored). A line that `check` refuses (default: not a results row) is a DapqError naming the
-    file and line."""
+    """All complete rows of a JSON-lines file (or a gzipped one, `.gz`, read-only); a torn last line (a run killed
+    mid-write) is cut off the file when `repair` (else ignored). A line that `check` refuses (default: not a
+    results row) is a DapqError naming the file and line; so is a torn or foreign .gz file."""
     path = Path(path)
     if not path.exists():
         return []
     if not path.is_file():
         raise DapqError(f"{path} is not a file.")
     data = path.read_bytes()
+    if path.suffix == ".gz" or data[:2] == b"\x1f\x8b":
+        data = _gunzip(path, data)
+        repair = False  # a compressed file is never rewritten in place
     good_end = data.rfind(b"\n") + 1  # everything after the last newline is a partial row
     rows = []
     for lineno, line in enumerate(data[:good_end].splitlines(), 1):
@@ -190,6 +196,16 @@ def load_rows(
         with open(path, "r+b") as f:
             f.truncate(good_end)
     return rows
+
+
+def _gunzip(path: Path, data: bytes) -> bytes:
+    import gzip
+    import zlib
+
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as exc:  # torn, truncated, or not gzip at all
+        raise DapqError(f"{path} is not a complete gzip file ({exc}): copy it again or delete it.") from None
 
 
 def _differences(recorded: dict[str, Any], settings: dict[str, Any], partial: bool = False) -> list[str]:
@@ -235,10 +251,10 @@ def open_run(out_dir: str | Path, config: RunConfig, *, new_run: bool = False, c
         candidate = out.with_name(f"{out.name}-{n}")
     if check_only:
         return candidate
-    candidate.mkdir(parents=True, exist_ok=True)
+    ensure_dir(candidate)
     run_file = candidate / RUN_FILE
     if not run_file.exists():
-        write_text_safely(run_file, json.dumps({"settings": settings}, indent=2, sort_keys=True) + "\n")
+        write_json(run_file, {"settings": settings}, indent=2, sort_keys=True)
     return candidate
 
 
@@ -259,48 +275,11 @@ def _folder_mismatch(folder: Path, settings: dict[str, Any], partial: bool = Fal
     return "; ".join(diff) if diff else None
 
 
-class RunLock:
+class RunLock(FileLock):
     """An exclusive lock on a run folder (`.lock`, flock): a second process writing the same run is refused."""
 
     def __init__(self, folder: Path):
-        self.path = Path(folder) / LOCK_FILE
-        self._f: Any = None
-
-    def __enter__(self) -> RunLock:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no lock
-            return self
-        self._f = open(self.path, "a+")  # noqa: SIM115 (held until __exit__)
-        try:
-            fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._f.seek(0)
-            holder = self._f.read().strip() or "another process"
-            self._f.close()
-            self._f = None
-            raise DapqError(
-                f"{self.path.parent} is being written by {holder}: wait for it, or use another --out."
-            ) from None
-        self._f.seek(0)
-        self._f.truncate()
-        self._f.write(f"pid {os.getpid()}")
-        self._f.flush()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
-
-
-def write_text_safely(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename: an existing symlink at `path` is replaced,
-    never followed."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+        super().__init__(Path(folder) / LOCK_FILE, str(folder))
 
 
 def append_row(f: Any, row: dict[str, Any]) -> None:
@@ -520,7 +499,7 @@ def _run_locked(
     meta = row_meta(config)
     console = console or Console(stderr=True)
     jobs_per_sample = sum(len(budgets) if s.uses_budget else 1 for s in methods)
-    with open(path, "a", encoding="utf-8") as f, sweep_progress(console) as progress:
+    with open_append(path) as f, sweep_progress(console) as progress:
         task = progress.add_task("eval", total=(total or len(samples)) * jobs_per_sample)
         for sample in samples:
             todo = todo_jobs(sample, methods, budgets, fields, done)

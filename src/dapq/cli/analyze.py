@@ -148,8 +148,10 @@ def cmd_analyze(args: argparse.Namespace, console: Any) -> int:
         md = mod.markdown(result, kind)
         mod.figure(result, kind, str(out / f"{kind}.png"))
     result["config"] = {**config, "model": args.model or DEFAULT_MODEL_NAME}
-    (out / f"{kind}.json").write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
-    (out / f"{kind}.md").write_text(md, encoding="utf-8")
+    from ..safefile import write_text
+
+    write_text(out / f"{kind}.json", json.dumps(result, indent=1, default=str), "json")
+    write_text(out / f"{kind}.md", md, "markdown")
     console.print(Markdown(md))
     console.print(f"wrote {out / (kind + '.json')}, {out / (kind + '.md')}, {out / (kind + '.png')}")
     return 0

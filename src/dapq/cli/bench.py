@@ -114,9 +114,11 @@ def cmd_bench(args: argparse.Namespace, console: Any) -> int:
     result["machine"] = speed.machine_info(model)
     result["config"] = {**config, "model": args.model or DEFAULT_MODEL_NAME}
     md = speed.markdown(result)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.kind}.json").write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
-    (out / f"{args.kind}.md").write_text(md, encoding="utf-8")
+    from ..safefile import ensure_dir, write_text
+
+    ensure_dir(out)
+    write_text(out / f"{args.kind}.json", json.dumps(result, indent=1, default=str), "json")
+    write_text(out / f"{args.kind}.md", md, "markdown")
     console.print(Markdown(md))
     m = result["machine"]
     console.print(f"{m['device_name']} ({m['device']}), {m['torch_threads']} threads -> {out / (args.kind + '.json')}")
