@@ -107,6 +107,21 @@ class RunConfig:
         return json.loads(json.dumps({**base, **{f"bench.{k}": v for k, v in self.extra.items()}}, default=str))
 
 
+def with_method_files(config: RunConfig, methods: list[MethodSpec], budgets: list[int | float]) -> RunConfig:
+    """`config` with the content hashes of the files the methods read (`Method.file_hashes`, e.g. learned queries)
+    under extra["method_files"] ({method key: {parameter: sha256}}): part of run.json, so a run folder never holds
+    rows of two different files under one method key."""
+    files: dict[str, dict[str, str]] = {}
+    for spec in methods:
+        for budget in budgets if spec.uses_budget else [None]:
+            hashes = spec.build(budget).file_hashes()
+            if hashes:
+                files.setdefault(spec.key, {}).update(hashes)
+    if not files:
+        return config
+    return dataclasses.replace(config, extra={**config.extra, "method_files": files})
+
+
 def versions() -> dict[str, str]:
     import transformers
 
@@ -340,7 +355,7 @@ def run(
         raise DapqError("No methods to evaluate.")
     # every method x budget built (validated) before the long run starts; their fields are part of the resume key
     fields = method_fields(methods, budgets)
-    config = config.with_model(model)
+    config = with_method_files(config, methods, budgets).with_model(model)
     out = open_run(out_dir, config, new_run=new_run)
     with RunLock(out):
         return _run_locked(model, tokenizer, samples, methods, budgets, fields, out, config, console, total)

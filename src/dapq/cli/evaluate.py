@@ -211,7 +211,7 @@ def run_config(args: argparse.Namespace, bench: str) -> Any:
 
 
 def cmd_eval(args: argparse.Namespace, console: Any) -> int:
-    from ..bench.runner import open_run, run
+    from ..bench.runner import open_run, run, with_method_files
     from ..extras import check_extra
 
     check_extra("eval")
@@ -225,7 +225,7 @@ def cmd_eval(args: argparse.Namespace, console: Any) -> int:
     check_positive(args.max_prompt_tokens, "--max-prompt-tokens")
     check_model_options(args)
     out = run_dir(args, args.bench, NOT_HASHED)
-    config = run_config(args, args.bench)
+    config = with_method_files(run_config(args, args.bench), specs, budgets)  # learned queries' hashes: run.json
     out = open_run(out, config, new_run=args.new_run, check_only=True)  # a settings clash, before the model load
     if args.ray is not None:
         return eval_on_ray(args, specs, budgets, out, config, console)

@@ -5,7 +5,9 @@
     dapq eval ruler --methods learned --param learned.queries=q.pt ...    # use them
 
 Writes q.pt (the best epoch's embeddings), q.pt.json (settings, per-epoch history, the split), q.png (loss curves
-and validation recall) and q.pt.ckpt (every epoch: rerun the same command to resume; --restart starts over).
+and validation recall) and q.pt.ckpt (every epoch: rerun the same command to resume; --restart starts over), all
+through dapq's safe-write path; every one of them is checked (no link, no folder, no file of another kind) and the
+lock `.q.pt.lock` taken before the model loads, so a bad --out or a second run on it fails at once.
 """
 
 from __future__ import annotations
@@ -58,15 +60,16 @@ def cmd_train(args: argparse.Namespace, console: Any) -> int:
     from ..train.corpus import KINDS
 
     out = Path(args.out)
-    if out.exists() and out.is_dir():
+    if out.is_dir() and not out.is_symlink():
         raise DapqError(f"--out {out} is a folder: pass a file name such as {out / 'queries.pt'}.")
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip()) if args.kinds else KINDS
     check_extra("eval")  # matplotlib for the loss curve
     check_model_options(args)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from ..safefile import FileLock
     from ..train.corpus import training_prompts
-    from ..train.fit import TrainSettings, train_queries
+    from ..train.fit import TrainOutputs, TrainSettings, train_queries
 
     settings = TrainSettings(
         n_queries=args.n_queries,
@@ -82,6 +85,9 @@ def cmd_train(args: argparse.Namespace, console: Any) -> int:
         budget=args.budget,
         seed=args.seed,
     )
+    outputs = TrainOutputs.of(out)  # links, folders, foreign files, an unwritable folder: before the model load
+    with FileLock(outputs.lock, str(out)):  # another run on this --out: now, not after the model load
+        pass
     model, tok = load_model_from_args(args)
     training_prompts(tok, 1, settings.lengths, settings.seed, settings.kinds)  # bad kinds / lengths: before any work
     with Progress(

@@ -122,6 +122,11 @@ class Method:
         """Indices into [0, T) kept per cache head, and their validity: ([B, H_c, k], [B, H_c, k])."""
         raise NotImplementedError
 
+    def file_hashes(self) -> dict[str, str]:
+        """The content hashes of the files this method reads (parameter name -> sha256); a run folder records them
+        in run.json, so a file retrained under the same name is a new configuration, never mixed with the old."""
+        return {}
+
     def describe(self) -> str:
         fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
         return f"{self.name}({fields})"

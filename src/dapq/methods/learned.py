@@ -20,12 +20,16 @@ Shapes: the layer's queries [B, H_q, T+N, D] (the learned queries are the last N
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import io
+import os
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import DapqError
 from ..lazy import torch
+from ..safefile import save_torch
 from .base import LayerInputs, ScorerMethod, positive_int, recent_mask, register
 from .protocols import EmbeddedSuffix
 from .scoring import suffix_scores
@@ -35,13 +39,20 @@ SHIPPED = Path(__file__).parent / "learned_queries" / "smollm2-135m-instruct.pt"
 
 
 def load_queries(path: str | Path) -> dict[str, Any]:
-    """A learned-queries file as a dict (`embeddings` [N, hidden] float32, `hidden_size`, `model`, `training`)."""
+    """A learned-queries file as a dict (`embeddings` [N, hidden] float32, `hidden_size`, `model`, `training`, and
+    `sha256`: the file's content hash, read from the same bytes that were loaded). Loaded with weights_only=True:
+    a file can hold tensors and plain values only, never code."""
     p = Path(path)
+    if p.is_dir():
+        raise DapqError(f"queries={p} is a folder: pass a queries file inside it (written by dapq train-queries).")
     if not p.is_file():
         raise DapqError(f"No learned-queries file at {p}: train one with `dapq train-queries --out {p}`.")
     try:
-        data = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a torn or foreign file
+        raw = p.read_bytes()
+        with warnings.catch_warnings():  # torch warns about legacy (non-zip) files: the error below says it all
+            warnings.simplefilter("ignore")
+            data = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as exc:  # a torn or foreign file, or a pickle that would run code (refused, never run)
         raise DapqError(
             f"{p} is not a learned-queries file ({type(exc).__name__}): write it with dapq train-queries."
         ) from exc
@@ -54,20 +65,17 @@ def load_queries(path: str | Path) -> dict[str, Any]:
     emb = data["embeddings"]
     if emb.dim() != 2 or emb.shape[0] < 1 or not torch.isfinite(emb).all():
         raise DapqError(f"{p}: embeddings must be a finite [N, hidden] tensor; got shape {tuple(emb.shape)}.")
+    data["sha256"] = hashlib.sha256(raw).hexdigest()
     return data
 
 
 def save_queries(path: str | Path, embeddings: torch.Tensor, **meta: Any) -> Path:
-    """Write a learned-queries file (`embeddings` [N, hidden]; `meta`: model, hidden_size, training settings...)
-    atomically (a temporary file renamed over `path`)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
+    """Write a learned-queries file (`embeddings` [N, hidden]; `meta`: model, hidden_size, training settings: plain
+    JSON-like values) through the safe-write path (`dapq.safefile`: never through a link, never over a file that is
+    not a torch file)."""
     data = {"format": FORMAT, **meta, "embeddings": embeddings.detach().float().cpu().contiguous()}
     data.setdefault("hidden_size", int(embeddings.shape[1]))
-    torch.save(data, tmp)
-    tmp.replace(p)
-    return p
+    return save_torch(path, data, kind="torch")
 
 
 @register("learned")
@@ -76,13 +84,20 @@ class LearnedQueries(ScorerMethod, EmbeddedSuffix):
     """Learned pseudo queries. Fields: `queries` (a file from `dapq train-queries`; None: the shipped queries of
     the bundled model), `include_pseudo_keys` (True: the softmax includes the learned queries' own keys, as the
     prefill computes it and as they were trained), `keep_recent` (0), `pooling`/`kernel` (max, 7), plus budget,
-    layout, gqa. N is the file's number of embeddings."""
+    layout, gqa. N is the file's number of embeddings. `queries_sha256` (set from the file, not a parameter): the
+    file's content hash, part of the fields every results row and resume key carry, so retraining into the same
+    path never mixes rows of two files under one method key."""
 
     queries: str | None = None
     include_pseudo_keys: bool = True
     keep_recent: int = 0
+    queries_sha256: str = field(default="", init=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.queries, os.PathLike):  # a Path is a file name too
+            self.queries = os.fspath(self.queries)
+        if isinstance(self.queries, str) and not self.queries.strip():
+            raise DapqError("queries= is empty: pass a file written by dapq train-queries, or leave it unset.")
         super().__post_init__()
         positive_int("keep_recent", self.keep_recent, minimum=0)
         if isinstance(self.budget, int) and self.keep_recent >= self.budget:
@@ -93,7 +108,7 @@ class LearnedQueries(ScorerMethod, EmbeddedSuffix):
             )
         self._data: dict[str, Any] | None = None
         self._key: str | None = None
-        self.data()  # a missing or foreign file fails here, before any model is loaded
+        self.queries_sha256 = self.data()["sha256"]  # a missing or foreign file fails here, before any model load
 
     @property
     def min_budget(self) -> int:
@@ -125,6 +140,9 @@ class LearnedQueries(ScorerMethod, EmbeddedSuffix):
                 "`dapq train-queries --model ...`."
             )
         return emb
+
+    def file_hashes(self) -> dict[str, str]:
+        return {"queries": self.queries_sha256}
 
     def embedding_key(self) -> str:  # hashed once: score_key asks for it at every layer
         if self._key is None:

@@ -17,16 +17,22 @@ renormalised over the prompt) is pulled towards the target with Adam:
 Validation after every epoch: the loss and the gold-set recall at `budget` of the learned scores as the `learned`
 method ranks them (summed attention, max-pooled with kernel 7, group mean), beside DapQ's default pseudo tokens
 (F4_L28) and the initial embeddings scored the same way. The best epoch by validation recall is written.
-Checkpoints (`<out>.ckpt`, every epoch) hold E, Adam's state and the history; a rerun with the same settings
-resumes after the last finished epoch (the examples are rebuilt: they are deterministic), other settings refuse.
+Checkpoints (`<out>.ckpt`, every epoch) hold E, Adam's state and the history (tensors, plain containers and numbers
+only: they are read with weights_only=True, so a planted checkpoint can never run code); a rerun with the same
+settings resumes after the last finished epoch (the examples are rebuilt: they are deterministic), other settings
+refuse. Every file (`<out>`, `<out>.json`, the plot `<out stem>.png`, `<out>.ckpt`) is written through
+`dapq.safefile` (never through a link, never over a file of another kind), all four are checked before any work,
+and a run holds a lock (`.<out name>.lock` beside it) so two runs on one `--out` cannot both claim success.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import io
+import math
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,12 +41,14 @@ from typing import Any
 import torch
 
 from ..analysis.quantities import attention_distribution, recall, topk_indices
+from ..checks import finite
 from ..errors import DapqError
 from ..hf.capture import PromptState, greedy_answer, prefill_prompt, queries_at, suffix_attention, trainable
 from ..methods.base import get_method
 from ..methods.learned import save_queries
 from ..methods.scoring import aggregate_groups, pool_scores
 from ..prompts import stop_token_ids
+from ..safefile import FileLock, check_target, ensure_dir, save_figure, save_torch, write_json
 from .corpus import KINDS, N_EVAL_FILES, TRAIN_SEED_BASE, training_files, training_prompts
 
 LOSSES = ("kl", "gold")
@@ -73,8 +81,7 @@ class TrainSettings:
                 raise DapqError(f"{option} must be an integer >= 1; got {value!r}")
         if self.loss not in LOSSES:
             raise DapqError(f"--loss must be one of {', '.join(LOSSES)}; got {self.loss!r}")
-        if not (isinstance(self.lr, float) and self.lr > 0):
-            raise DapqError(f"--lr must be a positive number; got {self.lr!r}")
+        self.lr = finite("--lr", self.lr, low=0, low_open=True, high=10.0)
         self.lengths = tuple(self.lengths)  # type: ignore[assignment]
         self.kinds = tuple(self.kinds)
 
@@ -92,6 +99,78 @@ class Example:
     target: list[torch.Tensor]  # per layer [H_kv, L], rows sum to 1
     gold: list[torch.Tensor]  # per layer [H_kv, budget] key indices
     answer: str
+
+
+@dataclass(frozen=True)
+class TrainOutputs:
+    """The files a training run writes: the queries, their JSON record, the plot and the checkpoint."""
+
+    queries: Path
+    record: Path
+    plot: Path
+    checkpoint: Path
+    lock: Path
+
+    @classmethod
+    def of(cls, out: str | Path) -> TrainOutputs:
+        """The outputs of `--out`, every one checked before any work: a link, a folder, a file of another kind
+        (`notes.txt`, a PNG as the queries) or two outputs on one path (`--out q.png`) is a one-line error; the
+        folder is created and proven writable."""
+        out = Path(out)
+        if out.name in ("", ".", ".."):
+            raise DapqError(f"--out {out} is not a file name: pass one such as runs/queries/q.pt.")
+        outputs = cls(
+            out,
+            out.with_name(out.name + ".json"),
+            out.with_suffix(".png"),
+            out.with_name(out.name + ".ckpt"),
+            out.with_name(f".{out.name}.lock"),
+        )
+        if len({outputs.queries, outputs.record, outputs.plot, outputs.checkpoint}) < 4:
+            raise DapqError(f"--out {out}: the loss plot would overwrite the queries; use a name ending in .pt.")
+        for path, kind in (
+            (outputs.queries, "torch"),
+            (outputs.record, "json"),
+            (outputs.plot, "png"),
+            (outputs.checkpoint, "torch"),
+        ):
+            check_target(path, kind)
+        ensure_dir(out.parent, "the folder of --out")
+        return outputs
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A training checkpoint, read with weights_only=True (tensors and plain values; a pickle that would run code
+    is refused unrun); a torn, empty, foreign or malformed file is a one-line error."""
+    advice = "delete it or pass --restart to start over"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torn, empty, text, a pickle of objects: never unpickled beyond plain data
+        raise DapqError(f"{path} is not a dapq training checkpoint ({type(exc).__name__}): {advice}.") from None
+    shape = {
+        "settings": dict,
+        "model": str,
+        "epoch": int,
+        "embeddings": torch.Tensor,
+        "optimizer": dict,
+        "history": list,
+        "baselines": dict,
+    }
+    for name, kind in shape.items():
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get(name), kind):
+            raise DapqError(f"{path} is not a dapq training checkpoint (no valid {name!r}): {advice}.")
+    return ckpt
+
+
+def check_finite_epoch(row: dict[str, Any], emb: torch.Tensor) -> None:
+    """Training that diverged (a NaN or infinite loss or embedding) stops with a one-line error, never a "best
+    epoch" of garbage."""
+    bad = [k for k in ("train_loss", "val_loss", "val_recall") if not math.isfinite(row[k])]
+    if bad or not torch.isfinite(emb).all():
+        what = ", ".join(f"{k} {row[k]}" for k in bad) or "non-finite embeddings"
+        raise DapqError(f"Training diverged at epoch {row['epoch']} ({what}): lower --lr and pass --restart.")
 
 
 @dataclass
@@ -191,15 +270,30 @@ def train_queries(
     progress: Callable[[str, int, int], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
-    """Train, checkpoint every epoch, write the best epoch's embeddings to `out` (+ `<out>.json`, `<out>.png`)."""
-    out = Path(out)
-    ckpt_path = out.with_name(out.name + ".ckpt")
+    """Train, checkpoint every epoch, write the best epoch's embeddings to `out` (+ `<out>.json`, `<out>.png`)
+    under a lock on `out`."""
+    outputs = TrainOutputs.of(out)
+    with FileLock(outputs.lock, str(outputs.queries)):
+        return _train_locked(model, tokenizer, settings, outputs, model_name, restart, progress, log)
+
+
+def _train_locked(
+    model: Any,
+    tokenizer: Any,
+    settings: TrainSettings,
+    outputs: TrainOutputs,
+    model_name: str,
+    restart: bool,
+    progress: Callable[[str, int, int], None] | None,
+    log: Callable[[str], None],
+) -> TrainResult:
+    out, ckpt_path = outputs.queries, outputs.checkpoint
     started = time.perf_counter()
     for p in model.parameters():
         p.requires_grad_(False)
     ckpt = None
     if ckpt_path.exists() and not restart:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(ckpt_path)
         if ckpt.get("settings") != settings.as_dict() or ckpt.get("model") != model_name:
             raise DapqError(
                 f"{ckpt_path} was written with other settings or another model: pass --restart to start over, or "
@@ -225,9 +319,14 @@ def train_queries(
     history: list[dict[str, Any]] = []
     baselines: dict[str, dict] = {}
     if ckpt is not None:
+        if ckpt["embeddings"].shape != emb.shape:
+            raise DapqError(f"{ckpt_path}: its embeddings do not fit these settings; pass --restart to start over.")
         with torch.no_grad():
             emb.copy_(ckpt["embeddings"])
-        opt.load_state_dict(ckpt["optimizer"])
+        try:
+            opt.load_state_dict(ckpt["optimizer"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise DapqError(f"{ckpt_path}: its optimizer state is damaged ({exc}); pass --restart.") from None
         history, baselines = ckpt["history"], ckpt["baselines"]
         log(f"resuming {ckpt_path} after epoch {ckpt['epoch']}")
     else:
@@ -273,9 +372,10 @@ def train_queries(
             "epoch_s": time.perf_counter() - t0,
             "embeddings": emb.detach().clone(),
         }
+        check_finite_epoch(row, emb.detach())
         history.append(row)
-        tmp = ckpt_path.with_name(ckpt_path.name + ".tmp")
-        torch.save(
+        save_torch(
+            ckpt_path,
             {
                 "settings": settings.as_dict(),
                 "model": model_name,
@@ -285,9 +385,7 @@ def train_queries(
                 "history": history,
                 "baselines": baselines,
             },
-            tmp,
         )
-        tmp.replace(ckpt_path)
         log(
             f"epoch {epoch}: train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
             f"val recall@{settings.budget} {row['val_recall']:.3f}  ({row['epoch_s']:.0f} s)"
@@ -314,8 +412,8 @@ def train_queries(
         },
     }
     save_queries(out, best["embeddings"], **meta)
-    out.with_name(out.name + ".json").write_text(json.dumps(meta, indent=1) + "\n")
-    plot_history(summary, baselines, settings, out.with_suffix(".png"))
+    write_json(outputs.record, meta)
+    plot_history(summary, baselines, settings, outputs.plot)
     log(f"best epoch {best['epoch']} (val recall {best['val_recall']:.3f}) written to {out} ({seconds:.0f} s)")
     return TrainResult(out, summary, best["epoch"], seconds)
 
@@ -342,5 +440,5 @@ def plot_history(history: list[dict], baselines: dict, settings: TrainSettings, 
     b.set(xlabel="epoch", ylabel=f"gold-set recall@{settings.budget}", title="validation recall")
     b.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
