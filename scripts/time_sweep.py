@@ -77,8 +77,9 @@ def main() -> int:
     print(f"dapq {dapq.__version__}, {torch.get_num_threads()} threads, config {config}")
     print(f"mean {sum(times) / len(times):.1f} s per {args.length}-token sample ({len(rows)} rows)")
     if args.save:
-        with open(args.save, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1)
+        from dapq.safefile import write_text
+
+        write_text(args.save, json.dumps(rows, indent=1), "json")
     if args.compare:
         with open(args.compare, encoding="utf-8") as f:
             other = json.load(f)

@@ -43,6 +43,8 @@ from typing import Any
 
 import torch
 
+from dapq.safefile import ensure_dir, write_text
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_PY = ROOT / ".venv-kvpress" / "bin" / "python"
 METHODS = ("snapkv", "pyramidkv", "streamingllm", "expected_attention", "kvzip", "kvzip_layerwise")
@@ -276,7 +278,7 @@ def main() -> None:
     from dapq.prompts import build_prompt, stop_token_ids
 
     out_dir = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out_dir)
     model, tok = load_model()
     n = args.samples
     depths = [round(5 + i * 90 / max(1, n - 1), 1) for i in range(n)]
@@ -294,7 +296,7 @@ def main() -> None:
         "params": PARAMS,
     }
     job_path = out_dir / "samples.json"
-    job_path.write_text(json.dumps(job))
+    write_text(job_path, json.dumps(job), "json")
     print(f"{n} samples, prompt tokens {min(len(s['ids']) for s in samples)}-{max(len(s['ids']) for s in samples)}")
 
     # ---- kvpress side (own venv, own process)
@@ -304,7 +306,7 @@ def main() -> None:
         subprocess.run([str(VENV_PY), str(ROOT / "scripts" / "kvpress_worker.py"), str(job_path), prefix], check=True)
     kv_wall = time.perf_counter() - start
     kv = json.loads(Path(prefix + ".json").read_text())
-    kv_kept = torch.load(prefix + ".pt")
+    kv_kept = torch.load(prefix + ".pt", weights_only=True)  # int16 tensors in lists: never code
     shas = [hashlib.sha1(json.dumps(s["ids"]).encode()).hexdigest() for s in samples]
     theirs = kv["meta"].get("prompt_sha1")
     if theirs is None or theirs[: len(shas)] != shas:
@@ -486,7 +488,7 @@ def main() -> None:
         "timings": timings,
         "per_sample": per_sample,
     }
-    (out_dir / "result.json").write_text(json.dumps(result, indent=1))
+    write_text(out_dir / "result.json", json.dumps(result, indent=1), "json")
     print_tables(result)
     print(f"\nresult: {out_dir / 'result.json'}")
 

@@ -41,6 +41,7 @@ __all__ = [
     "open_append",
     "save_figure",
     "save_torch",
+    "truncate",
     "write_bytes",
     "write_json",
     "write_text",
@@ -130,6 +131,8 @@ def ensure_dir(path: str | os.PathLike, what: str = "--out") -> Path:
     """The folder `path`, created with its parents and proven writable (a probe file made and removed), else a
     one-line DapqError naming `what`."""
     p = Path(path)
+    if p.is_symlink() and not p.exists():
+        raise DapqError(f"{what} {p} is a dangling symbolic link: remove it or pass another folder.")
     try:
         p.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
@@ -224,6 +227,21 @@ def open_append(path: str | os.PathLike, kind: str = "jsonl") -> IO[str]:
         os.close(fd)
         raise DapqError(f"{p} is not a regular file: pass another folder.")
     return os.fdopen(fd, "a", encoding="utf-8")
+
+
+def truncate(path: str | os.PathLike, size: int) -> None:
+    """Cut a regular file to `size` bytes in place (a results file's torn last line), never through a link."""
+    try:
+        fd = os.open(path, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        raise DapqError(f"{path} cannot be repaired ({exc.strerror}): remove it if it is a link.") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise DapqError(f"{path} is not a regular file.")
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class FileLock:

@@ -40,9 +40,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ..checks import clean_label
 from ..errors import DapqError
 from ..extras import require
-from ..safefile import save_figure, write_text
+from ..safefile import ensure_dir, save_figure, write_text
 from .report import (
     config_groups,
     find_results,
@@ -174,12 +175,16 @@ def load_bench(path: str | Path, kind: str) -> dict[str, Any]:
             raise DapqError(f"--{kind} {p}: row {method!r} is not a table of lengths; pass {what}.")
         for length, cell in cells.items():
             value = cell.get(field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise DapqError(f"--{kind} {p}: {method!r} at {length} has no numeric {field!r}; pass {what}.")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise DapqError(
+                    f"--{kind} {p}: {clean_label(method)!r} at {clean_label(length)} has no finite, non-negative "
+                    f"{field!r}; pass {what}."
+                )
             _cell_length(cell, length, p)
     budget = data.get("budget")
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise DapqError(f"--{kind} {p} has no numeric budget; pass {what}.")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget < 0:
+        raise DapqError(f"--{kind} {p} has no finite, non-negative budget; pass {what}.")
+    data["rows"] = {clean_label(m, limit=10_000): cells for m, cells in data["rows"].items()}  # names as rows clean
     data["_path"] = str(p)
     return data
 
@@ -381,7 +386,7 @@ def print_table(group: Group, console: Console, ttft: Benches | None = None, mem
 
 
 def _md_cell(text: Any) -> str:
-    return " ".join(str(text).split()).replace("|", "\\|")
+    return clean_label(text, limit=10_000).replace("|", "\\|")
 
 
 # ---------------------------------------------------------------------------------------------------- figure
@@ -500,9 +505,7 @@ def write_front(
         )
     first = Path(paths[0])
     out_dir = Path(out) if out is not None else (first if first.is_dir() else first.parent)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DapqError(f"--out {out_dir} is an existing file: pass a folder.")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out_dir, "--out")
     md = ["# Accuracy, peak KV and TTFT", "", f"Runs: {', '.join(_md_cell(p) for p in paths)}", ""]
     if methods:
         md += [f"Methods: {', '.join(_md_cell(m) for m in methods)} (the others of these runs left out).", ""]

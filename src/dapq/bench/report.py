@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ..checks import clean_label
 from ..errors import DapqError
 from ..extras import require
 from ..safefile import save_figure, write_text
@@ -56,6 +57,11 @@ def load_all(path: str | Path) -> list[dict[str, Any]]:
     return load_files(find_results(path))
 
 
+#: the row fields shown as labels (tables, markdown, figure legends and titles), cleaned of control characters
+LABELS = ("sample_id", "task", "method", "method_key", "metric")
+LABEL_LIMIT = 10_000
+
+
 def load_files(files: Iterable[Path]) -> list[dict[str, Any]]:
     """The rows of these results files, tagged with their configuration as `load_all` tags them."""
     rows = []
@@ -64,6 +70,9 @@ def load_files(files: Iterable[Path]) -> list[dict[str, Any]]:
         for row in load_rows(f, repair=False):
             if row.get("error"):  # a sample that failed twice on Ray (dapq.bench.distributed): no result to report
                 continue
+            for label in LABELS:  # no terminal escape or bidi override from a file reaches a table or a figure
+                if isinstance(row.get(label), str):
+                    row[label] = clean_label(row[label], limit=LABEL_LIMIT)
             row["_config"] = settings if settings is not None else _row_settings(row)
             rows.append(row)
     return rows
@@ -98,7 +107,7 @@ def config_groups(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, 
         shown = ("model", "model_id", "dtype", "device", "mode", "seed", "dapq")
         text = ", ".join(f"{k}={cfg[k]}" for k in shown if cfg.get(k) is not None) or "unknown configuration"
         extra = [f"{k}={v}" for k, v in sorted(cfg.items()) if k not in shown and v is not None]
-        out.append((text + (", " + ", ".join(extra) if extra else ""), items))
+        out.append((clean_label(text + (", " + ", ".join(extra) if extra else ""), limit=LABEL_LIMIT), items))
     return out
 
 
@@ -334,5 +343,5 @@ def paired_tables(
 
 
 def _md_cell(text: Any) -> str:
-    """Untrusted text as one markdown table cell / line."""
-    return " ".join(str(text).split()).replace("|", "\\|")
+    """Untrusted text as one markdown table cell / line (no control characters)."""
+    return clean_label(text, limit=LABEL_LIMIT).replace("|", "\\|")

@@ -33,7 +33,7 @@ from ..errors import DapqError
 from ..methods.base import Method, get_method
 from ..methods.protocols import pseudo_length
 from ..prompts import stop_token_ids
-from ..safefile import FileLock, ensure_dir, open_append, write_json
+from ..safefile import FileLock, ensure_dir, open_append, truncate, write_json
 from .base import Sample
 
 RESULTS = "results.jsonl"
@@ -208,8 +208,7 @@ def load_rows(
             raise DapqError(f"{path}:{lineno}: not a JSON row ({msg}); fix or delete that line.") from None
         rows.append(check(row, f"{path}:{lineno}"))
     if good_end != len(data) and repair:
-        with open(path, "r+b") as f:
-            f.truncate(good_end)
+        truncate(path, good_end)
     return rows
 
 
