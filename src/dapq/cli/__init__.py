@@ -7,6 +7,7 @@
     dapq eval niah|ruler|longbench|longbench-v2|helmet ...      # the evaluation harness (resumable)
     dapq report runs/<folder>                    # tables and figures from result files
     dapq report --front runs/<a> runs/<b>        # accuracy vs peak KV and TTFT per method and budget, the front
+    dapq merge runs/<a> runs/<b> --out m.jsonl.gz # several runs' rows as one file, deduplicated
     dapq analyze similarity|recall|attention     # the paper's observations
     dapq ablate content|length|position          # the paper's DapQ ablations
     dapq bench ttft|throughput|memory|vs-kvpress # efficiency
@@ -23,13 +24,13 @@ import sys
 
 from .. import __version__
 from ..errors import DapqError
-from . import ablate, analyze, bench, demo, evaluate, generate, listing, models, report, train
+from . import ablate, analyze, bench, demo, evaluate, generate, listing, merge, models, report, train
 from .args import Parser
 
 __all__ = ["build_parser", "main"]
 
 #: command modules in the order `dapq --help` lists them; each has add_parser(subparsers)
-COMMANDS = (listing, models, generate, demo, evaluate, analyze, ablate, bench, train, report)
+COMMANDS = (listing, models, generate, demo, evaluate, analyze, ablate, bench, train, report, merge)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,5 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def one_line(text: str) -> str:
-    """An error message on one line (inner newlines and runs of spaces collapsed)."""
-    return " ".join(text.split())
+    """An error message on one line (inner newlines and runs of spaces collapsed, control and bidi characters from
+    file names or file contents removed, so an error never drives the terminal)."""
+    from ..checks import clean_label
+
+    return clean_label(text, limit=100_000)

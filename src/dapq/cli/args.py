@@ -205,8 +205,10 @@ def check_model_options(args: argparse.Namespace) -> None:
                     "name from `dapq models`."
                 )
     cache_dir = getattr(args, "cache_dir", None)
-    if cache_dir and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
-        raise DapqError(f"--cache-dir {cache_dir} is an existing file: pass a folder.")
+    if cache_dir:  # created and proven writable now: under a file or /proc it fails here, not after a model load
+        from ..safefile import ensure_dir
+
+        ensure_dir(Path(cache_dir).expanduser(), "--cache-dir")
     attn = getattr(args, "attn", None)
     if attn is not None and attn not in ATTN_CHOICES:
         raise DapqError(f"--attn {attn!r} is not an attention backend. Use one of: {', '.join(ATTN_CHOICES)}.")

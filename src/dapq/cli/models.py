@@ -1,7 +1,9 @@
 """`dapq models`: the models dapq can load offline, whether each is installed and converted, and how to install it.
 
 Reads package metadata and the conversion cache only (no torch, no model load), so it answers at once. Parts are
-located through `importlib.metadata`; nothing in those packages is imported.
+located through `importlib.metadata`; nothing in those packages is imported. A cache entry is called converted only
+when its record parses and its files have their recorded sizes (a stat each; the sha256 check is left to the load,
+which hashes the entry on its first use in a process); otherwise it is shown as damaged, with the folder to delete.
 """
 
 from __future__ import annotations
@@ -25,22 +27,28 @@ def add_parser(sub: Any) -> None:
 
 
 def model_rows(cache_dir: str | None = None) -> list[dict[str, Any]]:
-    """One dict per known model: name, title, architecture, installed, missing parts, cached entry, install command."""
+    """One dict per known model: name, title, architecture, installed, missing parts, cached entry (its path when
+    intact by the size check), cache state (converted, damaged, old, none or null when not installed), what is wrong
+    with a damaged or old entry and where it is, install command."""
     from ..catalog import KNOWN_MODELS
     from ..errors import DapqError
-    from ..gguf_cache import cache_root, cached_entry, file_sha256
+    from ..gguf_cache import DAMAGED, MISSING, OK, UNVERIFIABLE, cache_root, entry_path, entry_state, file_sha256
 
     root = cache_root(cache_dir)
+    words = {OK: "converted", DAMAGED: "damaged", UNVERIFIABLE: "old"}
     rows = []
     for model in KNOWN_MODELS.values():
         missing = [p.requirement() for p in model.missing()]
-        entry = None
+        entry, state, problem = None, None, ""
         if not missing and root is not None:
             try:
                 sha = model.sha256 or file_sha256(model.sources())
             except DapqError:
                 sha = None
-            entry = cached_entry(root, sha) if sha else None
+            if sha:
+                found, problem = entry_state(root, sha, deep=False)  # a stat per file: `dapq models` stays instant
+                state = words.get(found, "none")
+                entry = entry_path(root, sha) if found != MISSING else None
         rows.append(
             {
                 "name": model.name,
@@ -48,7 +56,10 @@ def model_rows(cache_dir: str | None = None) -> list[dict[str, Any]]:
                 "architecture": model.architecture,
                 "installed": not missing,
                 "missing": missing,
-                "cached": str(entry) if entry else None,
+                "cached": str(entry) if state == "converted" else None,
+                "cache_state": state,
+                "cache_problem": problem or None,
+                "entry": str(entry) if entry else None,
                 "install": model.install_command(),
                 "sha256": model.sha256,
                 "note": model.note,
@@ -70,9 +81,21 @@ def cmd_models(args: argparse.Namespace, console: Any) -> int:
         table.add_column(col, overflow="fold")
     for r in rows:
         installed = "yes" if r["installed"] else f"no ({len(r['missing'])} package(s) missing)"
-        converted = "yes" if r["cached"] else ("no: first load converts" if r["installed"] else "-")
+        converted = {
+            "converted": "yes",
+            "damaged": f"DAMAGED ({r['cache_problem']}): see below",
+            "old": f"no: {r['cache_problem']}; the next load converts again",
+        }.get(r["cache_state"], "no: first load converts" if r["installed"] else "-")
         table.add_row(r["name"], f"{r['title']}: {r['architecture']}", installed, converted)
     console.print(table)
+    for r in rows:  # whole lines, never wrapped, so the folder can be copied
+        if r["cache_state"] == "damaged":
+            console.print(
+                f"{r['name']}: the cache entry {r['entry']} is damaged ({r['cache_problem']}): delete that folder; "
+                "the next load rebuilds it from the GGUF file.",
+                soft_wrap=True,
+                highlight=False,
+            )
     for r in rows:  # whole lines, never wrapped, so they can be copied
         console.print(f"{r['name']} ({r['note']}):", soft_wrap=True)
         console.print(f"  {r['install']}", soft_wrap=True, highlight=False)
