@@ -147,16 +147,22 @@ def parse_size(text: str, option: str = "--memory-cap") -> int:
     """Bytes: '4GiB', '512MiB', '2.5GB', '4g' or a plain byte count."""
     t = str(text).strip()
     units = {"gib": 2**30, "mib": 2**20, "gb": 10**9, "mb": 10**6, "g": 2**30, "m": 2**20}
+    value: int | None = None
     for unit, mult in units.items():
         if t.lower().endswith(unit):
             try:
-                return int(float(t[: -len(unit)]) * mult)
-            except ValueError:
-                break
-    try:
-        return int(t)
-    except ValueError:
-        raise DapqError(f"{option} takes a size such as 4GiB or 512MiB; got {text!r}") from None
+                value = int(float(t[: -len(unit)]) * mult)
+            except (ValueError, OverflowError):  # not a number, or inf / nan
+                pass
+            break
+    else:
+        try:
+            value = int(t)
+        except ValueError:
+            pass
+    if value is None or value < 1:
+        raise DapqError(f"{option} takes a size (positive) such as 4GiB or 512MiB; got {text!r}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------- options
@@ -241,10 +247,15 @@ def check_positive(value: Any, option: str) -> None:
 
 
 def check_out(args: argparse.Namespace) -> None:
-    """--out may be a new or an existing folder, never an existing file."""
+    """--out may be a new or an existing folder, never an existing file, a dangling link, or a path under a file
+    or in a place that cannot be written (/proc): checked before any model load."""
+    from ..safefile import ensure_dir
+
     out = getattr(args, "out", None)
     if out and Path(out).exists() and not Path(out).is_dir():
         raise DapqError(f"--out {out} is an existing file: pass a folder (new, or a run to resume).")
+    if out:
+        ensure_dir(out, "--out")
 
 
 def typed_params(name: str, raw: dict[str, str]) -> dict[str, Any]:

@@ -16,6 +16,9 @@ from ..errors import DapqError
 from .args import (
     DEFAULT_MODEL_NAME,
     add_model_options,
+    check_model_options,
+    check_out,
+    check_positive,
     load_model_from_args,
     parse_budget,
     parse_lengths,
@@ -67,6 +70,12 @@ def cmd_bench(args: argparse.Namespace, console: Any) -> int:
         return cmd_vs_kvpress(args, console)
     budget = parse_budget(args.budget)
     methods = parse_names(args.methods, "--methods")
+    for option in ("repeats", "new_tokens", "threads"):
+        check_positive(getattr(args, option, None), f"--{option.replace('_', '-')}")
+    if getattr(args, "warmup", 0) < 0:
+        raise DapqError(f"--warmup must be an integer >= 0; got {args.warmup!r}")
+    check_out(args)
+    check_model_options(args)
     if args.kind == "throughput":
         context = parse_lengths(args.context, "--context", "4k or 4096")[0]
         batch_sizes = parse_lengths(args.batch_sizes, "--batch-sizes", "1,4,8,16")
