@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 from typing import Any
 
+from ..checks import finite
 from ..errors import DapqError
 from .args import (
     DEFAULT_MODEL_NAME,
@@ -31,6 +32,10 @@ from .args import (
 
 #: options that do not change results, left out of the hash that names the output folder
 NOT_HASHED = ("func", "out", "command", "device", "attn", "new_run")  # and args.UNHASHED_EVERYWHERE
+#: upper bounds of the Ray options (beyond them a typo, not a cluster)
+MAX_WORKERS = 4096
+MAX_THREADS_PER_WORKER = 1024
+MAX_GPUS_PER_WORKER = 64
 #: options that change rows without changing sample ids: recorded in run.json, a rerun must match them (what selects
 #: samples, such as --samples, --lengths or --tasks, may change between reruns of one run)
 ROW_SETTINGS = ("max_prompt_tokens", "data_dir", "data_file", "from_hub", "length", "prompt_style")
@@ -81,17 +86,24 @@ def add_parser(sub: Any) -> None:
         default=None,
         metavar="ADDRESS",
         help="run the sweep on Ray workers: no ADDRESS starts a local Ray instance, `auto` joins the running "
-        'cluster, or give a cluster address (needs pip install "dapq[ray]")',
+        'cluster, or give a cluster address HOST:PORT (needs pip install "dapq[ray]")',
     )
-    common.add_argument("--workers", type=int, default=None, help="with --ray: Ray workers, one model each (default 2)")
+    # the three below hold the text typed (like every option); `ray_options` checks them before anything starts
+    common.add_argument(
+        "--workers", default=None, metavar="N", help="with --ray: Ray workers, one model each (default 2)"
+    )
     common.add_argument(
         "--gpus-per-worker",
-        type=float,
         default=None,
-        help="with --ray: GPUs per worker (default 1 when the cluster has GPUs, else 0)",
+        metavar="G",
+        help="with --ray: GPUs per worker, 0, a fraction such as 0.5 or a whole number (default 1 when the cluster "
+        "has GPUs, else 0)",
     )
     common.add_argument(
-        "--threads-per-worker", type=int, default=None, help="with --ray: CPUs (torch threads) per worker (default 1)"
+        "--threads-per-worker",
+        default=None,
+        metavar="T",
+        help="with --ray: CPUs (torch threads) per worker (default 1)",
     )
     common.add_argument("--max-prompt-tokens", type=int, default=None, help="truncate real-data prompts (head + tail)")
     p = bench.add_parser("niah", parents=[common], help="Kamradt needle in a haystack (Paul Graham essays)")
@@ -214,6 +226,7 @@ def cmd_eval(args: argparse.Namespace, console: Any) -> int:
     from ..bench.runner import open_run, run, with_method_files
     from ..extras import check_extra
 
+    on_ray = ray_options(args)  # --ray and its options: before anything else starts
     check_extra("eval")
     specs = method_specs(args.methods, args.param)
     budgets = parse_budgets(args.budgets)
@@ -227,10 +240,8 @@ def cmd_eval(args: argparse.Namespace, console: Any) -> int:
     out = run_dir(args, args.bench, NOT_HASHED)
     config = with_method_files(run_config(args, args.bench), specs, budgets)  # learned queries' hashes: run.json
     out = open_run(out, config, new_run=args.new_run, check_only=True)  # a settings clash, before the model load
-    if args.ray is not None:
-        return eval_on_ray(args, specs, budgets, out, config, console)
-    if args.workers is not None or args.gpus_per_worker is not None or args.threads_per_worker is not None:
-        raise DapqError("--workers, --gpus-per-worker and --threads-per-worker go with --ray.")
+    if on_ray is not None:
+        return eval_on_ray(args, on_ray, specs, budgets, out, config, console)
     model, tok = load_model_from_args(args)
     samples = eval_samples(args, tok)
     console.print(f"{len(samples)} samples x {len(specs)} methods -> {out}")
@@ -239,41 +250,115 @@ def cmd_eval(args: argparse.Namespace, console: Any) -> int:
     return 0
 
 
-def eval_on_ray(args: argparse.Namespace, specs: list, budgets: list, out: Any, config: Any, console: Any) -> int:
-    """`dapq eval ... --ray`: the driver builds the samples with the tokenizer only; each worker loads the model."""
+@dataclasses.dataclass(frozen=True)
+class RayOptions:
+    """--ray and its options, checked: `address` None is a local instance; `gpus` None is 1 per worker when the
+    cluster has GPUs, else 0."""
+
+    address: str | None
+    workers: int = 2
+    threads: int = 1
+    gpus: float | None = None
+
+
+def ray_options(args: argparse.Namespace) -> RayOptions | None:
+    """The Ray options of a command line (None without --ray), each a finite number in range, or a one-line
+    DapqError: nothing has started yet."""
+    workers = count_option(args.workers, "--workers", MAX_WORKERS)
+    threads = count_option(args.threads_per_worker, "--threads-per-worker", MAX_THREADS_PER_WORKER)
+    gpus = gpus_option(args.gpus_per_worker)
+    if args.ray is None:
+        if workers is not None or threads is not None or gpus is not None:
+            raise DapqError("--workers, --gpus-per-worker and --threads-per-worker go with --ray.")
+        return None
+    address = str(args.ray).strip()
+    if address not in ("local", "auto"):
+        from ..bench.distributed import split_address
+
+        split_address(address)  # HOST:PORT, before anything starts
+    return RayOptions(
+        address=None if address == "local" else address,
+        workers=2 if workers is None else workers,
+        threads=1 if threads is None else threads,
+        gpus=gpus,
+    )
+
+
+def number_option(text: str, option: str) -> int | float:
+    """An option's text -> an int (as typed, so errors show it) or a float (nan and inf included: `finite` refuses
+    them), or a one-line DapqError."""
+    t = str(text).strip()
+    try:
+        value = int(t)
+        return value if abs(value) < 10**300 else float("inf")  # float() of a huge int would raise
+    except ValueError:
+        pass
+    try:
+        return float(t)
+    except ValueError:
+        raise DapqError(f"{option} must be a number; got {text!r}.") from None
+
+
+def count_option(text: str | None, option: str, high: int) -> int | None:
+    """An integer option's text -> an int in [1, high] (None when not given), or a one-line DapqError."""
+    if text is None:
+        return None
+    value = finite(option, number_option(text, option), low=1, high=high)
+    if not value.is_integer():  # 1.5
+        raise DapqError(f"{option} must be a whole number; got {text!r}.")
+    return int(value)
+
+
+def gpus_option(text: str | None) -> float | None:
+    """--gpus-per-worker's text -> 0, a fraction of one GPU (Ray's resolution: 0.0001) or a whole number of GPUs up
+    to MAX_GPUS_PER_WORKER (None when not given), or a one-line DapqError."""
+    if text is None:
+        return None
+    option = "--gpus-per-worker"
+    value = finite(option, number_option(text, option), low=0, high=MAX_GPUS_PER_WORKER)
+    if 0 < value < 1e-4 or (value > 1 and not value.is_integer()):
+        raise DapqError(
+            f"{option} takes 0, a fraction of one GPU (e.g. 0.5, at least 0.0001) or a whole number of "
+            f"GPUs; got {text!r}."
+        )
+    return value
+
+
+def eval_on_ray(
+    args: argparse.Namespace, opts: RayOptions, specs: list, budgets: list, out: Any, config: Any, console: Any
+) -> int:
+    """`dapq eval ... --ray`: Ray is started (or joined) and checked first (an address where nothing answers,
+    workers the cluster cannot hold: one-line errors, with Ray shut down), then the driver builds the samples with
+    the tokenizer only; each worker loads the model."""
     from .. import models
-    from ..bench.distributed import WorkerSpec, ray_module, run_ray
+    from ..bench.distributed import WorkerSpec, ray_module, ray_session, run_ray
 
     ray_module()  # not installed: the install command, before anything loads
-    workers = 2 if args.workers is None else args.workers
-    check_positive(workers, "--workers")
-    check_positive(args.threads_per_worker, "--threads-per-worker")
-    if args.gpus_per_worker is not None and args.gpus_per_worker < 0:
-        raise DapqError(f"--gpus-per-worker must be >= 0; got {args.gpus_per_worker}")
-    tok = models.load_tokenizer(args.model, cache_dir=args.cache_dir)
-    samples = eval_samples(args, tok)
     spec = WorkerSpec(
         model=args.model,
         dtype=args.dtype,
         device=args.device,
         attn=args.attn,
         cache_dir=args.cache_dir,
-        threads=args.threads_per_worker or 1,
+        threads=opts.threads,
     )
-    where = "a local Ray instance" if args.ray == "local" else f"Ray at {args.ray}"
-    console.print(f"{len(samples)} samples x {len(specs)} methods on {workers} worker(s), {where} -> {out}")
-    summary = run_ray(
-        spec,
-        samples,
-        specs,
-        budgets,
-        out,
-        config=config,
-        address=None if args.ray == "local" else args.ray,
-        workers=workers,
-        gpus_per_worker=args.gpus_per_worker,
-        console=console,
-        new_run=args.new_run,
-    )
+    with ray_session(opts.address, workers=opts.workers, threads=opts.threads, gpus_per_worker=opts.gpus) as gpus:
+        tok = models.load_tokenizer(args.model, cache_dir=args.cache_dir)
+        samples = eval_samples(args, tok)
+        where = "a local Ray instance" if opts.address is None else f"Ray at {opts.address}"
+        console.print(f"{len(samples)} samples x {len(specs)} methods on {opts.workers} worker(s), {where} -> {out}")
+        summary = run_ray(
+            spec,
+            samples,
+            specs,
+            budgets,
+            out,
+            config=config,
+            address=opts.address,
+            workers=opts.workers,
+            gpus_per_worker=gpus,
+            console=console,
+            new_run=args.new_run,
+        )
     console.print(f"results: {summary.path}   tables and figures: dapq report {summary.path.parent}")
     return 0
