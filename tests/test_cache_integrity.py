@@ -557,3 +557,41 @@ def test_bundled_entry_records_and_verifies_its_files(bundled):
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(files)
     assert set(files) == {p.name for p in entry.iterdir()} - {gguf_cache.ENTRY_RECORD}
     assert gguf_cache.entry_state(root, sha, deep=True) == ("ok", "")
+
+
+# ---------------------------------------------------------------------------------------------------- dapq eval
+def eval_args(gguf: Path, root: Path, out: Path) -> list[str]:
+    return ["eval", "niah", "--model", str(gguf), "--cache-dir", str(root), "--methods", "full", "--budgets", "64"] + [
+        "--lengths",
+        "1000",
+        "--depths",
+        "50",
+        "--out",
+        str(out),
+    ]
+
+
+@pytest.mark.parametrize("case", ["random_same_size", "truncate", "header_broken", "record_not_json"])
+def test_eval_refuses_a_damaged_entry_before_any_load(
+    case, work, fake_dequantize, no_model_load, capsys, tmp_path_factory
+):
+    """The same refusal through `dapq eval --model ... --cache-dir ...` (its run folder lies outside `work`)."""
+    damage, _ = DAMAGES[case]
+    gguf, root, entry = make_entry(work)
+    damage(entry)
+    capsys.readouterr()
+    before = snapshot(work)
+    assert main(eval_args(gguf, root, tmp_path_factory.mktemp("runs") / "run")) == 2
+    assert f"{entry} is damaged" in one_error_line(capsys)
+    assert snapshot(work) == before
+
+
+@pytest.mark.parametrize("where", [under_file, is_file, under_proc], ids=["under_file", "is_file", "under_proc"])
+def test_eval_bad_cache_dir_is_one_line_before_any_load(where, work, no_model_load, capsys, tmp_path_factory):
+    gguf = work / "x.gguf"
+    gguf.write_bytes(b"GGUF whatever")
+    cache_dir = where(work)
+    before = snapshot(work)
+    assert main(eval_args(gguf, Path(cache_dir), tmp_path_factory.mktemp("runs") / "run")) == 2
+    assert one_error_line(capsys).startswith(f"error: --cache-dir {cache_dir}")
+    assert snapshot(work) == before
