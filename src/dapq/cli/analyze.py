@@ -87,7 +87,7 @@ def cmd_analyze(args: argparse.Namespace, console: Any) -> int:
     config = {k: v for k, v in vars(args).items() if k not in NOT_HASHED}
     out = run_dir(args, f"analysis-{kind}", NOT_HASHED)
     # one configuration per folder: the analysis options and the model's fingerprint (run.json, as `dapq eval`)
-    from ..bench.runner import RunConfig, open_run
+    from ..bench.runner import RunConfig, RunLock, open_run
 
     settings = RunConfig(
         model=args.model or DEFAULT_MODEL_NAME,
@@ -96,62 +96,63 @@ def cmd_analyze(args: argparse.Namespace, console: Any) -> int:
         extra={k: v for k, v in config.items() if k not in ("model", "seed", "samples")},
     )
     out = open_run(out, settings)
-    ckpt = Checkpoint(out / "items.jsonl")
-    if ckpt.items:
-        console.print(f"resuming: {len(ckpt.items)} finished item(s) in {out / 'items.jsonl'}")
-    model, tok = load_model_from_args(args)
-    n = args.samples or (1 if kind == "similarity" else 4)
-    prompts = analysis_prompts(tok, args.task, args.length, n, seed=args.seed, data_dir=args.data_dir)
+    with RunLock(out):  # one writer per analysis folder (items.jsonl, the outputs)
+        ckpt = Checkpoint(out / "items.jsonl")
+        if ckpt.items:
+            console.print(f"resuming: {len(ckpt.items)} finished item(s) in {out / 'items.jsonl'}")
+        model, tok = load_model_from_args(args)
+        n = args.samples or (1 if kind == "similarity" else 4)
+        prompts = analysis_prompts(tok, args.task, args.length, n, seed=args.seed, data_dir=args.data_dir)
 
-    def progress(msg: str) -> None:
-        console.print(f"  {msg}")
+        def progress(msg: str) -> None:
+            console.print(f"  {msg}")
 
-    if kind == "similarity":
-        from ..analysis import similarity as mod
+        if kind == "similarity":
+            from ..analysis import similarity as mod
 
-        offset_prompts = [
-            p
-            for length in offset_lengths
-            for p in analysis_prompts(tok, args.task, length, 1, args.seed, data_dir=args.data_dir)
-        ]
-        result = mod.run_similarity(
-            model,
-            tok,
-            prompts,
-            offset_prompts,
-            n_tokens=args.tokens,
-            trials=args.trials,
-            points=args.points,
-            seed=args.seed,
-            progress=progress,
-            done=ckpt.items,
-            on_result=ckpt.save,
-        )
-        md = mod.markdown(result)
-        mod.figure(result, str(out / f"{kind}.png"))
-    else:
-        from ..analysis import recall as mod
+            offset_prompts = [
+                p
+                for length in offset_lengths
+                for p in analysis_prompts(tok, args.task, length, 1, args.seed, data_dir=args.data_dir)
+            ]
+            result = mod.run_similarity(
+                model,
+                tok,
+                prompts,
+                offset_prompts,
+                n_tokens=args.tokens,
+                trials=args.trials,
+                points=args.points,
+                seed=args.seed,
+                progress=progress,
+                done=ckpt.items,
+                on_result=ckpt.save,
+            )
+            md = mod.markdown(result)
+            mod.figure(result, str(out / f"{kind}.png"))
+        else:
+            from ..analysis import recall as mod
 
-        result = mod.run_windows(
-            model,
-            tok,
-            prompts,
-            budget=args.budget,
-            windows=windows,
-            contents=contents,
-            answer_tokens=args.answer_tokens,
-            seed=args.seed,
-            progress=progress,
-            done=ckpt.items,
-            on_result=ckpt.save,
-        )
-        md = mod.markdown(result, kind)
-        mod.figure(result, kind, str(out / f"{kind}.png"))
-    result["config"] = {**config, "model": args.model or DEFAULT_MODEL_NAME}
-    from ..safefile import write_text
+            result = mod.run_windows(
+                model,
+                tok,
+                prompts,
+                budget=args.budget,
+                windows=windows,
+                contents=contents,
+                answer_tokens=args.answer_tokens,
+                seed=args.seed,
+                progress=progress,
+                done=ckpt.items,
+                on_result=ckpt.save,
+            )
+            md = mod.markdown(result, kind)
+            mod.figure(result, kind, str(out / f"{kind}.png"))
+        result["config"] = {**config, "model": args.model or DEFAULT_MODEL_NAME}
+        from ..safefile import write_text
 
-    write_text(out / f"{kind}.json", json.dumps(result, indent=1, default=str), "json")
-    write_text(out / f"{kind}.md", md, "markdown")
-    console.print(Markdown(md))
-    console.print(f"wrote {out / (kind + '.json')}, {out / (kind + '.md')}, {out / (kind + '.png')}")
+        write_text(out / f"{kind}.json", json.dumps(result, indent=1, default=str), "json")
+        write_text(out / f"{kind}.md", md, "markdown")
+        console.print(Markdown(md))
+        console.print(f"wrote {out / (kind + '.json')}, {out / (kind + '.md')}, {out / (kind + '.png')}")
     return 0
