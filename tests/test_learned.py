@@ -97,3 +97,47 @@ def test_learned_file_errors(tmp_path):
     wide = save_queries(tmp_path / "wide.pt", torch.zeros(4, 32), model="other")
     with pytest.raises(DapqError, match="trained for hidden size 32"):
         compress(build_tiny("llama"), TOK, [random_prompt(L, 1)], get_method("learned", budget=8, queries=str(wide)))
+
+
+def test_a_queries_file_of_another_model_is_refused(tmp_path):
+    """A file records the model it was trained for (config fingerprint): another model of the same hidden size is a
+    one-line error, `allow_other_model=True` uses it with one warning, the trained-for model uses it silently, and
+    files from before the fingerprint are checked by hidden size only."""
+    import warnings
+
+    from dapq.methods.learned import config_fingerprint, describe_config
+
+    llama, qwen = build_tiny("llama"), build_tiny("qwen2")
+    assert llama.config.hidden_size == qwen.config.hidden_size
+    assert config_fingerprint(llama.config) != config_fingerprint(qwen.config)
+    emb = torch.randn(4, llama.config.hidden_size, generator=torch.Generator().manual_seed(3)) * 0.2
+    path = save_queries(
+        tmp_path / "q.pt",
+        emb,
+        model="tiny-llama",
+        model_fingerprint=config_fingerprint(llama.config),
+        model_config=describe_config(llama.config),
+    )
+    prompt = [random_prompt(L, 1)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the model it was trained for: no warning
+        compress(llama, TOK, prompt, get_method("learned", budget=16, queries=path))
+    with pytest.raises(DapqError) as info:
+        compress(qwen, TOK, prompt, get_method("learned", budget=16, queries=path))
+    msg = str(info.value)
+    assert "trained for tiny-llama (llama, hidden 64" in msg and "this model is qwen2" in msg and "\n" not in msg
+    assert "allow_other_model=True" in msg
+    method = get_method("learned", budget=16, queries=path, allow_other_model=True)
+    with pytest.warns(UserWarning, match="used anyway") as caught:
+        compress(qwen, TOK, prompt, method)
+        compress(qwen, TOK, prompt, method)
+    assert len([w for w in caught if "used anyway" in str(w.message)]) == 1
+    compress(qwen, TOK, prompt, get_method("learned", budget=16, queries=TINY_QUERIES))  # no fingerprint: legacy
+
+
+def test_the_shipped_queries_name_the_bundled_model():
+    from dapq.methods.learned import SHIPPED
+
+    data = load_queries(SHIPPED)
+    assert data["model"] == "smollm2-135m-instruct" and len(data["model_fingerprint"]) == 16
+    assert data["model_config"] == "llama, hidden 576, 30 layers, vocabulary 49152"

@@ -135,7 +135,7 @@ def reference_inputs(model, method, prompt: list[int], layout: str) -> tuple[dic
     with capture_qk(model, values) as cap, torch.inference_mode():
         if isinstance(method, EmbeddedSuffix):  # learned vectors after the prompt's own token embeddings
             table = model.get_input_embeddings().weight
-            embeds = torch.cat([table[torch.tensor(prompt)], method.suffix_embeddings(table.shape[1]).to(table)])
+            embeds = torch.cat([table[torch.tensor(prompt)], method.suffix_embeddings(model.config).to(table)])
             model(inputs_embeds=embeds[None], position_ids=torch.tensor([pos]))
         else:
             model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([pos]))

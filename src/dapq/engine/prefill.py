@@ -61,7 +61,11 @@ def prefill_embeddings(model: Any, method: Method, ids: torch.Tensor, prompt_len
     vectors at the suffix columns [T, T + N)."""
     assert isinstance(method, EmbeddedSuffix)
     embeds = model.get_input_embeddings()(ids)
-    suffix = method.suffix_embeddings(int(embeds.shape[-1]))
+    suffix = method.suffix_embeddings(model.config)
+    if suffix.dim() != 2 or suffix.shape[1] != embeds.shape[-1]:
+        raise DapqError(
+            f"{method.name}: suffix embeddings {tuple(suffix.shape)} do not fit hidden size {embeds.shape[-1]}."
+        )
     embeds[:, prompt_len:] = suffix.to(device=embeds.device, dtype=embeds.dtype)
     return embeds
 

@@ -13,6 +13,12 @@ entries are dropped: one prefill, DapQ's memory peak.
 trained for), or None for the queries shipped in the package for the bundled model (SmolLM2-135M-Instruct,
 `learned_queries/smollm2-135m-instruct.pt`, trained as docs/results/front.md says).
 
+A queries file records the model it was trained for: `model` (a name) and `model_fingerprint`
+(`config_fingerprint`: a hash of the architecture fields of the model's config, i.e. the family, sizes, heads,
+vocabulary and RoPE, so the GGUF and the hub release of one model match, while another model of the same hidden size
+does not). A file of another model is refused with a one-line error; `allow_other_model=True` uses it anyway, with a
+warning. Files written before the fingerprint existed are checked by hidden size only.
+
 Shapes: the layer's queries [B, H_q, T+N, D] (the learned queries are the last N), keys [B, H_c, T+N, D]; scores
 [B, H_q, T]; kept indices [B, H_c, B_tokens] into the prompt [0, T).
 """
@@ -35,6 +41,38 @@ from .protocols import EmbeddedSuffix
 from .scoring import suffix_scores
 
 FORMAT = "dapq-learned-queries"
+#: the config fields that identify a model's architecture for learned queries (what their attention depends on)
+FINGERPRINT_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "vocab_size",
+    "rope_theta",
+    "rope_parameters",
+    "max_position_embeddings",
+)
+
+
+def config_fingerprint(config: Any) -> str:
+    """A short hash of the architecture fields (`FINGERPRINT_FIELDS`) of a transformers config."""
+    import json
+
+    fields = {name: getattr(config, name, None) for name in FINGERPRINT_FIELDS}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def describe_config(config: Any) -> str:
+    """One line naming a config's architecture, for error messages."""
+    return (
+        f"{getattr(config, 'model_type', '?')}, hidden {getattr(config, 'hidden_size', '?')}, "
+        f"{getattr(config, 'num_hidden_layers', '?')} layers, vocabulary {getattr(config, 'vocab_size', '?')}"
+    )
+
+
 SHIPPED = Path(__file__).parent / "learned_queries" / "smollm2-135m-instruct.pt"
 
 
@@ -84,13 +122,15 @@ class LearnedQueries(ScorerMethod, EmbeddedSuffix):
     """Learned pseudo queries. Fields: `queries` (a file from `dapq train-queries`; None: the shipped queries of
     the bundled model), `include_pseudo_keys` (True: the softmax includes the learned queries' own keys, as the
     prefill computes it and as they were trained), `keep_recent` (0), `pooling`/`kernel` (max, 7), plus budget,
-    layout, gqa. N is the file's number of embeddings. `queries_sha256` (set from the file, not a parameter): the
+    layout, gqa, and `allow_other_model` (False: a file trained for another model is an error; True: used with a
+    warning). N is the file's number of embeddings. `queries_sha256` (set from the file, not a parameter): the
     file's content hash, part of the fields every results row and resume key carry, so retraining into the same
     path never mixes rows of two files under one method key."""
 
     queries: str | None = None
     include_pseudo_keys: bool = True
     keep_recent: int = 0
+    allow_other_model: bool = False
     queries_sha256: str = field(default="", init=False)
 
     def __post_init__(self) -> None:
@@ -107,6 +147,7 @@ class LearnedQueries(ScorerMethod, EmbeddedSuffix):
                 f"The shipped learned queries are missing ({SHIPPED}): reinstall dapq or pass queries=FILE."
             )
         self._data: dict[str, Any] | None = None
+        self._warned = False
         self._key: str | None = None
         self.queries_sha256 = self.data()["sha256"]  # a missing or foreign file fails here, before any model load
 
@@ -130,9 +171,25 @@ class LearnedQueries(ScorerMethod, EmbeddedSuffix):
     def pseudo_positions(self, prompt_len: int) -> list[int]:
         return list(range(prompt_len, prompt_len + self.n_pseudo))
 
-    def suffix_embeddings(self, hidden_size: int) -> torch.Tensor:  # [N, hidden]
+    def suffix_embeddings(self, model_config: Any) -> torch.Tensor:  # [N, hidden]
         data = self.data()
         emb = data["embeddings"]
+        hidden_size = int(model_config.hidden_size)
+        trained_for = data.get("model_fingerprint")
+        if trained_for and trained_for != config_fingerprint(model_config):
+            what = (
+                f"The learned queries in {self.path} were trained for {data.get('model', 'another model')} "
+                f"({data.get('model_config', 'fingerprint ' + str(trained_for))}); this model is "
+                f"{describe_config(model_config)}"
+            )
+            if not self.allow_other_model:
+                raise DapqError(
+                    f"{what}: train queries for it with `dapq train-queries --model ...`, or pass "
+                    "allow_other_model=True (--param learned.allow_other_model=true) to use them anyway."
+                )
+            if not self._warned:
+                warnings.warn(f"{what}: used anyway (allow_other_model=True).", stacklevel=2)
+                self._warned = True
         if emb.shape[1] != hidden_size:
             raise DapqError(
                 f"The learned queries in {self.path} were trained for hidden size {emb.shape[1]} "

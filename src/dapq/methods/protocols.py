@@ -186,9 +186,9 @@ class EmbeddedSuffix(PseudoSuffix):
     followed by `suffix_embeddings` at `pseudo_positions`, so the suffix needs no token of the vocabulary."""
 
     @abc.abstractmethod
-    def suffix_embeddings(self, hidden_size: int) -> torch.Tensor:  # [n_pseudo, hidden_size]
-        """The suffix's input embeddings for a model of `hidden_size` (the engine moves them to its device and
-        dtype); a clear error when they were made for another hidden size."""
+    def suffix_embeddings(self, model_config: Any) -> torch.Tensor:  # [n_pseudo, hidden_size]
+        """The suffix's input embeddings for the model whose (transformers) config is `model_config` (the engine
+        moves them to its device and dtype); a clear error when they were made for another model."""
 
     @abc.abstractmethod
     def embedding_key(self) -> str:

@@ -45,7 +45,7 @@ from ..checks import finite
 from ..errors import DapqError
 from ..hf.capture import PromptState, greedy_answer, prefill_prompt, queries_at, suffix_attention, trainable
 from ..methods.base import get_method
-from ..methods.learned import save_queries
+from ..methods.learned import config_fingerprint, describe_config, save_queries
 from ..methods.scoring import aggregate_groups, pool_scores
 from ..prompts import stop_token_ids
 from ..safefile import FileLock, check_target, ensure_dir, save_figure, save_torch, write_json
@@ -397,6 +397,8 @@ def _train_locked(
     summary = [{k: v for k, v in r.items() if k != "embeddings"} for r in history]
     meta = {
         "model": model_name,
+        "model_fingerprint": config_fingerprint(model.config),
+        "model_config": describe_config(model.config),
         "hidden_size": int(emb.shape[1]),
         "n_layers": len(train[0].target),
         "training": {
