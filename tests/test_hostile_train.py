@@ -186,7 +186,17 @@ def test_old_temporaries_as_links_are_never_written(world, capsys):
     assert tree_hash(outside) == sentinel
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(
-        [".q.pt.lock", ".q.pt.tmp", "q.png", "q.pt", "q.pt.ckpt", "q.pt.ckpt.tmp", "q.pt.json", "q.pt.tmp"]
+        [
+            ".q.pt.lock",
+            ".q.pt.tmp",
+            "q.png",
+            "q.pt",
+            "q.pt.ckpt",
+            "q.pt.ckpt.tmp",
+            "q.pt.json",
+            "q.pt.targets",
+            "q.pt.tmp",
+        ]
     )
     data = torch.load(out / "q.pt", weights_only=True)
     assert data["embeddings"].shape == (4, 64)

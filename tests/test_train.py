@@ -18,7 +18,9 @@ from dapq.train.fit import TrainSettings, learned_distribution, target_of, train
 from helpers import TinyTokenizer, build_tiny, random_prompt
 
 TOK = TinyTokenizer()
-SMALL = dict(n_queries=4, n_train=4, n_val=2, lengths=(300, 450), answer_tokens=4, epochs=2, batch=2, budget=16)
+SMALL = dict(
+    n_queries=4, n_train=4, n_val=2, lengths=(300, 450), answer_tokens=4, epochs=2, batch=2, budget=16, recipe="needles"
+)
 
 
 def shingles(text: str, n: int = 8) -> set[tuple[str, ...]]:
@@ -111,3 +113,41 @@ def test_settings_errors():
         TrainSettings(loss="mse")
     with pytest.raises(DapqError, match="--epochs"):
         TrainSettings(epochs=0)
+
+
+def test_generic_recipe_builds_its_targets_once_and_resumes(tmp_path, monkeypatch):
+    """The generic recipe: prompts of every kind from the training text only, the selfqa question written by the
+    model, targets stored per prompt (gzipped, read back equal), reused by a rerun (nothing rebuilt), extended by a
+    larger --train, a torn file and a store of other settings refused."""
+    import dapq.train.fit as fit
+    from dapq.train.generic import GENERIC_KINDS, drafts
+
+    plan = drafts(8, (300, 450), seed=0)
+    assert [d.kind for d in plan[:4]] == list(GENERIC_KINDS)
+    assert [d.context for d in drafts(4, (300, 450), seed=0)] == [d.context for d in plan[:4]]  # a prefix
+    evaluation = " ".join(p.read_text(encoding="utf-8") for p in evaluation_files())
+    assert all(d.context[:200] not in evaluation for d in plan)
+    model = build_tiny("llama")
+    settings = TrainSettings(**{**SMALL, "recipe": "generic", "n_train": 4, "n_val": 2, "epochs": 1})
+    built: list[str] = []
+    real = fit.build_example
+    monkeypatch.setattr(fit, "build_example", lambda *a, **k: built.append(a[2].id) or real(*a, **k))
+    out = tmp_path / "g.pt"
+    result = train_queries(model, TOK, settings, out, log=lambda s: None)
+    store = tmp_path / "g.pt.targets"
+    assert len(built) == 6 and sorted(p.name for p in store.glob("*.pt.gz")) == [f"{i:05d}.pt.gz" for i in range(6)]
+    assert result.history and all(torch.isfinite(torch.tensor(r["val_loss"])) for r in result.history)
+    first = fit.TargetStore(store, settings, "", "").load(0)
+    assert first.state is None and all(torch.allclose(t.sum(-1), torch.ones(())) for t in first.target)
+    built.clear()
+    train_queries(model, TOK, settings, out, log=lambda s: None, restart=True)
+    assert built == [], "a rerun must read its targets, not build them again"
+    bigger = TrainSettings(**{**SMALL, "recipe": "generic", "n_train": 5, "n_val": 2, "epochs": 1})
+    train_queries(model, TOK, bigger, tmp_path / "g.pt", log=lambda s: None, restart=True)
+    assert len(built) == 1  # only the new prompt
+    (store / "00001.pt.gz").write_bytes((store / "00001.pt.gz").read_bytes()[:50])
+    with pytest.raises(DapqError, match="00001.pt.gz is not a complete target file"):
+        train_queries(model, TOK, settings, out, log=lambda s: None, restart=True)
+    other = TrainSettings(**{**SMALL, "recipe": "generic", "n_train": 4, "n_val": 2, "epochs": 1, "seed": 5})
+    with pytest.raises(DapqError, match="holds targets of other settings"):
+        train_queries(model, TOK, other, out, log=lambda s: None, restart=True)

@@ -31,12 +31,17 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--out", required=True, help="the queries file to write (e.g. runs/queries/q.pt)")
     p.add_argument("--n-queries", type=int, default=32, help="N learned embeddings (default 32)")
-    p.add_argument("--train", type=int, default=60, help="training prompts (default 60)")
-    p.add_argument("--val", type=int, default=15, help="validation prompts (default 15)")
+    p.add_argument(
+        "--recipe",
+        default="generic",
+        help="generic (task-agnostic: self-QA, continue, summary, quote over plain text; default) or needles",
+    )
+    p.add_argument("--train", type=int, default=None, help="training prompts (default: 400 generic, 60 needles)")
+    p.add_argument("--val", type=int, default=None, help="validation prompts (default: 40 generic, 15 needles)")
     p.add_argument("--lengths", default="512-2048", help="prompt tokens LO-HI, drawn uniformly (default 512-2048)")
-    p.add_argument("--kinds", default=None, help="training prompt kinds (default all: single,multikey,...)")
+    p.add_argument("--kinds", default=None, help="prompt kinds of the recipe (default all of them)")
     p.add_argument("--answer-tokens", type=int, default=24, help="longest greedy answer used as target (24)")
-    p.add_argument("--epochs", type=int, default=8, help="epochs (default 8)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: 3 generic, 8 needles)")
     p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default 0.01)")
     p.add_argument("--batch", type=int, default=4, help="prompts per optimizer step (default 4)")
     p.add_argument("--loss", default="kl", help="kl (match the distribution, default) or gold (gold-set mass)")
@@ -57,12 +62,16 @@ def _lengths(text: str) -> tuple[int, int]:
 
 def cmd_train(args: argparse.Namespace, console: Any) -> int:
     from ..extras import check_extra
-    from ..train.corpus import KINDS
 
     out = Path(args.out)
     if out.is_dir() and not out.is_symlink():
         raise DapqError(f"--out {out} is a folder: pass a file name such as {out / 'queries.pt'}.")
-    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip()) if args.kinds else KINDS
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip()) if args.kinds else ()
+    generic = args.recipe == "generic"
+    defaults = {"train": 400 if generic else 60, "val": 40 if generic else 15, "epochs": 3 if generic else 8}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     check_extra("eval")  # matplotlib for the loss curve
     check_model_options(args)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -70,6 +79,7 @@ def cmd_train(args: argparse.Namespace, console: Any) -> int:
     from ..safefile import FileLock
     from ..train.corpus import training_prompts
     from ..train.fit import TrainOutputs, TrainSettings, train_queries
+    from ..train.generic import drafts
 
     settings = TrainSettings(
         n_queries=args.n_queries,
@@ -84,12 +94,16 @@ def cmd_train(args: argparse.Namespace, console: Any) -> int:
         loss=args.loss,
         budget=args.budget,
         seed=args.seed,
+        recipe=args.recipe,
     )
     outputs = TrainOutputs.of(out)  # links, folders, foreign files, an unwritable folder: before the model load
     with FileLock(outputs.lock, str(out)):  # another run on this --out: now, not after the model load
         pass
     model, tok = load_model_from_args(args)
-    training_prompts(tok, 1, settings.lengths, settings.seed, settings.kinds)  # bad kinds / lengths: before any work
+    if settings.recipe == "needles":  # bad kinds / lengths: before any work
+        training_prompts(tok, 1, settings.lengths, settings.seed, settings.kinds)
+    else:
+        drafts(1, settings.lengths, settings.seed, settings.kinds)
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
     ) as bar:
