@@ -276,3 +276,27 @@ def test_a_retrained_queries_file_never_mixes_rows_in_one_run(tmp_path):
         get_method("learned", queries=queries).queries_sha256
     }
     assert first not in {r["method_config"]["queries_sha256"] for r in rows}
+
+
+def test_method_variants_on_the_command_line(tmp_path):
+    """`--methods learned,learned@b --param learned@b.queries=...`: two variants of one method in one run, each with
+    its own file, rows and hash; a name given twice or an empty label is a one-line error."""
+    from dapq.bench.runner import RunConfig, load_rows, run
+    from dapq.cli.evaluate import method_specs
+    from dapq.methods.learned import save_queries
+    from helpers import toy_samples
+
+    other = save_queries(tmp_path / "b.pt", torch.randn(4, 64, generator=torch.Generator().manual_seed(9)), model="t")
+    specs = method_specs("learned,learned@b", [f"learned.queries={tiny_queries_file()}", f"learned@b.queries={other}"])
+    assert [s.key for s in specs] == [f"learned,queries={tiny_queries_file()}", "learned@b"]
+    path = run(build_tiny("llama"), TinyTokenizer(), toy_samples(1), specs, [16], tmp_path / "r", config=RunConfig("t"))
+    rows = load_rows(path)
+    assert {r["method_key"] for r in rows} == {s.key for s in specs}
+    assert len({r["method_config"]["queries_sha256"] for r in rows}) == 2
+    for names, params, words in [
+        ("learned,learned", [], "names a method twice"),
+        ("learned@", [], "a variant is name@label"),
+        ("learned", ["learned@x.queries=q.pt"], "not in --methods"),
+    ]:
+        with pytest.raises(DapqError, match=words):
+            method_specs(names, params)

@@ -68,7 +68,7 @@ def parse_method_params(items: list[str], option: str = "--param") -> dict[str, 
         if field.strip() == "budget":
             raise DapqError(f"{option} {item}: budgets come from --budgets, not from --param.")
         raw.setdefault(name.strip(), {})[field.strip()] = value
-    return {name: typed_params(name, values) for name, values in raw.items()}
+    return {name: typed_params(name.split("@", 1)[0], values) for name, values in raw.items()}
 
 
 # ---------------------------------------------------------------------------------------------------- budgets

@@ -139,12 +139,24 @@ def add_parser(sub: Any) -> None:
 
 
 def method_specs(names: str, params: list[str]) -> list[Any]:
-    """`--methods` and `--param method.key=value` -> the runner's MethodSpecs (unknown --param methods rejected)."""
+    """`--methods` and `--param method.key=value` -> the runner's MethodSpecs (unknown --param methods rejected).
+
+    A variant is `name@label` (`--methods learned,learned@generic --param learned@generic.queries=g.pt`): the same
+    method with its own parameters, reported under the key `name@label`; `--param name.key=...` applies to the plain
+    `name` only."""
     from ..bench.runner import MethodSpec
 
     per_method = parse_method_params(params)
-    specs = [MethodSpec.of(n, **per_method.get(n, {})) for n in parse_names(names, "--methods")]
-    unknown = set(per_method) - {s.name for s in specs}
+    specs = []
+    for entry in parse_names(names, "--methods"):
+        name, at, label = entry.partition("@")
+        if at and not label.strip():
+            raise DapqError(f"--methods {entry}: a variant is name@label (e.g. learned@generic).")
+        specs.append(MethodSpec.of(name, label=entry if at else "", **per_method.get(entry, {})))
+    keys = [s.key if "@" in s.key else s.name for s in specs]
+    if len(set(keys)) < len(keys):
+        raise DapqError("--methods names a method twice: give variants their own labels (name@label).")
+    unknown = set(per_method) - set(keys)
     if unknown:
         raise DapqError(f"--param names method(s) not in --methods: {', '.join(sorted(unknown))}")
     return specs
