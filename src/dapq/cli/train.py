@@ -74,7 +74,14 @@ def cmd_train(args: argparse.Namespace, console: Any) -> int:
             setattr(args, name, value)
     check_extra("eval")  # matplotlib for the loss curve
     check_model_options(args)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from ..safefile import FileLock
     from ..train.corpus import training_prompts
@@ -105,7 +112,12 @@ def cmd_train(args: argparse.Namespace, console: Any) -> int:
     else:
         drafts(1, settings.lengths, settings.seed, settings.kinds)
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
     ) as bar:
         tasks: dict[str, Any] = {}
 
