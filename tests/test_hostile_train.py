@@ -266,8 +266,14 @@ def test_a_retrained_queries_file_never_mixes_rows_in_one_run(tmp_path):
     folder = tmp_path / "run"
     run(model, TinyTokenizer(), toy_samples(1), spec, [16], folder, config=RunConfig(model="tiny"))
     first = load_rows(folder / "results.jsonl")[0]["method_config"]["queries_sha256"]
+    # another variant added to the folder later is fine: run.json records both files
+    extra = [*spec, MethodSpec.of("learned", label="learned@tiny", queries=tiny_queries_file())]
+    run(model, TinyTokenizer(), toy_samples(1), extra, [16], folder, config=RunConfig(model="tiny"))
+    import json
+
+    assert set(json.loads((folder / "run.json").read_text())["method_files"]) == {spec[0].key, "learned@tiny"}
     save_queries(queries, torch.randn(4, 64, generator=torch.Generator().manual_seed(2)) * 0.2, model="tiny")
-    with pytest.raises(DapqError, match="holds a run with other settings .*method_files"):
+    with pytest.raises(DapqError, match="holds a run with other settings .*its file changed"):
         run(model, TinyTokenizer(), toy_samples(2), spec, [16], folder, config=RunConfig(model="tiny"))
     new = run(model, TinyTokenizer(), toy_samples(2), spec, [16], folder, config=RunConfig(model="tiny"), new_run=True)
     rows = load_rows(new)

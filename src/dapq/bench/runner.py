@@ -79,6 +79,9 @@ class RunConfig:
     dtype: str | None = None  # None: not known yet (`run` fills dtype, device and attn from the loaded model)
     device: str | None = None  # device type: cpu, cuda, ...
     attn: str | None = None  # the attention implementation under the hook
+    # {method key: {parameter: sha256}} of the files the methods read (`with_method_files`): kept in run.json beside
+    # the settings and checked per method key, so adding a method later is fine and a changed file is refused
+    method_files: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def with_model(self, model: Any) -> RunConfig:
         """The config with dtype, device type and attention implementation read from the loaded model."""
@@ -109,8 +112,8 @@ class RunConfig:
 
 def with_method_files(config: RunConfig, methods: list[MethodSpec], budgets: list[int | float]) -> RunConfig:
     """`config` with the content hashes of the files the methods read (`Method.file_hashes`, e.g. learned queries)
-    under extra["method_files"] ({method key: {parameter: sha256}}): part of run.json, so a run folder never holds
-    rows of two different files under one method key."""
+    in `method_files` ({method key: {parameter: sha256}}): recorded in run.json, so a run folder never holds rows of
+    two different files under one method key (rows carry the hash in their method_config too)."""
     files: dict[str, dict[str, str]] = {}
     for spec in methods:
         for budget in budgets if spec.uses_budget else [None]:
@@ -119,7 +122,7 @@ def with_method_files(config: RunConfig, methods: list[MethodSpec], budgets: lis
                 files.setdefault(spec.key, {}).update(hashes)
     if not files:
         return config
-    return dataclasses.replace(config, extra={**config.extra, "method_files": files})
+    return dataclasses.replace(config, method_files={**config.method_files, **files})
 
 
 def versions() -> dict[str, str]:
@@ -253,7 +256,7 @@ def open_run(out_dir: str | Path, config: RunConfig, *, new_run: bool = False, c
     settings = config.settings()
     candidate, n = out, 1
     while True:
-        problem = _folder_mismatch(candidate, settings, partial=check_only)
+        problem = _folder_mismatch(candidate, settings, partial=check_only) or _files_mismatch(candidate, config)
         if problem is None:
             break
         if not new_run:
@@ -267,9 +270,31 @@ def open_run(out_dir: str | Path, config: RunConfig, *, new_run: bool = False, c
         return candidate
     ensure_dir(candidate)
     run_file = candidate / RUN_FILE
-    if not run_file.exists():
-        write_json(run_file, {"settings": settings}, indent=2, sort_keys=True)
+    recorded = _recorded_files(candidate)
+    if not run_file.exists() or any(k not in recorded for k in config.method_files):
+        record = {"settings": settings, "method_files": {**recorded, **config.method_files}}
+        write_json(run_file, record, indent=2, sort_keys=True)
     return candidate
+
+
+def _recorded_files(folder: Path) -> dict[str, dict[str, str]]:
+    try:
+        files = json.loads((folder / RUN_FILE).read_text(encoding="utf-8")).get("method_files", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return files if isinstance(files, dict) else {}
+
+
+def _files_mismatch(folder: Path, config: RunConfig) -> str | None:
+    """The method keys whose files differ from the ones the folder's rows were made with (None: none)."""
+    recorded = _recorded_files(folder)
+    changed = [k for k, files in config.method_files.items() if k in recorded and recorded[k] != files]
+    if not changed:
+        return None
+    return "; ".join(
+        f"{k}: its file changed since the folder's rows were written (sha256 {recorded[k]} -> {config.method_files[k]})"
+        for k in changed
+    )
 
 
 def _folder_mismatch(folder: Path, settings: dict[str, Any], partial: bool = False) -> str | None:
