@@ -25,9 +25,10 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ..checks import finite
+from ..checks import clean_label, finite
 from ..engine import append, derive_many, greedy_decode, merge, record, suffix_key
 from ..errors import DapqError
 from ..methods.base import Method, get_method
@@ -545,7 +546,7 @@ def _run_locked(
             progress.advance(task, jobs_per_sample - len(todo))
             if not todo:
                 continue
-            progress.update(task, description=f"{sample.task} {sample.id}")
+            progress.update(task, description=escape(clean_label(f"{sample.task} {sample.id}")))  # ids from data files
             for row in evaluate_sample(model, tokenizer, sample, todo, config, meta, stops):
                 append_row(f, row)
                 done.add(row_key(sample.id, row["method_key"], row["budget"], row["method_config"]))
