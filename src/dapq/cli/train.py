@@ -74,14 +74,6 @@ def cmd_train(args: argparse.Namespace, console: Any) -> int:
             setattr(args, name, value)
     check_extra("eval")  # matplotlib for the loss curve
     check_model_options(args)
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
 
     from ..safefile import FileLock
     from ..train.corpus import training_prompts
@@ -111,14 +103,9 @@ def cmd_train(args: argparse.Namespace, console: Any) -> int:
         training_prompts(tok, 1, settings.lengths, settings.seed, settings.kinds)
     else:
         drafts(1, settings.lengths, settings.seed, settings.kinds)
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    ) as bar:
+    from ..bench.runner import sweep_progress
+
+    with sweep_progress(console) as bar:
         tasks: dict[str, Any] = {}
 
         def progress(label: str, done: int, total: int) -> None:

@@ -123,17 +123,23 @@ def _needles(kind: str, rng: random.Random) -> tuple[list[str], str, str, str]:
     return [], "Summarize the text above in one sentence.", "", ""
 
 
+def check_plan(kinds: tuple[str, ...], known: tuple[str, ...], lengths: tuple[int, int]) -> tuple[int, int]:
+    """The (LO, HI) token lengths of a recipe's prompts, after checking its kinds against `known`."""
+    unknown = sorted(set(kinds) - set(known))
+    if unknown or not kinds:
+        raise DapqError(f"Unknown training kind(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(known)}.")
+    lo, hi = lengths
+    if not 64 <= lo <= hi:
+        raise DapqError(f"--lengths must be LO-HI tokens with 64 <= LO <= HI; got {lo}-{hi}.")
+    return lo, hi
+
+
 def training_prompts(
     tokenizer: Any, n: int, lengths: tuple[int, int], seed: int, kinds: tuple[str, ...] = KINDS
 ) -> list[TrainingPrompt]:
     """`n` prompts of `lengths[0]`..`lengths[1]` tokens (uniform) from the training essays, cycling over `kinds`,
     needles at sentence starts of random depths; deterministic in `seed` (offset by TRAIN_SEED_BASE)."""
-    unknown = sorted(set(kinds) - set(KINDS))
-    if unknown:
-        raise DapqError(f"Unknown training kind(s) {', '.join(unknown)}; choose from {', '.join(KINDS)}.")
-    lo, hi = lengths
-    if not 64 <= lo <= hi:
-        raise DapqError(f"--lengths must be LO-HI tokens with 64 <= LO <= HI; got {lo}-{hi}.")
+    lo, hi = check_plan(kinds, KINDS, lengths)
     words = training_words()
     rng = random.Random(TRAIN_SEED_BASE + seed)
     out = []

@@ -31,7 +31,7 @@ from typing import Any
 
 from ..errors import DapqError
 from ..prompts import build_prompt
-from .corpus import TrainingPrompt, training_files
+from .corpus import TrainingPrompt, check_plan, training_files
 
 GENERIC_KINDS = ("selfqa", "continue", "summary", "quote")
 GENERIC_SEED_BASE = 2_000_029
@@ -93,12 +93,7 @@ class Draft:
 
 def drafts(n: int, lengths: tuple[int, int], seed: int, kinds: tuple[str, ...] = GENERIC_KINDS) -> list[Draft]:
     """`n` documents with their kinds, deterministic in `seed`; sources alternate (essays twice as often)."""
-    unknown = sorted(set(kinds) - set(GENERIC_KINDS))
-    if unknown:
-        raise DapqError(f"Unknown generic kind(s) {', '.join(unknown)}; choose from {', '.join(GENERIC_KINDS)}.")
-    lo, hi = lengths
-    if not 64 <= lo <= hi:
-        raise DapqError(f"--lengths must be LO-HI tokens with 64 <= LO <= HI; got {lo}-{hi}.")
+    lo, hi = check_plan(kinds, GENERIC_KINDS, lengths)
     srcs = sources()
     rng = random.Random(GENERIC_SEED_BASE + seed)
     out = []
