@@ -242,9 +242,10 @@ def test_registry_names_metrics_and_selections():
     from dapq.bench.helmet import HELMET_METRICS, HELMET_SUBSETS
     from dapq.bench.longbench import LONGBENCH_METRICS, LONGBENCH_SUBSETS
     from dapq.bench.ruler import ALL_TASKS, RULER_TASKS
+    from dapq.bench.unseen import UNSEEN_KINDS
 
     names = tasks.task_names()
-    assert len(names) == 1 + len(ALL_TASKS) + len(LONGBENCH_SUBSETS) + 1 + len(HELMET_SUBSETS) + 1
+    assert len(names) == 1 + len(ALL_TASKS) + len(UNSEEN_KINDS) + len(LONGBENCH_SUBSETS) + 1 + len(HELMET_SUBSETS) + 1
     assert tasks.get_task("niah").metric == "niah_word_recall" and tasks.get_task("niah").generated
     assert tasks.get_task("ruler/qa_1").metric == "string_match_part"
     assert tasks.get_task("ruler/vt").metric == "string_match_all" and tasks.get_task("ruler/vt").subtask == "vt"

@@ -15,6 +15,8 @@ Names:
   first `n` records, prompts cut to `max_prompt_tokens`;
 - `longbench-v2`: LongBench v2 (`dapq.bench.longbench_v2`) from `data_file` (or `data_dir`/data.json);
 - `helmet/<subset>`: HELMET (`dapq.bench.helmet`) from `data_dir`, at each HELMET input length (default 8192);
+- `unseen/<kind>`: the unseen-kinds set (`dapq.bench.unseen`: names, codes, dates, two-sentence facts in Python's
+  bundled documentation), generated at each length, `n` samples per length (default 20);
 - `summary`: the analysis-only summarisation prompt (`dapq.bench.summary`), generated at each length, `n` prompts
   per length with seeds seed, seed + 1, ...; no metric.
 
@@ -45,10 +47,11 @@ __all__ = [
 ]
 
 #: Families in the order the error messages list them. A family with subtasks is written `<family>/<name>`.
-FAMILIES = ("niah", "ruler", "longbench", "longbench-v2", "helmet", "summary")
+FAMILIES = ("niah", "ruler", "unseen", "longbench", "longbench-v2", "helmet", "summary")
 DEFAULT_RULER_SAMPLES = 50
 DEFAULT_NIAH_DEPTHS = 10
 DEFAULT_HELMET_LENGTH = 8192
+DEFAULT_UNSEEN_SAMPLES = 20
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,13 @@ def _ruler(tokenizer: Any, task: Task, args: TaskArgs) -> list[Sample]:
     ]
 
 
+def _unseen(tokenizer: Any, task: Task, args: TaskArgs) -> list[Sample]:
+    from .unseen import unseen_samples
+
+    n = args.n or DEFAULT_UNSEEN_SAMPLES
+    return [s for length in _lengths(task, args) for s in unseen_samples(tokenizer, task.subtask, length, n, args.seed)]
+
+
 def _longbench(tokenizer: Any, task: Task, args: TaskArgs) -> list[Sample]:
     from .longbench import longbench_samples
 
@@ -170,12 +180,15 @@ def _registry() -> dict[str, Task]:
     from .longbench import LONGBENCH_METRICS, LONGBENCH_SUBSETS
     from .niah import NIAH_METRIC
     from .ruler import ALL_TASKS, QA_TASKS
+    from .unseen import METRIC as UNSEEN_METRIC
+    from .unseen import UNSEEN_KINDS
 
     tasks = [Task("niah", "niah", NIAH_METRIC, True, _niah)]
     tasks += [
         Task(f"ruler/{t}", "ruler", "string_match_part" if t in QA_TASKS else "string_match_all", True, _ruler)
         for t in ALL_TASKS
     ]
+    tasks += [Task(f"unseen/{k}", "unseen", UNSEEN_METRIC, True, _unseen) for k in UNSEEN_KINDS]
     tasks += [Task(f"longbench/{s}", "longbench", LONGBENCH_METRICS[s], False, _longbench) for s in LONGBENCH_SUBSETS]
     tasks.append(Task("longbench-v2", "longbench-v2", "longbench_v2_choice", False, _longbench_v2))
     tasks += [Task(f"helmet/{s}", "helmet", HELMET_METRICS[s], False, _helmet) for s in HELMET_SUBSETS]
@@ -211,7 +224,12 @@ def _valid_text(names: Sequence[str]) -> str:
     return "; ".join(parts)
 
 
-_FAMILY_WORDS = {"ruler": "RULER task", "longbench": "LongBench subset", "helmet": "HELMET subset"}
+_FAMILY_WORDS = {
+    "ruler": "RULER task",
+    "unseen": "unseen kind",
+    "longbench": "LongBench subset",
+    "helmet": "HELMET subset",
+}
 
 
 def get_task(name: str, allowed: Sequence[str] | None = None, purpose: str = "") -> Task:

@@ -46,7 +46,7 @@ DEFAULT_PROMPT_STYLE = "kamradt"
 def add_parser(sub: Any) -> None:
     ev = sub.add_parser(
         "eval",
-        help="benchmarks: niah, ruler, longbench, longbench-v2, helmet (resumable)",
+        help="benchmarks: niah, ruler, unseen, longbench, longbench-v2, helmet (resumable)",
         description="Evaluate methods x budgets on a benchmark: one prefill per sample for all methods, one JSON "
         "line per (sample, method, budget) in runs/<bench>-<config hash>/ (a rerun resumes).",
     )
@@ -124,6 +124,13 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--lengths", default="2048,4096", help="prompt lengths: a list (2048,4096 or 2k,4k) or a range")
     p.add_argument("--data-dir", default=None, help="folder with SQuAD/HotpotQA files for qa_1/qa_2")
+    p = bench.add_parser(
+        "unseen",
+        parents=[common],
+        help="the unseen-kinds set: names, codes, dates, two-sentence facts in Python's docs",
+    )
+    p.add_argument("--kinds", default="all", help="all (name, code, date, twofact) or comma-separated kinds")
+    p.add_argument("--lengths", default="2048,4096", help="prompt lengths: a list (2048,4096 or 2k,4k) or a range")
     p = bench.add_parser("longbench", parents=[common], help="LongBench v1 English subsets from local files")
     p.add_argument("--data-dir", default=None, help="folder with the subsets' .jsonl files (LongBench's data.zip)")
     p.add_argument("--subsets", default="all", help="all (the 13 English subsets) or comma-separated names")
@@ -175,6 +182,9 @@ def eval_plan(args: argparse.Namespace) -> tuple[list[str], Any]:
         names = select_tasks("ruler", args.tasks)
         lengths = parse_lengths(args.lengths)
         return names, TaskArgs(lengths=lengths, n=args.samples, seed=args.seed, data_dir=args.data_dir)
+    if args.bench == "unseen":
+        names = select_tasks("unseen", args.kinds)
+        return names, TaskArgs(lengths=parse_lengths(args.lengths), n=args.samples, seed=args.seed)
     loaded = {"n": args.samples, "max_prompt_tokens": args.max_prompt_tokens}
     if args.bench == "longbench":
         names = select_tasks("longbench", args.subsets)
