@@ -197,14 +197,17 @@ def write_json(path: str | os.PathLike, obj: Any, kind: str = "json", **dump: An
     return write_text(path, text, kind)
 
 
-def save_torch(path: str | os.PathLike, obj: Any, kind: str = "torch") -> Path:
+def save_torch(path: str | os.PathLike, obj: Any, kind: str = "torch", compress: bool = False) -> Path:
     """`torch.save(obj)` written safely (tensors, plain containers and numbers only: the loader uses
-    weights_only=True)."""
+    weights_only=True); `compress`: gzipped (level 3, no time stamp), a file of kind "gzip"."""
+    import gzip
+
     import torch
 
     buf = io.BytesIO()
     torch.save(obj, buf)
-    return write_bytes(path, buf.getvalue(), kind)
+    data = gzip.compress(buf.getvalue(), compresslevel=3, mtime=0) if compress else buf.getvalue()
+    return write_bytes(path, data, "gzip" if compress else kind)
 
 
 def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 120) -> Path:

@@ -50,7 +50,7 @@ from ..methods.base import get_method
 from ..methods.learned import config_fingerprint, describe_config, save_queries
 from ..methods.scoring import aggregate_groups, pool_scores
 from ..prompts import stop_token_ids
-from ..safefile import FileLock, check_target, ensure_dir, save_figure, save_torch, write_bytes, write_json
+from ..safefile import FileLock, check_target, ensure_dir, save_figure, save_torch, write_json
 from .corpus import KINDS, N_EVAL_FILES, TRAIN_SEED_BASE, training_files, training_prompts
 from .generic import GENERIC_KINDS, drafts, finish
 
@@ -308,9 +308,7 @@ class TargetStore:
             "gold": torch.stack(ex.gold).to(torch.int32),  # [layers, H_kv, budget]
             "answer": ex.answer,
         }
-        buf = io.BytesIO()
-        torch.save(data, buf)
-        write_bytes(self.path(i), gzip.compress(buf.getvalue(), compresslevel=3, mtime=0), "gzip")
+        save_torch(self.path(i), data, compress=True)
 
     def load(self, i: int) -> Example:
         path = self.path(i)
