@@ -207,7 +207,7 @@ def _pool(s: torch.Tensor, kind: str, kernel: int) -> torch.Tensor:
 
 
 def reference_scores(method, q: torch.Tensor, k: torch.Tensor, n: int, scaling: float) -> torch.Tensor:
-    """Scores [H_kv, n] written from ../shared/specs/methods.md, one head and one query at a time, in float64.
+    """Scores [H_kv, n] written from the papers' definitions, one head and one query at a time, in float64.
 
     q [H_q, S, D], k [H_kv, S, D] of one unpadded row (S = n + pseudo tokens).
     """

@@ -1,5 +1,5 @@
 """LAQ and LAQ++: Lookahead Q-Cache (arXiv 2505.20334, "Lookahead Q-Cache: Achieving More Consistent KV Eviction
-via Pseudo Query"; abstract in ../shared/paper/laq-abstract.txt).
+via Pseudo Query").
 
 1. Full prefill; the full prompt cache is kept for now.
 2. Stage 1: a temporary SnapKV cache at budget B (window `stage1_window`, max pool 7).

@@ -12,8 +12,8 @@ with a per-layer budget that decreases linearly with depth, as in the KVCache-Fa
 The floor in `step` makes the mean kept per layer slightly above B: `pyramid_budgets` gives the real per-layer
 counts (mean - B lies in [0, (n_layers - 1) / 2)). Every layer keeps at least W and at most L tokens.
 
-Difference from the reference code, kept on purpose (../shared/specs/methods.md states the schedule above for every
-L > B): KVCache-Factory falls back to the uniform SnapKV budget when L < 2 (B - W), where this schedule is clamped.
+Difference from the reference code, kept on purpose (the schedule above applies to every L > B): KVCache-Factory
+falls back to the uniform SnapKV budget when L < 2 (B - W), where this schedule is clamped.
 """
 
 from __future__ import annotations
