@@ -23,6 +23,7 @@ _LAZY = {
     "GenerationOutput": "engine",
     "answer_many": "engine",
     "compress": "engine",
+    "compressing": "engine",
     "generate": "engine",
     "build_prompt": "prompts",
     "DapQ": "methods",
@@ -49,6 +50,7 @@ __all__ = [
     "answer_many",
     "build_prompt",
     "compress",
+    "compressing",
     "generate",
     "get_method",
     "list_methods",
@@ -57,7 +59,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time `__getattr__` imports these on first use
-    from .engine import GenerationOutput, answer_many, compress, generate
+    from .engine import GenerationOutput, answer_many, compress, compressing, generate
     from .methods import DapQ, FullKV, LayerInputs, Method, ScorerMethod, SnapKV, get_method, list_methods, register
     from .models import load_model
     from .prompts import build_prompt

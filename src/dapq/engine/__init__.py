@@ -5,6 +5,7 @@
     prefill.py     compress: the compressing prefill (pseudo suffix, hook, layer-by-layer pruning, peak accounting)
     stages.py      after selection: a staged method's lookahead (LAQ), renumbered positions (StreamingLLM)
     decode.py      CompressedCache, append, greedy_decode
+    inside.py      compressing: transformers' own model.generate with the prompt compressed by a method
     state.py       EngineState (one constructor) and select_layer, the per-layer selection
     model_info.py  what the engine reads from a model, once
 
@@ -12,6 +13,7 @@ Methods (`dapq.methods`) are pure tensor math behind declared protocols; `dapq.h
 """
 
 from .decode import CompressedCache, append, greedy_decode
+from .inside import compressing
 from .model_info import ModelInfo, check_model, kv_groups, model_device, model_info, sync_device
 from .prefill import compress, prefill, prefill_peak
 from .replay import Recording, derive, derive_many, merge, record, suffix_key
@@ -30,6 +32,7 @@ __all__ = [
     "append",
     "check_model",
     "compress",
+    "compressing",
     "derive",
     "derive_many",
     "finish_selection",
