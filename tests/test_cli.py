@@ -214,6 +214,10 @@ def no_model(monkeypatch):
         (["bench", "throughput", "--memory-cap", "lots"], "--memory-cap takes a size"),
         (["generate", "-q", "x", "--context", "y", "--budget", "2.5"], "--budget takes"),
         (["generate", "-q", "x", "--context", "y", "--param", "oops"], "--param takes key=value"),
+        (["generate", "-q", "x", "--context", "y", "--temperature", "0.5"], "--temperature only apply when sampling"),
+        (["generate", "-q", "x", "--context", "y", "--sample", "--top-p", "2"], "top_p must be in"),
+        (["generate", "-q", "x", "--context", "y", "--sample", "--temperature", "nan"], "temperature must be"),
+        (["generate", "-q", "x", "--context", "y", "--stream", "--json"], "pass only one"),
         (["demo", "--methods", ","], "--methods is empty"),
     ],
 )

@@ -195,3 +195,70 @@ def test_bundled_inside_generate(bundled):
             out = model.generate(ids, do_sample=False, **kw)
         assert cut(out[0, ids.shape[1] :].tolist(), stops) == ref.token_ids[0]
         assert session.last.stats["kept_mean"] == 64
+
+
+# ------------------------------------------------------------------------------------- dapq.generate sampling
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+def test_dapq_generate_sampling_equals_transformers(family):
+    """dapq.generate(sampling=Sampling(..., seed=s)) under FullKV draws the tokens model.generate draws after
+    torch.manual_seed(s), with the same temperature / top-k / top-p (a batch included)."""
+    from dapq import Sampling
+
+    model = build_tiny(family)
+    contexts = ["the quick brown fox jumps over the lazy dog", "pack my box with five dozen liquor jugs!"]
+    question = "what?"
+    prompts = [sum(build_prompt(TOK, c, question), []) for c in contexts]
+    ids, mask = left_padded(prompts)
+    for seed, (temp, k, p) in enumerate([(1.0, 0, 1.0), (0.7, 20, 0.9), (1.5, 0, 0.8)]):
+        out = generate(
+            model, TOK, contexts, [question] * 2, FullKV(), max_new_tokens=10,
+            sampling=Sampling(temperature=temp, top_k=k, top_p=p, seed=seed),
+        )  # fmt: skip
+        torch.manual_seed(seed)
+        ref = run_generate(model, ids, mask, max_new_tokens=10, do_sample=True, temperature=temp, top_k=k, top_p=p)
+        want = [cut(row[ids.shape[1] :].tolist(), STOPS) for row in ref]
+        assert out.token_ids == want, f"{family} seed {seed}"
+    greedy = generate(model, TOK, contexts[0], question, FullKV(), max_new_tokens=10)
+    drawn = {
+        tuple(generate(model, TOK, contexts[0], question, max_new_tokens=10, sampling=Sampling(seed=s)).token_ids[0])
+        for s in range(4)
+    }
+    assert len(drawn | {tuple(greedy.token_ids[0])}) > 1  # sampling is not greedy decoding in disguise
+
+
+def test_sampling_settings_are_checked():
+    from dapq import Sampling
+
+    for bad in ({"temperature": 0}, {"temperature": float("nan")}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -1},
+                {"seed": -3}, {"temperature": True}):  # fmt: skip
+        with pytest.raises(DapqError):
+            Sampling(**bad)
+
+
+class Collect:
+    def __init__(self):
+        self.parts, self.ended = [], 0
+
+    def put(self, value):
+        self.parts.append(value.tolist())
+
+    def end(self):
+        self.ended += 1
+
+
+@pytest.mark.parametrize("method_name", ["full", "snapkv", "laq"])
+def test_streamer_gets_every_token_as_it_comes(method_name):
+    model = build_tiny("llama")
+    method = get_method(method_name, budget=16, **METHOD_PARAMS.get(method_name, {}))
+    streamer = Collect()
+    out = generate(model, TOK, "the quick brown fox " * 3, "what?", method, max_new_tokens=9, streamer=streamer)
+    assert [t for part in streamer.parts for t in part] == out.token_ids[0]
+    assert all(len(part) == 1 for part in streamer.parts) and streamer.ended == 1
+    # and inside model.generate, transformers' own streamer protocol is served unchanged
+    ids = torch.tensor([sum(build_prompt(TOK, "the quick brown fox " * 3, "what?"), [])])
+    inside = Collect()
+    with compressing(model, method, tokenizer=TOK):
+        got = model.generate(
+            ids, max_new_tokens=9, do_sample=False, eos_token_id=STOPS, pad_token_id=0, streamer=inside
+        )
+    assert inside.parts[0] == ids.tolist() and [p[0] for p in inside.parts[1:]] == got[0, ids.shape[1] :].tolist()

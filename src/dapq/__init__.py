@@ -21,6 +21,7 @@ __version__ = "0.2.0"
 #: public name -> the submodule it comes from
 _LAZY = {
     "GenerationOutput": "engine",
+    "Sampling": "engine",
     "answer_many": "engine",
     "compress": "engine",
     "compressing": "engine",
@@ -45,6 +46,7 @@ __all__ = [
     "GenerationOutput",
     "LayerInputs",
     "Method",
+    "Sampling",
     "ScorerMethod",
     "SnapKV",
     "answer_many",
@@ -59,7 +61,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time `__getattr__` imports these on first use
-    from .engine import GenerationOutput, answer_many, compress, compressing, generate
+    from .engine import GenerationOutput, Sampling, answer_many, compress, compressing, generate
     from .methods import DapQ, FullKV, LayerInputs, Method, ScorerMethod, SnapKV, get_method, list_methods, register
     from .models import load_model
     from .prompts import build_prompt

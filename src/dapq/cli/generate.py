@@ -2,6 +2,7 @@
 
 dapq generate --method dapq --budget 128 --context-file report.txt --question "Who signed it?"
 dapq generate --method snapkv --budget 0.1 --param window=16 --context-file report.txt -q "..." --json
+dapq generate --method dapq --budget 128 --context-file report.txt -q "..." --sample --temperature 0.7 --seed 1 --stream
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def add_parser(sub: Any) -> None:
     gen = sub.add_parser(
         "generate",
         help="answer a question about a context with a compressed KV cache",
-        description="Compress the prompt's KV cache with one method, then answer greedily.",
+        description="Compress the prompt's KV cache with one method, then answer (greedy, or sampled with --sample).",
     )
     src = gen.add_mutually_exclusive_group()
     src.add_argument("--context-file", help="text file with the context")
@@ -56,9 +57,62 @@ def add_parser(sub: Any) -> None:
     gen.add_argument(
         "--no-chat-template", action="store_true", help="plain prompt even if the tokenizer has a template"
     )
+    add_sampling_options(gen)
     add_model_options(gen)
     gen.add_argument("--json", action="store_true", help="print text and stats as JSON")
     gen.set_defaults(func=cmd_generate)
+
+
+def add_sampling_options(parser: Any) -> None:
+    """--sample, --temperature, --top-k, --top-p, --seed and --stream (shared with `dapq chat`)."""
+    grp = parser.add_argument_group("sampling and streaming (default: greedy, printed at the end)")
+    grp.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    grp.add_argument("--temperature", type=float, default=None, help="with --sample: logits divided by T (1.0)")
+    grp.add_argument("--top-k", type=int, default=None, help="with --sample: keep the K most likely tokens (0: all)")
+    grp.add_argument("--top-p", type=float, default=None, help="with --sample: nucleus mass (1.0: all)")
+    grp.add_argument("--seed", type=int, default=None, help="with --sample: seed of the draws (reproducible output)")
+    grp.add_argument("--stream", action="store_true", help="print the answer's tokens as they come")
+
+
+def sampling_of(args: argparse.Namespace) -> Any:
+    """The `Sampling` of --sample and its options (None: greedy); its options without --sample are an error."""
+    names = ("temperature", "top_k", "top_p", "seed")
+    given = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) is not None]
+    if not args.sample:
+        if given:
+            raise DapqError(f"{', '.join(given)} only apply when sampling: add --sample.")
+        return None
+    from ..engine.decode import Sampling
+
+    return Sampling(
+        temperature=1.0 if args.temperature is None else args.temperature,
+        top_k=0 if args.top_k is None else args.top_k,
+        top_p=1.0 if args.top_p is None else args.top_p,
+        seed=args.seed,
+    )
+
+
+class PrintStreamer:
+    """Prints the new tokens of one row as they come, decoding the whole answer so far each time (so multi-token
+    characters and word-initial spaces come out right) and printing only what was not printed yet."""
+
+    def __init__(self, tokenizer: Any, write: Any):
+        self.tokenizer, self.write = tokenizer, write
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def put(self, value: Any) -> None:
+        self.ids.extend(int(v) for v in value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its next token
+            return
+        self.write(text[len(self.shown) :])
+        self.shown = text
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self.write(text[len(self.shown) :] + "\n")
+        self.shown = text
 
 
 def read_context(args: argparse.Namespace) -> str:
@@ -94,6 +148,9 @@ def cmd_generate(args: argparse.Namespace, console: Any) -> int:
     if not args.question.strip():
         raise DapqError("--question is empty: pass the question to answer about the context.")
     check_positive(args.max_new_tokens, "--max-new-tokens")
+    sampling = sampling_of(args)
+    if args.stream and args.json:
+        raise DapqError("--stream prints text as it comes and --json prints one JSON object: pass only one.")
     params = method_params(args.method, args.param)
     if args.budget is not None:
         if "budget" in params:
@@ -112,11 +169,14 @@ def cmd_generate(args: argparse.Namespace, console: Any) -> int:
         max_new_tokens=args.max_new_tokens,
         chat_template=False if args.no_chat_template else None,
         answer_prefix=args.answer_prefix,
+        sampling=sampling,
+        streamer=PrintStreamer(tok, stream_writer()) if args.stream else None,
     )
     if args.json:
         print(json.dumps({"text": out.text, "stats": out.stats}, indent=2))
     else:
-        console.print(out.text)
+        if not args.stream:
+            console.print(out.text, markup=False, highlight=False)
         s = out.stats
         console.print(
             f"[dim]{method.describe()} | prompt {s['prompt_tokens'][0]} tokens | kept per layer (mean) "
@@ -126,3 +186,13 @@ def cmd_generate(args: argparse.Namespace, console: Any) -> int:
             f"decode {s['decode_s']:.2f} s[/]"
         )
     return 0
+
+
+def stream_writer() -> Any:
+    import sys
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    return write

@@ -4,7 +4,7 @@
     replay.py      record / derive / merge: one recorded prefill serves every method and budget (the harness)
     prefill.py     compress: the compressing prefill (pseudo suffix, hook, layer-by-layer pruning, peak accounting)
     stages.py      after selection: a staged method's lookahead (LAQ), renumbered positions (StreamingLLM)
-    decode.py      CompressedCache, append, greedy_decode
+    decode.py      CompressedCache, append, greedy_decode (greedy or Sampling, streamed)
     inside.py      compressing: transformers' own model.generate with the prompt compressed by a method
     state.py       EngineState (one constructor) and select_layer, the per-layer selection
     model_info.py  what the engine reads from a model, once
@@ -12,7 +12,7 @@
 Methods (`dapq.methods`) are pure tensor math behind declared protocols; `dapq.hf` adapts transformers.
 """
 
-from .decode import CompressedCache, append, greedy_decode
+from .decode import CompressedCache, Sampling, append, greedy_decode
 from .inside import compressing
 from .model_info import ModelInfo, check_model, kv_groups, model_device, model_info, sync_device
 from .prefill import compress, prefill, prefill_peak
@@ -28,6 +28,7 @@ __all__ = [
     "GenerationOutput",
     "ModelInfo",
     "Recording",
+    "Sampling",
     "answer_many",
     "append",
     "check_model",

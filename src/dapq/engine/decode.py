@@ -1,4 +1,5 @@
-"""Decoding from a compressed cache: appending token chunks at each row's next positions and greedy decoding.
+"""Decoding from a compressed cache: appending token chunks at each row's next positions, then greedy decoding or
+sampling (transformers' semantics), optionally streamed.
 
 Positions are always explicit (the next token of row b goes to `next_pos[b]`, not to the cache length), and every
 forward goes through the hook, which builds the mask from the tracked positions and validity of the cache.
@@ -6,11 +7,14 @@ forward goes through the hook, which builds the mask from the tracked positions 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ..errors import DapqError
 from ..hf.attention import Step, activate
 from ..hf.cache import reserve
 from .state import EngineState
@@ -70,29 +74,95 @@ def append(cc: CompressedCache, rows: list[list[int]], pad_id: int = 0) -> torch
     return logits
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling instead of greedy decoding, with transformers' semantics and order: the logits are divided by
+    `temperature`, cut to the `top_k` largest (0: no cut), then to the smallest set of probability mass `top_p`
+    (1.0: no cut), and one token is drawn from the softmax. `seed` seeds a private generator (None: torch's global
+    one, as transformers' `generate`, so `torch.manual_seed(s)` before either gives the same draws)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.temperature, bool) or not (
+            isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0
+        ):
+            raise DapqError(f"temperature must be a finite number > 0; got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise DapqError(f"top_k must be an integer >= 0 (0: no cut); got {self.top_k!r}")
+        if isinstance(self.top_p, bool) or not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise DapqError(f"top_p must be in (0, 1] (1: no cut); got {self.top_p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise DapqError(f"seed must be an integer >= 0; got {self.seed!r}")
+
+    def picker(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+        """logits [B, V] -> one drawn token per row [B], with transformers' own logits warpers."""
+        from transformers.generation.logits_process import (
+            LogitsProcessorList,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        warpers = LogitsProcessorList()
+        if self.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(float(self.temperature)))
+        if self.top_k:
+            warpers.append(TopKLogitsWarper(self.top_k))
+        if self.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(float(self.top_p)))
+        gen = torch.Generator(device=device).manual_seed(self.seed) if self.seed is not None else None
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:
+            scores = warpers(None, logits.float())
+            return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=gen).squeeze(1)
+
+        return pick
+
+
 def greedy_decode(
-    cc: CompressedCache, logits: torch.Tensor, max_new_tokens: int, stop_ids: set[int], *, compact: bool = False
+    cc: CompressedCache,
+    logits: torch.Tensor,
+    max_new_tokens: int,
+    stop_ids: set[int],
+    *,
+    compact: bool = False,
+    sampling: Sampling | None = None,
+    streamer: Any = None,
 ) -> list[list[int]]:
-    """Greedy decoding from `logits` [B, V]; token i of row b goes to position next_pos[b] + i.
+    """Greedy decoding (or, with `sampling`, sampling) from `logits` [B, V]; token i of row b goes to position
+    next_pos[b] + i.
 
     `compact=True` drops finished rows from the batch (and from `cc`, which is then not reusable) once a quarter
-    of the active rows has finished, so that long answers of a few rows do not keep the whole batch computing.
+    of the active rows has finished, so that long answers of a few rows do not keep the whole batch computing (not
+    while sampling: every step draws for all rows, as transformers does, so a seed gives its draws).
+    `streamer`: an object with `put(token_ids)` and `end()` (transformers' `TextStreamer(tok)` works for one row):
+    each step's new tokens [B] of the rows still running are put as they come (stop tokens are not), then `end()`.
     """
     n_rows = logits.shape[0]
     device = cc.next_pos.device
+    pick = sampling.picker(logits.device) if sampling is not None else (lambda x: x.argmax(-1))
+    compact = compact and sampling is None
     out: list[list[int]] = [[] for _ in range(n_rows)]
     done = [False] * n_rows
     active = list(range(n_rows))  # the output row of each cache row
     pos = cc.next_pos.clone()  # [A]
     reserve(cc.cache, max_new_tokens)  # room for every step now: no per-step copy of the cache
     for step in range(max_new_tokens):
-        tokens = logits.argmax(-1)  # [A]
+        tokens = pick(logits)  # [A]
+        new = []
         for row, tok in zip(active, tokens.tolist()):
             if not done[row]:
                 if tok in stop_ids:
                     done[row] = True
                 else:
                     out[row].append(tok)
+                    new.append(tok)
+        if streamer is not None and new:
+            streamer.put(torch.tensor(new))
         if all(done) or step == max_new_tokens - 1:
             break
         if compact:
@@ -105,4 +175,6 @@ def greedy_decode(
         ones = torch.ones((len(active), 1), dtype=torch.bool, device=device)
         logits = cc.forward(tokens[:, None], pos[:, None], ones)
         pos = pos + 1
+    if streamer is not None:
+        streamer.end()
     return out

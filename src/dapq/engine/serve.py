@@ -24,7 +24,7 @@ from ..methods.base import Method, get_method
 from ..methods.full import FullKV
 from ..methods.protocols import pseudo_length
 from ..prompts import build_prompt, stop_token_ids
-from .decode import append, greedy_decode
+from .decode import Sampling, append, greedy_decode
 from .model_info import model_device, model_info, sync_device
 from .prefill import compress
 
@@ -90,11 +90,15 @@ def generate(
     chat_template: bool | None = None,
     answer_prefix: str = "",
     stop: list[str] | None = None,
+    sampling: Sampling | None = None,
+    streamer: Any = None,
 ) -> GenerationOutput:
     """Answer `question` about `context` with the KV cache compressed by `method` (default: FullKV).
 
     A list of contexts (and one question each) runs as a left-padded batch. `mode` is "query_aware" (compress the
     whole prompt, as in the paper) or "question_agnostic" (compress the context only, then append the question).
+    Greedy unless `sampling` (`dapq.Sampling(temperature, top_k, top_p, seed)`) is given; `streamer` (e.g.
+    transformers' `TextStreamer(tok)`) receives the new tokens as they come.
     Returns text, token ids and stats (prompt length, kept tokens per layer, KV bytes before/after, timings).
     """
     method = resolve_method(method)
@@ -118,7 +122,8 @@ def generate(
         cc = compress(model, tokenizer, [c for c, _ in parts], method)
         logits = append(cc, [q for _, q in parts], int(tokenizer.pad_token_id or 0))
     start = time.perf_counter()
-    tokens = greedy_decode(cc, logits, max_new_tokens, stop_token_ids(tokenizer, stop), compact=True)
+    stops = stop_token_ids(tokenizer, stop)
+    tokens = greedy_decode(cc, logits, max_new_tokens, stops, compact=True, sampling=sampling, streamer=streamer)
     sync_device(model_device(model))
     stats = dict(cc.stats, mode=mode, decode_s=time.perf_counter() - start, new_tokens=[len(t) for t in tokens])
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
@@ -136,11 +141,13 @@ def answer_many(
     chat_template: bool | None = None,
     answer_prefix: str = "",
     stop: list[str] | None = None,
+    sampling: Sampling | None = None,
 ) -> list[GenerationOutput]:
     """Question-agnostic serving: compress `context` once, answer every question against it.
 
-    Each question is appended after the compressed context (positions L, L+1, ...), answered greedily, and the cache
-    is restored to its compressed state before the next question.
+    Each question is appended after the compressed context (positions L, L+1, ...), answered greedily (or with
+    `sampling`: a seeded one starts from its seed for each question, so each answer is reproducible alone), and the
+    cache is restored to its compressed state before the next question.
     """
     method = resolve_method(method)
     if not questions:
@@ -163,7 +170,7 @@ def answer_many(
     for _, q_ids in parts:
         start = time.perf_counter()
         logits = append(cc, [q_ids], int(tokenizer.pad_token_id or 0))
-        tokens = greedy_decode(cc, logits, max_new_tokens, stops)
+        tokens = greedy_decode(cc, logits, max_new_tokens, stops, sampling=sampling)
         stats = dict(
             cc.stats, mode="question_agnostic", decode_s=time.perf_counter() - start, new_tokens=[len(tokens[0])]
         )
