@@ -56,7 +56,7 @@ import contextlib, io, sys
 import dapq
 assert not [m for m in {HEAVY!r} if m in sys.modules], "import dapq"
 from dapq.cli import main
-helps = [[], ["list"], ["generate"], ["demo"], ["eval"], ["eval", "niah"], ["eval", "ruler"], ["eval", "longbench"],
+helps = [[], ["list"], ["generate"], ["chat"], ["demo"], ["eval"], ["eval", "niah"], ["eval", "ruler"], ["eval", "longbench"],
          ["eval", "longbench-v2"], ["eval", "helmet"], ["report"], ["analyze"], ["analyze", "similarity"],
          ["analyze", "recall"], ["ablate"], ["ablate", "content"], ["ablate", "position"], ["bench"],
          ["bench", "ttft"], ["bench", "throughput"], ["bench", "memory"]]
@@ -218,6 +218,7 @@ def no_model(monkeypatch):
         (["generate", "-q", "x", "--context", "y", "--sample", "--top-p", "2"], "top_p must be in"),
         (["generate", "-q", "x", "--context", "y", "--sample", "--temperature", "nan"], "temperature must be"),
         (["generate", "-q", "x", "--context", "y", "--stream", "--json"], "pass only one"),
+        (["chat", "--context-file", "missing.txt"], "does not exist"),
         (["demo", "--methods", ","], "--methods is empty"),
     ],
 )

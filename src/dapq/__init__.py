@@ -20,6 +20,7 @@ __version__ = "0.2.0"
 
 #: public name -> the submodule it comes from
 _LAZY = {
+    "Chat": "engine",
     "GenerationOutput": "engine",
     "Sampling": "engine",
     "answer_many": "engine",
@@ -40,6 +41,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "Chat",
     "DapQ",
     "DapqError",
     "FullKV",
@@ -61,7 +63,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time `__getattr__` imports these on first use
-    from .engine import GenerationOutput, Sampling, answer_many, compress, compressing, generate
+    from .engine import Chat, GenerationOutput, Sampling, answer_many, compress, compressing, generate
     from .methods import DapQ, FullKV, LayerInputs, Method, ScorerMethod, SnapKV, get_method, list_methods, register
     from .models import load_model
     from .prompts import build_prompt

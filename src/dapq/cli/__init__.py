@@ -24,13 +24,13 @@ import sys
 
 from .. import __version__
 from ..errors import DapqError
-from . import ablate, analyze, bench, demo, evaluate, generate, listing, merge, models, report, train
+from . import ablate, analyze, bench, chat, demo, evaluate, generate, listing, merge, models, report, train
 from .args import Parser
 
 __all__ = ["build_parser", "main"]
 
 #: command modules in the order `dapq --help` lists them; each has add_parser(subparsers)
-COMMANDS = (listing, models, generate, demo, evaluate, analyze, ablate, bench, train, report, merge)
+COMMANDS = (listing, models, generate, chat, demo, evaluate, analyze, ablate, bench, train, report, merge)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -63,15 +63,17 @@ def add_parser(sub: Any) -> None:
     gen.set_defaults(func=cmd_generate)
 
 
-def add_sampling_options(parser: Any) -> None:
-    """--sample, --temperature, --top-k, --top-p, --seed and --stream (shared with `dapq chat`)."""
+def add_sampling_options(parser: Any, stream: bool = True) -> None:
+    """--sample, --temperature, --top-k, --top-p, --seed and (`stream`) --stream; shared with `dapq chat`, which
+    always streams."""
     grp = parser.add_argument_group("sampling and streaming (default: greedy, printed at the end)")
     grp.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     grp.add_argument("--temperature", type=float, default=None, help="with --sample: logits divided by T (1.0)")
     grp.add_argument("--top-k", type=int, default=None, help="with --sample: keep the K most likely tokens (0: all)")
     grp.add_argument("--top-p", type=float, default=None, help="with --sample: nucleus mass (1.0: all)")
     grp.add_argument("--seed", type=int, default=None, help="with --sample: seed of the draws (reproducible output)")
-    grp.add_argument("--stream", action="store_true", help="print the answer's tokens as they come")
+    if stream:
+        grp.add_argument("--stream", action="store_true", help="print the answer's tokens as they come")
 
 
 def sampling_of(args: argparse.Namespace) -> Any:

@@ -5,6 +5,7 @@
     prefill.py     compress: the compressing prefill (pseudo suffix, hook, layer-by-layer pruning, peak accounting)
     stages.py      after selection: a staged method's lookahead (LAQ), renumbered positions (StreamingLLM)
     decode.py      CompressedCache, append, greedy_decode (greedy or Sampling, streamed)
+    chat.py        Chat: a conversation over one document compressed once
     inside.py      compressing: transformers' own model.generate with the prompt compressed by a method
     state.py       EngineState (one constructor) and select_layer, the per-layer selection
     model_info.py  what the engine reads from a model, once
@@ -12,6 +13,7 @@
 Methods (`dapq.methods`) are pure tensor math behind declared protocols; `dapq.hf` adapts transformers.
 """
 
+from .chat import Chat
 from .decode import CompressedCache, Sampling, append, greedy_decode
 from .inside import compressing
 from .model_info import ModelInfo, check_model, kv_groups, model_device, model_info, sync_device
@@ -23,6 +25,7 @@ from .state import EngineState, select_layer
 
 __all__ = [
     "MODES",
+    "Chat",
     "CompressedCache",
     "EngineState",
     "GenerationOutput",
