@@ -58,8 +58,8 @@ assert not [m for m in {HEAVY!r} if m in sys.modules], "import dapq"
 from dapq.cli import main
 helps = [[], ["list"], ["generate"], ["chat"], ["demo"], ["eval"], ["eval", "niah"], ["eval", "ruler"],
          ["eval", "longbench"], ["eval", "longbench-v2"], ["eval", "helmet"], ["report"], ["analyze"],
-         ["analyze", "similarity"], ["analyze", "recall"], ["ablate"], ["ablate", "content"], ["ablate", "position"], ["bench"],
-         ["bench", "ttft"], ["bench", "throughput"], ["bench", "memory"]]
+         ["analyze", "similarity"], ["analyze", "recall"], ["ablate"], ["ablate", "content"], ["ablate", "position"],
+         ["bench"], ["bench", "ttft"], ["bench", "throughput"], ["bench", "memory"]]
 for argv in helps:
     with contextlib.redirect_stdout(io.StringIO()):
         try:
