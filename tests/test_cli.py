@@ -219,6 +219,8 @@ def no_model(monkeypatch):
         (["generate", "-q", "x", "--context", "y", "--sample", "--temperature", "nan"], "temperature must be"),
         (["generate", "-q", "x", "--context", "y", "--stream", "--json"], "pass only one"),
         (["chat", "--context-file", "missing.txt"], "does not exist"),
+        (["generate", "-q", "x", "--context", "y", "--decode-window", "4"], "pass both"),
+        (["generate", "-q", "x", "--context", "y", "--decode-interval", "0"], "interval must be an integer >= 1"),
         (["demo", "--methods", ","], "--methods is empty"),
     ],
 )

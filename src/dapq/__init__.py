@@ -29,6 +29,7 @@ _LAZY = {
     "generate": "engine",
     "build_prompt": "prompts",
     "DapQ": "methods",
+    "DecodeCompression": "engine",
     "FullKV": "methods",
     "LayerInputs": "methods",
     "Method": "methods",
@@ -44,6 +45,7 @@ __all__ = [
     "Chat",
     "DapQ",
     "DapqError",
+    "DecodeCompression",
     "FullKV",
     "GenerationOutput",
     "LayerInputs",
@@ -63,7 +65,16 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time `__getattr__` imports these on first use
-    from .engine import Chat, GenerationOutput, Sampling, answer_many, compress, compressing, generate
+    from .engine import (
+        Chat,
+        DecodeCompression,
+        GenerationOutput,
+        Sampling,
+        answer_many,
+        compress,
+        compressing,
+        generate,
+    )
     from .methods import DapQ, FullKV, LayerInputs, Method, ScorerMethod, SnapKV, get_method, list_methods, register
     from .models import load_model
     from .prompts import build_prompt

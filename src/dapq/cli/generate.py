@@ -58,6 +58,16 @@ def add_parser(sub: Any) -> None:
         "--no-chat-template", action="store_true", help="plain prompt even if the tokenizer has a template"
     )
     add_sampling_options(gen)
+    dt = gen.add_argument_group("compression during decoding (default: only the prompt is compressed)")
+    dt.add_argument(
+        "--decode-interval",
+        type=int,
+        default=None,
+        help="evict back to the budget every N generated tokens (scoring methods: snapkv, dapq, learned, ...)",
+    )
+    dt.add_argument(
+        "--decode-window", type=int, default=None, help="recent tokens whose queries score the cache (default 16)"
+    )
     add_model_options(gen)
     gen.add_argument("--json", action="store_true", help="print text and stats as JSON")
     gen.set_defaults(func=cmd_generate)
@@ -92,6 +102,18 @@ def sampling_of(args: argparse.Namespace) -> Any:
         top_p=1.0 if args.top_p is None else args.top_p,
         seed=args.seed,
     )
+
+
+def decode_compression_of(args: argparse.Namespace) -> Any:
+    """The `DecodeCompression` of --decode-interval / --decode-window (None: the prompt only)."""
+    if args.decode_interval is None:
+        if args.decode_window is not None:
+            raise DapqError("--decode-window applies with --decode-interval: pass both.")
+        return None
+    from ..engine.decode_time import DecodeCompression
+
+    window = 16 if args.decode_window is None else args.decode_window
+    return DecodeCompression(interval=args.decode_interval, window=min(window, args.decode_interval))
 
 
 class PrintStreamer:
@@ -151,6 +173,7 @@ def cmd_generate(args: argparse.Namespace, console: Any) -> int:
         raise DapqError("--question is empty: pass the question to answer about the context.")
     check_positive(args.max_new_tokens, "--max-new-tokens")
     sampling = sampling_of(args)
+    decode_compression = decode_compression_of(args)
     if args.stream and args.json:
         raise DapqError("--stream prints text as it comes and --json prints one JSON object: pass only one.")
     params = method_params(args.method, args.param)
@@ -173,6 +196,7 @@ def cmd_generate(args: argparse.Namespace, console: Any) -> int:
         answer_prefix=args.answer_prefix,
         sampling=sampling,
         streamer=PrintStreamer(tok, stream_writer()) if args.stream else None,
+        decode_compression=decode_compression,
     )
     if args.json:
         print(json.dumps({"text": out.text, "stats": out.stats}, indent=2))
@@ -187,6 +211,13 @@ def cmd_generate(args: argparse.Namespace, console: Any) -> int:
             f"prefill {s['prefill_s']:.2f} s, "
             f"decode {s['decode_s']:.2f} s[/]"
         )
+        if decode_compression is not None:
+            console.print(
+                f"[dim]during decoding: {s['evictions']} evictions, at most {s['max_entries_per_head']} entries per "
+                f"head, KV {s['kv_bytes_steps'][-1] / 2**20:.2f} MiB at the end[/]"
+                if s.get("kv_bytes_steps")
+                else "[dim]during decoding: no token was fed after the first[/]"
+            )
     return 0
 
 

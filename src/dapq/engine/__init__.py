@@ -6,6 +6,7 @@
     stages.py      after selection: a staged method's lookahead (LAQ), renumbered positions (StreamingLLM)
     decode.py      CompressedCache, append, greedy_decode (greedy or Sampling, streamed)
     chat.py        Chat: a conversation over one document compressed once
+    decode_time.py DecodeCompression: evict back to the budget every `interval` decoded tokens
     inside.py      compressing: transformers' own model.generate with the prompt compressed by a method
     state.py       EngineState (one constructor) and select_layer, the per-layer selection
     model_info.py  what the engine reads from a model, once
@@ -15,6 +16,7 @@ Methods (`dapq.methods`) are pure tensor math behind declared protocols; `dapq.h
 
 from .chat import Chat
 from .decode import CompressedCache, Sampling, append, greedy_decode
+from .decode_time import DecodeCompression
 from .inside import compressing
 from .model_info import ModelInfo, check_model, kv_groups, model_device, model_info, sync_device
 from .prefill import compress, prefill, prefill_peak
@@ -27,6 +29,7 @@ __all__ = [
     "MODES",
     "Chat",
     "CompressedCache",
+    "DecodeCompression",
     "EngineState",
     "GenerationOutput",
     "ModelInfo",

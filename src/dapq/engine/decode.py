@@ -17,6 +17,7 @@ import torch
 from ..errors import DapqError
 from ..hf.attention import Step, activate
 from ..hf.cache import reserve
+from .decode_time import DecodeCompression, DecodeEvictor
 from .state import EngineState
 
 
@@ -132,6 +133,8 @@ def greedy_decode(
     compact: bool = False,
     sampling: Sampling | None = None,
     streamer: Any = None,
+    decode_compression: DecodeCompression | None = None,
+    report: dict[str, Any] | None = None,
 ) -> list[list[int]]:
     """Greedy decoding (or, with `sampling`, sampling) from `logits` [B, V]; token i of row b goes to position
     next_pos[b] + i.
@@ -141,11 +144,15 @@ def greedy_decode(
     while sampling: every step draws for all rows, as transformers does, so a seed gives its draws).
     `streamer`: an object with `put(token_ids)` and `end()` (transformers' `TextStreamer(tok)` works for one row):
     each step's new tokens [B] of the rows still running are put as they come (stop tokens are not), then `end()`.
+    `decode_compression`: evict back to the method's budget every `interval` tokens (`dapq.engine.decode_time`; no
+    compaction then); `report`, if given, receives its evictions, the most entries a head held and the KV bytes after
+    every step.
     """
     n_rows = logits.shape[0]
     device = cc.next_pos.device
     pick = sampling.picker(logits.device) if sampling is not None else (lambda x: x.argmax(-1))
-    compact = compact and sampling is None
+    compact = compact and sampling is None and decode_compression is None
+    evictor = DecodeEvictor(cc.state, decode_compression) if decode_compression is not None else None
     out: list[list[int]] = [[] for _ in range(n_rows)]
     done = [False] * n_rows
     active = list(range(n_rows))  # the output row of each cache row
@@ -175,6 +182,14 @@ def greedy_decode(
         ones = torch.ones((len(active), 1), dtype=torch.bool, device=device)
         logits = cc.forward(tokens[:, None], pos[:, None], ones)
         pos = pos + 1
+        if evictor is not None:
+            evictor.step()
     if streamer is not None:
         streamer.end()
+    if evictor is not None:
+        cc.state.stop_capture()
+        if report is not None:
+            report.update(
+                evictions=evictor.evictions, max_entries_per_head=evictor.max_entries, kv_bytes_steps=evictor.kv_bytes
+            )
     return out

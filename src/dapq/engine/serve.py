@@ -25,6 +25,7 @@ from ..methods.full import FullKV
 from ..methods.protocols import pseudo_length
 from ..prompts import build_prompt, stop_token_ids
 from .decode import Sampling, append, greedy_decode
+from .decode_time import DecodeCompression
 from .model_info import model_device, model_info, sync_device
 from .prefill import compress
 
@@ -92,13 +93,15 @@ def generate(
     stop: list[str] | None = None,
     sampling: Sampling | None = None,
     streamer: Any = None,
+    decode_compression: DecodeCompression | None = None,
 ) -> GenerationOutput:
     """Answer `question` about `context` with the KV cache compressed by `method` (default: FullKV).
 
     A list of contexts (and one question each) runs as a left-padded batch. `mode` is "query_aware" (compress the
     whole prompt, as in the paper) or "question_agnostic" (compress the context only, then append the question).
     Greedy unless `sampling` (`dapq.Sampling(temperature, top_k, top_p, seed)`) is given; `streamer` (e.g.
-    transformers' `TextStreamer(tok)`) receives the new tokens as they come.
+    transformers' `TextStreamer(tok)`) receives the new tokens as they come. `decode_compression`
+    (`dapq.DecodeCompression(interval, window)`) keeps the cache within the method's budget while generating.
     Returns text, token ids and stats (prompt length, kept tokens per layer, KV bytes before/after, timings).
     """
     method = resolve_method(method)
@@ -123,9 +126,21 @@ def generate(
         logits = append(cc, [q for _, q in parts], int(tokenizer.pad_token_id or 0))
     start = time.perf_counter()
     stops = stop_token_ids(tokenizer, stop)
-    tokens = greedy_decode(cc, logits, max_new_tokens, stops, compact=True, sampling=sampling, streamer=streamer)
+    report: dict[str, Any] = {}
+    tokens = greedy_decode(
+        cc,
+        logits,
+        max_new_tokens,
+        stops,
+        compact=True,
+        sampling=sampling,
+        streamer=streamer,
+        decode_compression=decode_compression,
+        report=report,
+    )
     sync_device(model_device(model))
     stats = dict(cc.stats, mode=mode, decode_s=time.perf_counter() - start, new_tokens=[len(t) for t in tokens])
+    stats.update(report)
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
     return GenerationOutput(text=texts[0] if single else texts, token_ids=tokens, stats=stats)
 

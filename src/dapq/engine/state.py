@@ -50,6 +50,7 @@ class EngineState:
     # per layer: a staged method's StageOneObservation, or (recording) the layer's LayerInputs; None once consumed
     observed: list[Any] = field(default_factory=list)
     capture: list[list[torch.Tensor]] | None = None  # when set, decode steps record each layer's queries here
+    capture_scaling: list[float | None] = field(default_factory=list)  # each layer's scaling, set by the hook
 
     @classmethod
     def create(
@@ -105,6 +106,7 @@ class EngineState:
     def start_capture(self) -> None:
         """From now on, every decode step records each layer's rotated queries."""
         self.capture = [[] for _ in range(self.n_layers)]
+        self.capture_scaling = [None] * self.n_layers
 
     def stop_capture(self) -> None:
         self.capture = None

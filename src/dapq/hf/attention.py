@@ -55,6 +55,7 @@ class HookState(Protocol):
     inner: str  # the model's own attention implementation ("sdpa", "eager", "flash_attention_2", ...)
     tracks: list[LayerTrack | None]  # per layer: positions and validity of the cached entries
     capture: list[list[torch.Tensor]] | None  # when set, decode steps record each layer's queries here
+    capture_scaling: list[float | None]  # and each layer's attention scaling
 
     def prefill_layer(
         self,
@@ -207,6 +208,7 @@ def dapq_attention(
         track.append(step.pos.to(dev), step.valid.to(dev), step.all_valid)
         if state.capture is not None:
             state.capture[layer_idx].append(query)  # [B, H_q, q, D] rotated
+            state.capture_scaling[layer_idx] = scaling if scaling is not None else query.shape[-1] ** -0.5
         q = step.pos.shape[1]
         if q == 1 and window is None and track.all_valid:
             mask = None

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from ..errors import DapqError
 from ..lazy import torch
 from .inputs import LayerInputs
-from .scoring import aggregate_groups, pool_scores, select_topk
+from .scoring import aggregate_groups, pool_scores, recent_attention, select_topk
 
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -178,6 +178,20 @@ class ScorerMethod(Method):
 
     def select(self, inp: LayerInputs, budgets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return select_topk(self.scores(inp), budgets)
+
+    def decode_scores(
+        self,
+        queries: torch.Tensor,  # [B, H_q, n, D] the n most recent decoded tokens' rotated queries
+        keys: torch.Tensor,  # [B, H_c, T, D] the cache as it is (prompt entries kept, then decoded tokens)
+        visible: torch.Tensor,  # [B, H_s, n, T] bool (H_s = 1 or H_c)
+        scaling: float,
+    ) -> torch.Tensor:  # [B, H_c, T]
+        """Scores of every cached entry for decoding-time eviction (`dapq.engine.decode_time`): the recent real
+        queries stand where the method's estimated ones stood at prefill (an observation window, pseudo, drafted or
+        learned queries), so every scorer scores as SnapKV's window does (the attention of those queries, summed),
+        then pools with its own `pooling`/`kernel` and reduces GQA groups with its own `gqa`."""
+        s = recent_attention(queries, keys, visible, scaling).sum(dim=2)  # [B, H_q, T]
+        return aggregate_groups(pool_scores(s, self.pooling, self.kernel), keys.shape[1], self.gqa)
 
 
 def recent_mask(inp: LayerInputs, n: int) -> torch.Tensor:  # [B, T] bool

@@ -45,6 +45,23 @@ def window_attention(
     return probs
 
 
+def recent_attention(
+    queries: torch.Tensor,  # [B, H_q, n, D] rotated queries of the n most recent decoded tokens
+    keys: torch.Tensor,  # [B, H_c, T, D] rotated keys of the cache (each head may hold other tokens)
+    visible: torch.Tensor,  # [B, H_s, n, T] bool, H_s = 1 or H_c: may query i see cache entry j
+    scaling: float,
+) -> torch.Tensor:  # [B, H_q, n, T] fp32 softmax attention
+    """Softmax attention of recent decode queries over a (possibly per-head evicted) cache, in fp32, GQA-aware."""
+    b, h_q, n, d = queries.shape
+    h_c = keys.shape[1]
+    group = h_q // h_c
+    q = queries.float().reshape(b, h_c, group * n, d)
+    logits = torch.matmul(q, keys.float().transpose(-1, -2)).mul_(scaling).view(b, h_c, group, n, -1)
+    logits = logits.masked_fill(~visible[:, :, None], float("-inf"))  # [B, H_c, G, n, T]
+    probs = torch.softmax(logits, dim=-1).nan_to_num_(nan=0.0)
+    return probs.reshape(b, h_q, n, -1)
+
+
 def pool_scores(scores: torch.Tensor, kind: str, kernel: int) -> torch.Tensor:
     """1-D pooling along the key axis (stride 1, same length), as in SnapKV: `scores` is [B, H, T]."""
     if kind == "none" or kernel <= 1:
