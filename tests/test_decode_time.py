@@ -149,3 +149,23 @@ def test_generate_reports_and_refuses_in_one_line():
     for bad in ({"interval": 0}, {"window": 0}, {"interval": 4, "window": 8}, {"interval": 2.5}):
         with pytest.raises(DapqError):
             DecodeCompression(**bad)
+
+
+def test_a_question_appended_after_the_prompt_is_rescored_before_decoding():
+    """Question-agnostic generate and Chat append tokens after the compressed prompt: their queries re-score the
+    cache at once, so the bound budget + interval holds from the first decoded token."""
+    from dapq import Chat
+
+    model = build_tiny("llama")
+    ctx = "the quick brown fox jumps over the lazy dog " * 3
+    question = "and what does the lazy dog do all afternoon in the sun?"  # 56 tokens: more than the interval
+    dc = DecodeCompression(interval=8, window=4)
+    method = method_of("snapkv", 24)
+    out = generate(model, TOK, ctx, question, method, mode="question_agnostic", max_new_tokens=30,
+                   decode_compression=dc, stop=None)  # fmt: skip
+    assert out.stats["max_entries_per_head"] <= 24 + 8, out.stats["max_entries_per_head"]
+    chat = Chat(model, TOK, ctx, method)
+    for q in (question, "and then?"):
+        turn = chat.ask(q, max_new_tokens=20, decode_compression=dc, ignore_stops=True)
+        assert turn.stats["max_entries_per_head"] <= 24 + 8, turn.stats["max_entries_per_head"]
+        assert max(int(t.valid.sum(-1).max()) for t in chat.cc.state.tracks) <= 24 + 8

@@ -24,6 +24,7 @@ from ..methods.base import Method
 from ..methods.protocols import pseudo_length
 from ..prompts import build_prompt, stop_token_ids
 from .decode import Sampling, append, greedy_decode
+from .decode_time import DecodeCompression
 from .model_info import model_info
 from .prefill import compress
 from .serve import GenerationOutput, check_questions, resolve_method
@@ -96,16 +97,33 @@ class Chat:
         max_new_tokens: int = 256,
         sampling: Sampling | None = None,
         streamer: Any = None,
+        decode_compression: DecodeCompression | None = None,
+        ignore_stops: bool = False,
     ) -> GenerationOutput:
-        """Answer `question`; the question and the answer stay in the cache for the next turn."""
+        """Answer `question`; the question and the answer stay in the cache for the next turn.
+        `decode_compression` keeps the cache within the method's budget while answering (the conversation is then
+        evicted too); `ignore_stops` writes all `max_new_tokens` (for measuring long outputs)."""
         check_questions([question])
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise DapqError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
         ids = self.unfed + self.turn_ids(question)
         self.check_room(int(self.cc.next_pos[0]) + len(ids) + max_new_tokens)
         start = time.perf_counter()
+        if decode_compression is not None:  # the turn's queries re-score the cache before decoding starts
+            self.cc.state.start_capture()
         logits = append(self.cc, [ids], int(self.tokenizer.pad_token_id or 0))
-        tokens = greedy_decode(self.cc, logits, max_new_tokens, self.stops, sampling=sampling, streamer=streamer)[0]
+        report: dict[str, Any] = {}
+        stops = set() if ignore_stops else self.stops
+        tokens = greedy_decode(
+            self.cc,
+            logits,
+            max_new_tokens,
+            stops,
+            sampling=sampling,
+            streamer=streamer,
+            decode_compression=decode_compression,
+            report=report,
+        )[0]
         # every answer token but the last was fed; a stop token ends the turn and is never fed (the template's end
         # of turn is part of the next turn's ids)
         fed = len(tokens) - 1 if len(tokens) == max_new_tokens else len(tokens)
@@ -113,7 +131,7 @@ class Chat:
         self.unfed = tokens[fed:]
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         self.turns.append((question, text))
-        stats = dict(self.stats(), decode_s=time.perf_counter() - start, new_tokens=[len(tokens)])
+        stats = dict(self.stats(), decode_s=time.perf_counter() - start, new_tokens=[len(tokens)], **report)
         return GenerationOutput(text=text, token_ids=[tokens], stats=stats)
 
     # ------------------------------------------------------------------------------------------------ stats

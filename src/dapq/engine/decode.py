@@ -16,7 +16,7 @@ import torch
 
 from ..errors import DapqError
 from ..hf.attention import Step, activate
-from ..hf.cache import reserve
+from ..hf.cache import kv_bytes, reserve
 from .decode_time import DecodeCompression, DecodeEvictor
 from .state import EngineState
 
@@ -145,14 +145,15 @@ def greedy_decode(
     `streamer`: an object with `put(token_ids)` and `end()` (transformers' `TextStreamer(tok)` works for one row):
     each step's new tokens [B] of the rows still running are put as they come (stop tokens are not), then `end()`.
     `decode_compression`: evict back to the method's budget every `interval` tokens (`dapq.engine.decode_time`; no
-    compaction then); `report`, if given, receives its evictions, the most entries a head held and the KV bytes after
-    every step.
+    compaction then); `report`, if given, receives the KV bytes after every fed token and, with decode_compression,
+    its evictions and the most entries a head held.
     """
     n_rows = logits.shape[0]
     device = cc.next_pos.device
     pick = sampling.picker(logits.device) if sampling is not None else (lambda x: x.argmax(-1))
     compact = compact and sampling is None and decode_compression is None
     evictor = DecodeEvictor(cc.state, decode_compression) if decode_compression is not None else None
+    steps: list[int] = []  # KV bytes after each fed token (`report`)
     out: list[list[int]] = [[] for _ in range(n_rows)]
     done = [False] * n_rows
     active = list(range(n_rows))  # the output row of each cache row
@@ -182,14 +183,16 @@ def greedy_decode(
         ones = torch.ones((len(active), 1), dtype=torch.bool, device=device)
         logits = cc.forward(tokens[:, None], pos[:, None], ones)
         pos = pos + 1
+        if report is not None:  # before this step's eviction: the most the cache held
+            steps.append(kv_bytes(cc.cache))
         if evictor is not None:
             evictor.step()
     if streamer is not None:
         streamer.end()
+    if report is not None:
+        report["kv_bytes_steps"] = steps
     if evictor is not None:
         cc.state.stop_capture()
         if report is not None:
-            report.update(
-                evictions=evictor.evictions, max_entries_per_head=evictor.max_entries, kv_bytes_steps=evictor.kv_bytes
-            )
+            report.update(evictions=evictor.evictions, max_entries_per_head=evictor.max_entries)
     return out

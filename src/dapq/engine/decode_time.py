@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import DapqError
-from ..hf.cache import kv_bytes
 from ..methods.base import ScorerMethod
 from ..methods.protocols import layer_budget
 from ..methods.scoring import select_topk
@@ -64,7 +63,10 @@ def check_decode_method(state: EngineState, dc: DecodeCompression) -> None:
 
 
 class DecodeEvictor:
-    """Called once per decoded token (`step`); evicts every `interval` tokens. `state` must capture queries."""
+    """Called once per decoded token (`step`); evicts every `interval` tokens. If the caller started capturing
+    before appending tokens after the compressed prompt (`EngineState.start_capture`, as `generate` in
+    question-agnostic mode and `Chat` do), those tokens' queries re-score the cache at once, so no head ever holds
+    more than budget + interval entries while decoding."""
 
     def __init__(self, state: EngineState, dc: DecodeCompression):
         check_decode_method(state, dc)
@@ -76,8 +78,12 @@ class DecodeEvictor:
         self.since = 0  # tokens fed since the last eviction
         self.evictions = 0
         self.max_entries = 0  # the most entries any head held (checked against budget + interval)
-        self.kv_bytes: list[int] = []  # the cache's bytes after each decoded token (before that step's eviction)
-        state.start_capture()
+        if state.capture is None:
+            state.start_capture()
+        elif any(state.capture):
+            # tokens appended after the compressed prompt (a question, a turn) were captured: re-score now, so
+            # decoding starts within the budget (kvpress evicts at the end of prefill as well)
+            self.evict()
 
     def budgets(self, layer_idx: int) -> list[int]:
         """Entries kept per head by the layer: the method's budget (a ratio: of the prompt), not capped at the
@@ -91,7 +97,6 @@ class DecodeEvictor:
         s = self.state
         assert s.capture is not None
         self.max_entries = max(self.max_entries, max(layer.keys.shape[2] for layer in s.cache.layers))
-        self.kv_bytes.append(kv_bytes(s.cache))
         for queries in s.capture:  # only the window's queries are ever needed
             if len(queries) > self.dc.window:
                 del queries[: len(queries) - self.dc.window]

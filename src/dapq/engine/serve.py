@@ -123,6 +123,8 @@ def generate(
         if any(not c for c, _ in parts) or any(not c.strip() for c in contexts):
             raise DapqError("question_agnostic mode needs a non-empty context to compress.")
         cc = compress(model, tokenizer, [c for c, _ in parts], method)
+        if decode_compression is not None:  # the question's queries re-score the cache before decoding starts
+            cc.state.start_capture()
         logits = append(cc, [q for _, q in parts], int(tokenizer.pad_token_id or 0))
     start = time.perf_counter()
     stops = stop_token_ids(tokenizer, stop)
