@@ -74,6 +74,8 @@ def test_budget_above_the_total_length_changes_nothing(name):
     got = greedy_decode(cc, cc.first_logits, 60, set(), decode_compression=DecodeCompression(8, 4), report=report)
     ref_cc = compress(model, TOK, [prompt], method)
     assert got == greedy_decode(ref_cc, ref_cc.first_logits, 60, set())
+    full_cc = compress(model, TOK, [prompt], get_method("full"))
+    assert got == greedy_decode(full_cc, full_cc.first_logits, 60, set())  # and FullKV's
     assert report["evictions"] == 0
 
 

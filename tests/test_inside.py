@@ -262,3 +262,24 @@ def test_streamer_gets_every_token_as_it_comes(method_name):
             ids, max_new_tokens=9, do_sample=False, eos_token_id=STOPS, pad_token_id=0, streamer=inside
         )
     assert inside.parts[0] == ids.tolist() and [p[0] for p in inside.parts[1:]] == got[0, ids.shape[1] :].tolist()
+
+
+@pytest.mark.parametrize("method_name", ["snapkv", "dapq", "learned"])
+def test_decode_time_compression_inside_generate_equals_dapq_generate(method_name):
+    """With decode_compression, model.generate inside the block gives dapq.generate's tokens (same evictions), and
+    no head holds more than budget + interval entries; beam search runs with it."""
+    from dapq import DecodeCompression
+
+    model = build_tiny("llama")
+    method = get_method(method_name, budget=20, **METHOD_PARAMS.get(method_name, {}))
+    dc = DecodeCompression(interval=6, window=3)
+    context, question = "the quick brown fox jumps over the lazy dog " * 2, "what jumps?"
+    ref = generate(model, TOK, context, question, method, max_new_tokens=40, decode_compression=dc, stop=None)
+    ids = torch.tensor([sum(build_prompt(TOK, context, question), [])])
+    with compressing(model, method, tokenizer=TOK, decode_compression=dc) as session:
+        out = model.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=STOPS, pad_token_id=0)
+        held = max(int(t.valid.sum(-1).max()) for t in session.last.state.tracks)
+        beams = model.generate(ids, max_new_tokens=20, num_beams=2, do_sample=False, eos_token_id=None)
+    assert cut(out[0, ids.shape[1] :].tolist(), STOPS) == ref.token_ids[0]
+    assert ref.stats["evictions"] >= 1 and held <= 20 + 6
+    assert beams.shape == (1, ids.shape[1] + 20)

@@ -33,6 +33,7 @@ from ..errors import DapqError
 from ..hf.attention import Step, activate
 from ..methods.base import Method
 from .decode import CompressedCache
+from .decode_time import DecodeCompression, DecodeEvictor
 from .prefill import compress
 from .serve import resolve_method
 
@@ -46,10 +47,12 @@ class Session:
     """What one `compressing` block holds: the model's own forward, the method, and the compressed caches made in
     it (cache object -> CompressedCache), so a cache passed back later is recognised."""
 
-    def __init__(self, model: Any, method: Method, tokenizer: Any):
+    def __init__(self, model: Any, method: Method, tokenizer: Any, decode_compression: DecodeCompression | None = None):
         self.model = model
         self.method = method
         self.tokenizer = tokenizer
+        self.decode_compression = decode_compression
+        self.evictors: dict[int, DecodeEvictor] = {}
         self.own_forward = model.forward
         self.caches: dict[int, CompressedCache] = {}
         self.last: CompressedCache | None = None  # the latest compressed cache (stats for the caller)
@@ -90,6 +93,8 @@ class Session:
             _OWN_CALL.reset(token)
         self.caches[id(cc.cache)] = cc
         self.last = cc
+        if self.decode_compression is not None:
+            self.evictors[id(cc.cache)] = DecodeEvictor(cc.state, self.decode_compression)
         logical_length(cc)
         return CausalLMOutputWithPast(logits=cc.first_logits[:, None, :], past_key_values=cc.cache)
 
@@ -111,6 +116,9 @@ class Session:
         pos = cc.next_pos[:, None] + torch.arange(q, device=device)[None, :]
         valid = torch.ones((b, q), dtype=torch.bool, device=device)
         passed = {k: v for k, v in kwargs.items() if k not in OURS}
+        evictor = self.evictors.get(id(cc.cache))
+        if evictor is not None and q > 1:  # a new turn: its queries re-score the cache once it is fed
+            cc.state.start_capture()
         cc.state.set_step(Step(pos=pos, valid=valid))
         token = _OWN_CALL.set(True)
         try:
@@ -122,6 +130,11 @@ class Session:
             _OWN_CALL.reset(token)
             cc.state.set_step(None)
         cc.next_pos = cc.next_pos + q
+        if evictor is not None:
+            if q > 1:
+                self.evictors[id(cc.cache)] = DecodeEvictor(cc.state, evictor.dc)
+            else:
+                evictor.step()
         return out
 
 
@@ -168,16 +181,24 @@ def logical_length(cc: CompressedCache) -> None:
 
 
 @contextlib.contextmanager
-def compressing(model: Any, method: Method | str | None = None, *, tokenizer: Any, **params: Any) -> Iterator[Session]:
+def compressing(
+    model: Any,
+    method: Method | str | None = None,
+    *,
+    tokenizer: Any,
+    decode_compression: DecodeCompression | None = None,
+    **params: Any,
+) -> Iterator[Session]:
     """Within the block, `model.generate(...)` (and plain calls with a cache) compress the prompt with `method` (a
     Method, a registered name with `params`, or None for FullKV). `tokenizer` is the model's: methods read its pad,
-    stop and special tokens. Yields the session; `session.last.stats` holds the latest compression's stats."""
+    stop and special tokens. `decode_compression` also keeps the cache within the budget while generating
+    (`dapq.engine.decode_time`). Yields the session; `session.last.stats` holds the latest compression's stats."""
     method = resolve_method(method, **params)
     if tokenizer is None or not hasattr(tokenizer, "get_vocab"):
         raise DapqError("dapq.compressing needs the model's tokenizer: compressing(model, method, tokenizer=tok).")
     if isinstance(getattr(model.forward, "__self__", None), Session):
         raise DapqError("A dapq.compressing block is already open on this model: close it before opening another.")
-    session = Session(model, method, tokenizer)
+    session = Session(model, method, tokenizer, decode_compression)
     own = vars(model).get("forward")  # an instance-level forward (accelerate's device_map hooks) is kept and restored
     model.forward = session.forward
     try:

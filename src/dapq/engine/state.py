@@ -143,6 +143,8 @@ class EngineState:
             track = self.tracks[i]
             if track is not None:
                 self.tracks[i] = LayerTrack(track.pos.index_select(0, rows), track.valid.index_select(0, rows))
+        if self.capture is not None:  # captured decode queries follow their rows (beam search reorders)
+            self.capture = [[q.index_select(0, idx.to(q.device)) for q in layer] for layer in self.capture]
         self.row_budgets = self.row_budgets.index_select(0, idx.to(self.row_budgets.device))
         self.row_lengths = self.row_lengths.index_select(0, idx.to(self.row_lengths.device))
         self._host_rows()
