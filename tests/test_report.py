@@ -112,3 +112,24 @@ def test_ruler_run_with_two_lengths_gets_a_section_per_length(tmp_path):
     assert "| dapq | 40.00 | 40.00 | 40.00 |" in part2k, part2k
     assert "| dapq | 10.00 | 10.00 | 10.00 |" in part4k, part4k
     assert (tmp_path / "accuracy_vs_budget_L2048.png").exists() and (tmp_path / "accuracy_vs_budget_L4096.png").exists()
+
+
+def test_report_into_a_pipe_prints_whole_cells(tmp_path):
+    """`dapq report RUN | cat` (stdout not a terminal: a CI log, a file) prints the tables whole, no cell cut."""
+    import gzip
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).parents[1] / "docs/results/learned-generic"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.jsonl").write_bytes(gzip.decompress((src / "unseen-2k.jsonl.gz").read_bytes()))
+    (run / "run.json").write_bytes((src / "unseen-2k.run.json").read_bytes())
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    done = subprocess.run(
+        [sys.executable, "-m", "dapq.cli", "report", str(run)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert "…" not in done.stdout and "learned@generic" in done.stdout and "twofact" in done.stdout

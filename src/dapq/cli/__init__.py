@@ -20,6 +20,7 @@ Bad input is a one-line error and exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .. import __version__
@@ -53,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     # with --json, stdout carries the JSON only: everything else goes to stderr
-    console = Console(stderr=bool(getattr(args, "json", False)))
+    to_stderr = bool(getattr(args, "json", False))
+    stream = sys.stderr if to_stderr else sys.stdout
+    # a pipe, a file or a CI log has no width: print tables whole there instead of cutting cells to fit 80 columns
+    width = None if stream.isatty() or os.environ.get("COLUMNS") else 400
+    console = Console(stderr=to_stderr, width=width)
     try:
         return args.func(args, console)
     except DapqError as exc:
