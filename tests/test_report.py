@@ -125,11 +125,11 @@ def test_report_into_a_pipe_prints_whole_cells(tmp_path):
     src = Path(__file__).parents[1] / "docs/results/learned-generic"
     run = tmp_path / "run"
     run.mkdir()
-    (run / "results.jsonl").write_bytes(gzip.decompress((src / "unseen-2k.jsonl.gz").read_bytes()))
-    (run / "run.json").write_bytes((src / "unseen-2k.run.json").read_bytes())
+    (run / "results.jsonl").write_bytes(gzip.decompress((src / "ruler-2k.jsonl.gz").read_bytes()))
+    (run / "run.json").write_bytes((src / "ruler-2k.run.json").read_bytes())
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
     done = subprocess.run(
         [sys.executable, "-m", "dapq.cli", "report", str(run)], capture_output=True, text=True, env=env, timeout=300
     )
     assert done.returncode == 0, done.stderr
-    assert "…" not in done.stdout and "learned@generic" in done.stdout and "twofact" in done.stdout
+    assert "…" not in done.stdout and "learned@generic" in done.stdout and "niah_multikey_1" in done.stdout
