@@ -3,7 +3,8 @@
 For each of the first `--essays` evaluation essays: a document of `--words` words with one planted fact (an access
 code) in its middle is compressed once (`dapq.Chat`, question-agnostic); the model writes a long summary of
 `--new-tokens` tokens (stop tokens ignored, so every configuration writes the same number of tokens), then is asked
-for the code. Configurations: FullKV; SnapKV at `--budget` compressing the prompt only; SnapKV, DapQ and the
+for the code; as a control, every configuration is also asked for the code with no long answer before it.
+Configurations: FullKV; SnapKV at `--budget` compressing the prompt only; SnapKV, DapQ and the
 shipped learned queries at `--budget` also compressing during decoding (every `--interval` tokens, window
 `--window`). Rows are appended to <out>/rows.jsonl as each run ends (a rerun skips what is there);
 `--report` prints the table (ROUGE-L of each summary against FullKV's, the code found after the long answer, KV
@@ -61,12 +62,22 @@ def run(args: argparse.Namespace) -> None:
     model, tok = load_model()
     essays = evaluation_files()[: args.essays]
     dc = DecodeCompression(interval=args.interval, window=args.window)
+
+    def method_of(name: str) -> Any:
+        return get_method(name) if name == "full" else get_method(name, budget=args.budget)
+
     for e, path in enumerate(essays):
         doc, code = document(path, args.words, e)
         for name, (method_name, decode) in CONFIGS.items():
+            first_key = f"{name} / asked first"
+            if (path.name, first_key) not in done:  # the control: the code asked with no long answer before it
+                answer = Chat(model, tok, doc, method_of(method_name)).ask(ASK, max_new_tokens=16).text
+                with open_append(rows_path) as f:
+                    f.write(json.dumps({"essay": path.name, "config": first_key, "code": code, "answer": answer,
+                                        "code_found": code in answer}) + "\n")  # fmt: skip
             if (path.name, name) in done:
                 continue
-            method = get_method(method_name) if method_name == "full" else get_method(method_name, budget=args.budget)
+            method = method_of(method_name)
             start = time.perf_counter()
             chat = Chat(model, tok, doc, method)
             first = chat.ask(
@@ -111,12 +122,20 @@ def report(args: argparse.Namespace) -> None:
         path = path.with_suffix(".jsonl.gz")
     text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text(encoding="utf-8")
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    first = {r["config"][: -len(" / asked first")]: r for r in rows if r["config"].endswith(" / asked first")}
+    found_first = {
+        name: sum(r["code_found"] for r in rows if r["config"] == f"{name} / asked first") for name in CONFIGS
+    }
+    asked_first = {name: sum(r["config"] == f"{name} / asked first" for r in rows) for name in CONFIGS}
+    rows = [r for r in rows if not r["config"].endswith(" / asked first")]
+    del first
     full = {r["essay"]: r["summary"] for r in rows if r["config"] == "full"}
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     mib = 2**20
     print("| configuration | essays | summary tokens | ROUGE-L F vs FullKV | code found after the summary | "
-          "most entries per head | KV after the summary (MiB) | uncompressed (MiB) | summary decode s |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+          "code found, asked first | most entries per head | KV after the summary (MiB) | uncompressed (MiB) | "
+          "summary decode s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in CONFIGS:
         mine = [r for r in rows if r["config"] == name]
         if not mine:
@@ -127,6 +146,7 @@ def report(args: argparse.Namespace) -> None:
         print(
             f"| {name} | {n} | {sum(r['summary_tokens'] for r in mine) / n:.0f} | "
             f"{sum(rouge) / len(rouge):.3f} | {sum(r['code_found'] for r in mine)}/{n} | "
+            f"{found_first[name]}/{asked_first[name]} | "
             f"{max(entries) if entries else '-'} | "
             f"{sum(r['kv_bytes_after_summary'] for r in mine) / n / mib:.2f} | "
             f"{sum(r['kv_bytes_uncompressed_after_summary'] for r in mine) / n / mib:.2f} | "
