@@ -4,6 +4,7 @@ weights_only=True, nothing imports pickle (or its wrappers), and every file writ
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,19 @@ def test_every_write_goes_through_safefile(path):
             for m in modes:
                 if isinstance(m, ast.Constant) and isinstance(m.value, str):
                     assert not set(m.value) & set("wax+"), f"{where}: open(..., {m.value!r}) writes outside safefile"
+
+
+OUTSIDE = re.compile(r"\.\./shared|shared/(paper|specs|design)|/work/|/check/|\.library")
+
+
+ALL_PY = sorted({*(ROOT / "src").rglob("*.py"), *(ROOT / "scripts").glob("*.py"), *(ROOT / "tests").glob("*.py")})
+
+
+@pytest.mark.parametrize("path", ALL_PY, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_docstring_or_comment_cites_a_path_outside_the_repository(path):
+    """A reader of the package cannot open files outside it: cite papers (arXiv id, section), not paths."""
+    if path.name == "test_no_code_from_files.py":
+        return
+    lines = enumerate(path.read_text().splitlines(), 1)
+    hits = [f"{path}:{n}: {line.strip()}" for n, line in lines if OUTSIDE.search(line)]
+    assert not hits, "\n".join(hits)
