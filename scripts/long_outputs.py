@@ -1,14 +1,14 @@
 """Long outputs with and without decode-time compression (docs/results/long-outputs.md).
 
-For each of the first `--essays` evaluation essays: a document of `--words` words with one planted fact (an access
-code) in its middle is compressed once (`dapq.Chat`, question-agnostic); the model writes a long summary of
-`--new-tokens` tokens (stop tokens ignored, so every configuration writes the same number of tokens), then is asked
-for the code; as a control, every configuration is also asked for the code with no long answer before it.
-Configurations: FullKV; SnapKV at `--budget` compressing the prompt only; SnapKV, DapQ and the
-shipped learned queries at `--budget` also compressing during decoding (every `--interval` tokens, window
-`--window`). Rows are appended to <out>/rows.jsonl as each run ends (a rerun skips what is there);
-`--report` prints the table (ROUGE-L of each summary against FullKV's, the code found after the long answer, KV
-bytes) and writes <out>/kv_over_time.png.
+For each of the first `--essays` evaluation essays: a document of `--words` words with one planted fact (a 7-digit
+magic number for a word key, as in the demo) in its middle is compressed once (`dapq.Chat`, question-agnostic); the
+model writes a long summary of `--new-tokens` tokens (stop tokens ignored, so every configuration writes the same
+number of tokens), then is asked for the number; as a control, every configuration is also asked for it with no
+long answer before it. Configurations: FullKV; SnapKV at `--budget` compressing the prompt only; SnapKV, DapQ and
+the shipped learned queries at `--budget` also compressing during decoding (every `--interval` tokens, window
+`--window`). Rows are appended to <out>/rows.jsonl as each run ends (a rerun skips what is there); `--report`
+prints the table (ROUGE-L of each summary against FullKV's, the number found after the long answer, KV bytes) and
+writes <out>/kv_over_time.png.
 
     OMP_NUM_THREADS=1 python scripts/long_outputs.py --out runs/long-outputs
     python scripts/long_outputs.py --out runs/long-outputs --report
@@ -31,14 +31,18 @@ CONFIGS = {
     "learned + decode": ("learned", True),
 }
 SUMMARY = "Write a long and detailed summary of the text above, paragraph by paragraph."
-ASK = "What is the access code of the archive mentioned in the text? Answer with the code only."
+KEY = "quiet-lantern"
+ASK = f"What is the special magic number for {KEY} mentioned in the provided text?"
+PREFIX = f"The special magic number for {KEY} mentioned in the provided text is"
 
 
 def document(path: Path, words: int, seed: int) -> tuple[str, str]:
+    """The essay's first `words` words with a RULER-style needle (the demo's: a 7-digit number for a word key) in
+    the middle; the number."""
     rng = random.Random(7_000_000 + seed)
-    code = f"{rng.choice('BCDFGHJKLMNPQRSTVWXZ')}{rng.choice('BCDFGHJKLMNPQRSTVWXZ')}-{rng.randint(1000, 9999)}"
+    code = str(rng.randrange(1_000_000, 10_000_000))
     text = path.read_text(encoding="utf-8").split()[:words]
-    fact = f"The access code of the archive is {code}."
+    fact = f"One of the special magic numbers for {KEY} is: {code}."
     half = len(text) // 2
     return " ".join(text[:half] + fact.split() + text[half:]), code
 
@@ -71,7 +75,8 @@ def run(args: argparse.Namespace) -> None:
         for name, (method_name, decode) in CONFIGS.items():
             first_key = f"{name} / asked first"
             if (path.name, first_key) not in done:  # the control: the code asked with no long answer before it
-                answer = Chat(model, tok, doc, method_of(method_name)).ask(ASK, max_new_tokens=16).text
+                chat = Chat(model, tok, doc, method_of(method_name))
+                answer = chat.ask(ASK, max_new_tokens=16, answer_prefix=PREFIX).text
                 with open_append(rows_path) as f:
                     f.write(json.dumps({"essay": path.name, "config": first_key, "code": code, "answer": answer,
                                         "code_found": code in answer}) + "\n")  # fmt: skip
@@ -83,7 +88,9 @@ def run(args: argparse.Namespace) -> None:
             first = chat.ask(
                 SUMMARY, max_new_tokens=args.new_tokens, decode_compression=dc if decode else None, ignore_stops=True
             )
-            second = chat.ask(ASK, max_new_tokens=16, decode_compression=dc if decode else None)
+            second = chat.ask(
+                ASK, max_new_tokens=16, decode_compression=dc if decode else None, answer_prefix=PREFIX
+            )
             steps = first.stats.get("kv_bytes_steps") or []
             row: dict[str, Any] = {
                 "essay": path.name,

@@ -68,17 +68,22 @@ class Chat:
         self.unfed: list[int] = []  # the last answer token(s) generated but not yet fed to the model
 
     # ------------------------------------------------------------------------------------------------ turns
-    def turn_ids(self, question: str) -> list[int]:
-        """The tokens to feed for `question` after everything fed so far."""
+    def turn_ids(self, question: str, answer_prefix: str = "") -> list[int]:
+        """The tokens to feed for `question` (and the text the answer starts with) after everything fed so far."""
         if not self.turns:
             ctx_ids, q_ids = build_prompt(
-                self.tokenizer, self.document, question, chat_template=self.use_chat, separator=self.separator
+                self.tokenizer,
+                self.document,
+                question,
+                chat_template=self.use_chat,
+                separator=self.separator,
+                answer_prefix=answer_prefix,
             )
             if ctx_ids != self.ctx_ids:  # the question changed how the document's last token is cut: never silent
                 raise DapqError("This question changes the tokens of the document's end: start it with a space.")
             return q_ids
         if not self.use_chat:
-            return list(self.tokenizer.encode(f"{self.separator}{question}", add_special_tokens=False))
+            return list(self.tokenizer.encode(f"{self.separator}{question}{answer_prefix}", add_special_tokens=False))
         messages: list[dict[str, str]] = []
         for k, (q, a) in enumerate(self.turns):
             content = f"{self.document}{self.separator}{q}" if k == 0 else q
@@ -88,7 +93,7 @@ class Chat:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         if text.count(_ANSWER_MARK) != 1:
             raise DapqError("This tokenizer's chat template drops earlier answers: multi-turn chat is not possible.")
-        return list(self.tokenizer.encode(text.split(_ANSWER_MARK)[1], add_special_tokens=False))
+        return list(self.tokenizer.encode(text.split(_ANSWER_MARK)[1] + answer_prefix, add_special_tokens=False))
 
     def ask(
         self,
@@ -99,14 +104,16 @@ class Chat:
         streamer: Any = None,
         decode_compression: DecodeCompression | None = None,
         ignore_stops: bool = False,
+        answer_prefix: str = "",
     ) -> GenerationOutput:
         """Answer `question`; the question and the answer stay in the cache for the next turn.
         `decode_compression` keeps the cache within the method's budget while answering (the conversation is then
-        evicted too); `ignore_stops` writes all `max_new_tokens` (for measuring long outputs)."""
+        evicted too); `ignore_stops` writes all `max_new_tokens` (for measuring long outputs); `answer_prefix` is
+        the text the answer starts with (fed after the assistant's header, as `generate` does)."""
         check_questions([question])
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise DapqError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
-        ids = self.unfed + self.turn_ids(question)
+        ids = self.unfed + self.turn_ids(question, answer_prefix)
         self.check_room(int(self.cc.next_pos[0]) + len(ids) + max_new_tokens)
         start = time.perf_counter()
         if decode_compression is not None:  # the turn's queries re-score the cache before decoding starts
