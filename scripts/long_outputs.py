@@ -88,9 +88,7 @@ def run(args: argparse.Namespace) -> None:
             first = chat.ask(
                 SUMMARY, max_new_tokens=args.new_tokens, decode_compression=dc if decode else None, ignore_stops=True
             )
-            second = chat.ask(
-                ASK, max_new_tokens=16, decode_compression=dc if decode else None, answer_prefix=PREFIX
-            )
+            second = chat.ask(ASK, max_new_tokens=16, decode_compression=dc if decode else None, answer_prefix=PREFIX)
             steps = first.stats.get("kv_bytes_steps") or []
             row: dict[str, Any] = {
                 "essay": path.name,
