@@ -129,3 +129,16 @@ def test_dapq_chat_in_a_real_terminal(bundled, tmp_path):
     assert "conversation: 0 tokens" in shown and "Traceback" not in shown
     conv = [int(line.split("conversation: ")[1].split()[0]) for line in lines if "conversation: " in line]
     assert conv[0] == 0 and conv[1] > 0 and conv[2] > conv[1], conv  # the conversation stays in the cache
+
+
+def test_answer_prefix_is_fed_after_the_question():
+    model = build_tiny("llama")
+    method = get_method("snapkv", budget=20, window=4)
+    chat = Chat(model, TOK, DOC, method)
+    got = chat.ask(QUESTIONS[0], max_new_tokens=6, answer_prefix=" it is")
+    want = answer_many(model, TOK, DOC, [QUESTIONS[0]], method, max_new_tokens=6, answer_prefix=" it is")[0]
+    assert got.token_ids == want.token_ids
+    before = int(chat.cc.next_pos[0])
+    chat.ask(QUESTIONS[1], max_new_tokens=3, answer_prefix=" so")
+    fed = int(chat.cc.next_pos[0]) - before  # the unfed token, "\n\n" + question + " so", and the answer's fed tokens
+    assert fed >= len(TOK.encode(f"\n\n{QUESTIONS[1]} so", add_special_tokens=False))
