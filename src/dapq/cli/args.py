@@ -289,3 +289,15 @@ def run_dir(args: argparse.Namespace, prefix: str, exclude: tuple[str, ...]) -> 
     skip = (*exclude, *UNHASHED_EVERYWHERE)
     config = {k: v for k, v in vars(args).items() if k not in skip}
     return Path("runs") / f"{prefix}-{config_hash(config)}"
+
+
+def method_from_args(args: argparse.Namespace) -> Any:
+    """The Method of --method, --param and --budget (`dapq generate`, `dapq chat`), checked before any model load."""
+    from ..methods import get_method
+
+    params = method_params(args.method, args.param)
+    if args.budget is not None:
+        if "budget" in params:
+            raise DapqError("--param budget=... and --budget both set the budget: pass only --budget.")
+        params["budget"] = parse_budget(args.budget)
+    return get_method(args.method, **params)

@@ -18,8 +18,7 @@ from .args import (
     check_model_options,
     check_positive,
     load_model_from_args,
-    method_params,
-    parse_budget,
+    method_from_args,
 )
 from .generate import PrintStreamer, add_sampling_options, sampling_of, stream_writer
 
@@ -64,14 +63,7 @@ def cmd_chat(args: argparse.Namespace, console: Any) -> int:
     document = read_context(args)
     check_positive(args.max_new_tokens, "--max-new-tokens")
     sampling = sampling_of(args)
-    params = method_params(args.method, args.param)
-    if args.budget is not None:
-        if "budget" in params:
-            raise DapqError("--param budget=... and --budget both set the budget: pass only --budget.")
-        params["budget"] = parse_budget(args.budget)
-    from ..methods import get_method
-
-    method = get_method(args.method, **params)
+    method = method_from_args(args)
     check_model_options(args)
     model, tok = load_model_from_args(args)
     from ..engine.chat import Chat

@@ -18,8 +18,7 @@ from .args import (
     check_model_options,
     check_positive,
     load_model_from_args,
-    method_params,
-    parse_budget,
+    method_from_args,
 )
 
 
@@ -165,7 +164,6 @@ def cmd_generate(args: argparse.Namespace, console: Any) -> int:
     import json
 
     from ..engine import generate
-    from ..methods import get_method
 
     # everything that can be checked is checked before the (slow) model load
     context = read_context(args)
@@ -176,12 +174,7 @@ def cmd_generate(args: argparse.Namespace, console: Any) -> int:
     decode_compression = decode_compression_of(args)
     if args.stream and args.json:
         raise DapqError("--stream prints text as it comes and --json prints one JSON object: pass only one.")
-    params = method_params(args.method, args.param)
-    if args.budget is not None:
-        if "budget" in params:
-            raise DapqError("--param budget=... and --budget both set the budget: pass only --budget.")
-        params["budget"] = parse_budget(args.budget)
-    method = get_method(args.method, **params)
+    method = method_from_args(args)
     check_model_options(args)
     model, tok = load_model_from_args(args)
     out = generate(
