@@ -4,11 +4,11 @@ For each of the first `--essays` evaluation essays: a document of `--words` word
 magic number for a word key, as in the demo) in its middle is compressed once (`dapq.Chat`, question-agnostic); the
 model writes a long summary of `--new-tokens` tokens (stop tokens ignored, so every configuration writes the same
 number of tokens), then is asked for the number; as a control, every configuration is also asked for it with no
-long answer before it. Configurations: FullKV; SnapKV at `--budget` compressing the prompt only; SnapKV, DapQ and
-the shipped learned queries at `--budget` also compressing during decoding (every `--interval` tokens, window
-`--window`). Rows are appended to <out>/rows.jsonl as each run ends (a rerun skips what is there); `--report`
-prints the table (ROUGE-L of each summary against FullKV's, the number found after the long answer, KV bytes) and
-writes <out>/kv_over_time.png.
+long answer before it. Configurations: FullKV; SnapKV and the shipped learned queries at `--budget` compressing
+the prompt only; SnapKV, DapQ and the learned queries at `--budget` also compressing during decoding (every
+`--interval` tokens, window `--window`). Rows are appended to <out>/rows.jsonl as each run ends (a rerun skips
+what is there); `--report` prints the table (ROUGE-L of each summary against FullKV's, the number found after the
+long answer, KV bytes) and writes <out>/kv_over_time.png.
 
     OMP_NUM_THREADS=1 python scripts/long_outputs.py --out runs/long-outputs
     python scripts/long_outputs.py --out runs/long-outputs --report
@@ -28,6 +28,7 @@ CONFIGS = {
     "snapkv prefill only": ("snapkv", False),
     "snapkv + decode": ("snapkv", True),
     "dapq + decode": ("dapq", True),
+    "learned prefill only": ("learned", False),
     "learned + decode": ("learned", True),
 }
 SUMMARY = "Write a long and detailed summary of the text above, paragraph by paragraph."
