@@ -101,7 +101,19 @@ def test_training_lowers_the_loss_and_resumes_to_the_same_result(tmp_path):
     again = torch.load(tmp_path / "b.pt", weights_only=True)
     assert torch.equal(again["embeddings"], data["embeddings"])
     with pytest.raises(DapqError, match="other settings"):
-        train_queries(model, TOK, TrainSettings(**{**SMALL, "epochs": 3}), tmp_path / "b.pt", log=lambda s: None)
+        train_queries(model, TOK, TrainSettings(**{**SMALL, "lr": 0.02}), tmp_path / "b.pt", log=lambda s: None)
+    # other --epochs resume: more goes on as an uninterrupted run would, fewer writes the best of the first ones
+    longer = TrainSettings(**{**SMALL, "lr": 0.05, "epochs": 3})
+    extended = train_queries(model, TOK, longer, tmp_path / "b.pt", log=lambda s: None)
+    assert [r["epoch"] for r in extended.history] == [1, 2, 3]
+    train_queries(model, TOK, longer, tmp_path / "c.pt", log=lambda s: None)
+    ext, whole = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in "bc")
+    assert torch.equal(ext["embeddings"], whole["embeddings"])
+    shorter = train_queries(model, TOK, TrainSettings(**{**SMALL, "lr": 0.05, "epochs": 1}), tmp_path / "b.pt",
+                            log=lambda s: None)  # fmt: skip
+    first = torch.load(tmp_path / "b.pt.ckpt", weights_only=True)["history"][0]["embeddings"]
+    assert [r["epoch"] for r in shorter.history] == [1]
+    assert torch.equal(torch.load(tmp_path / "b.pt", weights_only=True)["embeddings"], first)
 
     method = get_method("learned", budget=16, queries=str(tmp_path / "a.pt"))
     cc = compress(model, TOK, [random_prompt(60, 1)], method)

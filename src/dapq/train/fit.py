@@ -176,6 +176,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
+def same_but_epochs(recorded: Any, wanted: dict[str, Any]) -> bool:
+    """A checkpoint resumes under other `--epochs` (more: training goes on with the same shuffles as an
+    uninterrupted run; fewer: the best of the first epochs is written), never under other settings."""
+    if not isinstance(recorded, dict):
+        return False
+    return {k: v for k, v in recorded.items() if k != "epochs"} == {k: v for k, v in wanted.items() if k != "epochs"}
+
+
 def check_finite_epoch(row: dict[str, Any], emb: torch.Tensor) -> None:
     """Training that diverged (a NaN or infinite loss or embedding) stops with a one-line error, never a "best
     epoch" of garbage."""
@@ -410,13 +418,14 @@ def _train_locked(
     ckpt = None
     if ckpt_path.exists() and not restart:
         ckpt = load_checkpoint(ckpt_path)
-        if ckpt.get("settings") != settings.as_dict() or ckpt.get("model") != model_name:
+        if not same_but_epochs(ckpt.get("settings"), settings.as_dict()) or ckpt.get("model") != model_name:
             raise DapqError(
                 f"{ckpt_path} was written with other settings or another model: pass --restart to start over, or "
                 "another --out."
             )
-        if ckpt["epoch"] >= settings.epochs:
+        if ckpt["epoch"] >= settings.epochs:  # --epochs lower than the checkpoint's: the best of the first ones
             log(f"{ckpt_path}: all {settings.epochs} epochs are done; writing {out}.")
+            ckpt["history"] = ckpt["history"][: settings.epochs]
     stops = stop_token_ids(tokenizer)
     if settings.recipe == "generic":
         store = TargetStore(outputs.targets, settings, model_name, config_fingerprint(model.config))
