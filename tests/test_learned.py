@@ -141,3 +141,25 @@ def test_the_shipped_queries_name_the_bundled_model():
     data = load_queries(SHIPPED)
     assert data["model"] == "smollm2-135m-instruct" and len(data["model_fingerprint"]) == 16
     assert data["model_config"] == "llama, hidden 576, 30 layers, vocabulary 49152"
+
+
+def test_shipped_queries_by_model_name_and_the_hint_for_a_model_that_has_them():
+    """queries=<shipped model name> selects the file shipped for that model; the bundled default refused on a
+    model dapq ships queries for names them in the one-line error."""
+    from types import SimpleNamespace
+
+    from dapq.methods.learned import SHIPPED_DIR, LearnedQueries, shipped_for, shipped_names
+
+    assert {"smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"} <= set(shipped_names())
+    qwen = LearnedQueries(budget=64, queries="qwen2.5-coder-0.5b-instruct")
+    assert qwen.path == SHIPPED_DIR / "qwen2.5-coder-0.5b-instruct.pt" and qwen.n_pseudo == 32
+    # Qwen2.5-Coder-0.5B-Instruct's architecture fields, as its converted config has them
+    config = SimpleNamespace(
+        model_type="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+        head_dim=None, intermediate_size=4864, vocab_size=151936, rope_theta=None,
+        rope_parameters={"rope_theta": 1000000.0, "rope_type": "default"}, max_position_embeddings=32768,
+    )  # fmt: skip
+    assert shipped_for(config) == "qwen2.5-coder-0.5b-instruct"
+    assert qwen.suffix_embeddings(config).shape == (32, 896)
+    with pytest.raises(DapqError, match="pass queries=qwen2.5-coder-0.5b-instruct"):
+        LearnedQueries(budget=64).suffix_embeddings(config)

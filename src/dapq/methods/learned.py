@@ -73,7 +73,25 @@ def describe_config(config: Any) -> str:
     )
 
 
-SHIPPED = Path(__file__).parent / "learned_queries" / "smollm2-135m-instruct.pt"
+SHIPPED_DIR = Path(__file__).parent / "learned_queries"
+SHIPPED = SHIPPED_DIR / "smollm2-135m-instruct.pt"
+
+
+def shipped_names() -> list[str]:
+    """The models dapq ships learned queries for (`queries=<name>` selects one)."""
+    return sorted(f.stem for f in SHIPPED_DIR.glob("*.pt"))
+
+
+def shipped_for(model_config: Any) -> str | None:
+    """The name of the shipped queries trained for this model's architecture, if any."""
+    fingerprint = config_fingerprint(model_config)
+    for name in shipped_names():
+        try:
+            if load_queries(SHIPPED_DIR / f"{name}.pt").get("model_fingerprint") == fingerprint:
+                return name
+        except DapqError:
+            continue
+    return None
 
 
 def load_queries(path: str | Path) -> dict[str, Any]:
@@ -120,11 +138,12 @@ def save_queries(path: str | Path, embeddings: torch.Tensor, **meta: Any) -> Pat
 @dataclass
 class LearnedQueries(ScorerMethod, EmbeddedSuffix):
     """Learned pseudo queries. Fields: `queries` (a file from `dapq train-queries`; None: the shipped queries of
-    the bundled model), `include_pseudo_keys` (True: the softmax includes the learned queries' own keys, as the
-    prefill computes it and as they were trained), `keep_recent` (0), `pooling`/`kernel` (max, 7), plus budget,
-    layout, gqa, and `allow_other_model` (False: a file trained for another model is an error; True: used with a
-    warning). N is the file's number of embeddings. `queries_sha256` (set from the file, not a parameter): the
-    file's content hash, part of the fields every results row and resume key carry, so retraining into the same
+        the bundled model; a shipped model name such as "qwen2.5-coder-0.5b-instruct": the queries shipped for it),
+        `include_pseudo_keys` (True: the softmax includes the learned queries' own keys, as the prefill computes it and
+        as they were trained), `keep_recent` (0), `pooling`/`kernel` (max, 7), plus budget, layout, gqa, and
+        `allow_other_model` (False: a file trained for another model is an error; True: used with a warning). N is the
+        file's number of embeddings. `queries_sha256` (set from the file, not a parameter): the file's content hash,
+        part of the fields every results row and resume key carry, so retraining into the same
     path never mixes rows of two files under one method key."""
 
     queries: str | None = None
@@ -157,7 +176,12 @@ class LearnedQueries(ScorerMethod, EmbeddedSuffix):
 
     @property
     def path(self) -> Path:
-        return SHIPPED if self.queries is None else Path(self.queries)
+        """None: the bundled model's shipped file; a shipped model name (`shipped_names()`): its file; else a path."""
+        if self.queries is None:
+            return SHIPPED
+        if self.queries in shipped_names() and not Path(self.queries).exists():
+            return SHIPPED_DIR / f"{self.queries}.pt"
+        return Path(self.queries)
 
     def data(self) -> dict[str, Any]:
         if self._data is None:
@@ -183,9 +207,15 @@ class LearnedQueries(ScorerMethod, EmbeddedSuffix):
                 f"{describe_config(model_config)}"
             )
             if not self.allow_other_model:
+                ships = shipped_for(model_config)
+                hint = (
+                    f"dapq ships queries for it: pass queries={ships} (--param learned.queries={ships})"
+                    if ships
+                    else "train queries for it with `dapq train-queries --model ...`"
+                )
                 raise DapqError(
-                    f"{what}: train queries for it with `dapq train-queries --model ...`, or pass "
-                    "allow_other_model=True (--param learned.allow_other_model=true) to use them anyway."
+                    f"{what}: {hint}, or pass allow_other_model=True (--param learned.allow_other_model=true) to "
+                    "use them anyway."
                 )
             if not self._warned:
                 warnings.warn(f"{what}: used anyway (allow_other_model=True).", stacklevel=2)
