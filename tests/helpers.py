@@ -203,6 +203,16 @@ def plain_greedy(model: Any, prompt: list[int], steps: int) -> tuple[list[int], 
     return tokens, logits
 
 
+def until_stop(tokens: list[int], stops: Any) -> list[int]:
+    """The tokens before the first stop token (what dapq's decoders return)."""
+    out = []
+    for t in tokens:
+        if t in stops:
+            break
+        out.append(t)
+    return out
+
+
 def cache_from_tensors(dapq_cache: Any) -> DynamicCache:
     """A plain transformers DynamicCache holding copies of a dapq cache's keys/values (kv_head layout)."""
     cache = DynamicCache()

@@ -18,7 +18,7 @@ import pytest
 from dapq import Chat, FullKV, answer_many, get_method
 from dapq.errors import DapqError
 from dapq.prompts import build_prompt, stop_token_ids
-from helpers import METHOD_PARAMS, TinyTokenizer, build_tiny, plain_greedy
+from helpers import METHOD_PARAMS, TinyTokenizer, build_tiny, plain_greedy, until_stop
 
 TOK = TinyTokenizer()
 DOC = "the quick brown fox jumps over the lazy dog, then the dog sleeps in the sun all afternoon. " * 2
@@ -36,11 +36,7 @@ def test_fullkv_conversation_equals_plain_greedy_over_the_whole_conversation():
             fed += TOK.encode(f"\n\n{question}", add_special_tokens=False)
         out = chat.ask(question, max_new_tokens=5)
         ref, _ = plain_greedy(model, fed, 5)
-        want = []
-        for t in ref:
-            if t in stops:
-                break
-            want.append(t)
+        want = until_stop(ref, stops)
         assert out.token_ids[0] == want, f"turn {k}"
         fed += want  # every answer token is in the conversation (the last one is fed with the next turn)
     assert chat.stats()["conversation_tokens"] == len(fed) - len(ctx) - 1  # the last answer token is not fed yet

@@ -14,7 +14,7 @@ import torch
 from dapq import FullKV, compressing, generate, get_method, list_methods
 from dapq.errors import DapqError
 from dapq.prompts import build_prompt, stop_token_ids
-from helpers import METHOD_PARAMS, TINY, TinyTokenizer, build_tiny, random_prompt
+from helpers import METHOD_PARAMS, TINY, TinyTokenizer, build_tiny, random_prompt, until_stop
 
 TOK = TinyTokenizer()
 STOPS = sorted(stop_token_ids(TOK))
@@ -22,12 +22,7 @@ METHODS = sorted(list_methods())
 
 
 def cut(tokens: list[int], stops: set[int] | list[int]) -> list[int]:
-    out = []
-    for t in tokens:
-        if t in stops:
-            break
-        out.append(t)
-    return out
+    return until_stop(tokens, stops)
 
 
 def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

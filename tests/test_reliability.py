@@ -14,7 +14,7 @@ from dapq.methods.base import parse_param
 from dapq.methods.laq import LAQ
 from dapq.methods.streaming_llm import StreamingLLM
 from dapq.prompts import build_prompt, split_encode
-from helpers import TinyTokenizer, build_tiny, random_prompt
+from helpers import TinyTokenizer, build_tiny, random_prompt, until_stop
 
 TOK = TinyTokenizer()
 
@@ -154,11 +154,7 @@ def test_fullkv_equals_model_generate_on_the_chat_templates_own_ids(bundled):
         ref = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids) :].tolist()
     out = generate(model, tok, context, question, FullKV(), max_new_tokens=16)
     stops = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
-    ref_cut = []
-    for t in ref:
-        if t in stops:
-            break
-        ref_cut.append(t)
+    ref_cut = until_stop(ref, stops)
     assert out.token_ids[0] == ref_cut, f"{tok.decode(out.token_ids[0])!r} != {tok.decode(ref_cut)!r}"
     assert get_method("full").compresses is False
 
