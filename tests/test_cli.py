@@ -81,8 +81,9 @@ def test_lazy_public_api():
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         dapq.nope  # noqa: B018
     from dapq.engine import MODES as ENGINE_MODES
+    from dapq.prompts import MODES as ONE
 
-    assert MODES == ENGINE_MODES, "cli.args.MODES must stay equal to dapq.engine.MODES"
+    assert MODES is ENGINE_MODES is ONE, "one MODES (dapq.prompts), shared by the engine and the CLI"
 
 
 def test_lazy_module_imports_on_first_use():

@@ -29,6 +29,7 @@ from typing import Any, Protocol, TypeVar
 from .errors import DapqError
 
 __all__ = [
+    "MODES",
     "PromptSample",
     "build_prompt",
     "chat_template_parts",
@@ -41,6 +42,10 @@ __all__ = [
     "stop_token_ids",
     "tokenizer_cache",
 ]
+
+#: how a prompt is compressed: the whole of it (query_aware, as the DapQ paper) or its context only, the question
+#: appended after the compressed context (question_agnostic); the one definition the engine and the CLI share
+MODES = ("query_aware", "question_agnostic")
 
 _QUESTION_MARK = "\x00DAPQ-QUESTION\x00"
 _CHAT_STOPS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")

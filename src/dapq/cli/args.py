@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ..errors import DapqError
+from ..prompts import MODES  # noqa: F401  (the command modules take it from here)
 
-#: = dapq.engine.MODES (kept here so that `--help` does not import the engine; a test checks they agree)
-MODES = ("query_aware", "question_agnostic")
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 
 

@@ -23,13 +23,11 @@ from ..hf.cache import restore, snapshot
 from ..methods.base import Method, get_method
 from ..methods.full import FullKV
 from ..methods.protocols import pseudo_length
-from ..prompts import build_prompt, stop_token_ids
+from ..prompts import MODES, build_prompt, stop_token_ids
 from .decode import Sampling, append, greedy_decode
 from .decode_time import DecodeCompression
 from .model_info import model_device, model_info, sync_device
 from .prefill import compress
-
-MODES = ("query_aware", "question_agnostic")
 
 
 @dataclass
