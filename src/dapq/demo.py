@@ -52,7 +52,7 @@ def run_demo(
     console = console or Console()
     start = time.perf_counter()
     built = [get_method(name, budget=budget) for name in methods]  # validated before the model load
-    labels = [name if name == "full" else f"{name} B={budget}" for name in methods]
+    labels = [f"{m.name} B={budget}" if m.evicts else m.name for m in built]
     console.print(f"Loading {model_name or 'the bundled SmolLM2-135M-Instruct'} ...")
     model, tok = load_model(model_name)
     rows: dict[str, list[str]] = {label: [] for label in labels}

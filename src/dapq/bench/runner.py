@@ -31,7 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..checks import clean_label, finite
 from ..engine import append, derive_many, greedy_decode, merge, record, suffix_key
 from ..errors import DapqError
-from ..methods.base import Method, get_method
+from ..methods.base import Method, get_method, method_class
 from ..methods.protocols import pseudo_length
 from ..prompts import stop_token_ids
 from ..safefile import FileLock, ensure_dir, open_append, truncate, write_json
@@ -61,7 +61,7 @@ class MethodSpec:
 
     @property
     def uses_budget(self) -> bool:
-        return self.name != "full"
+        return method_class(self.name).evicts
 
 
 @dataclass

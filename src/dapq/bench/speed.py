@@ -39,7 +39,7 @@ import torch
 from ..engine import compress, greedy_decode, merge, sync_device
 from ..errors import DapqError
 from ..hf.cache import kv_bytes, reserve
-from ..methods.base import Method, get_method
+from ..methods.base import Method, get_method, method_class
 from ..methods.protocols import extra_positions
 
 GiB = 2**30
@@ -119,7 +119,7 @@ def bench_prompt(tokenizer: Any, length: int, seed: int = 0) -> list[int]:
 
 def build_method(name: str, budget: int | float) -> Method:
     """The method `name` at `budget` (FullKV takes none)."""
-    return get_method(name) if name == "full" else get_method(name, budget=budget)
+    return get_method(name, budget=budget) if method_class(name).evicts else get_method(name)
 
 
 def _check_fits(model: Any, length: int, extra: int) -> None:

@@ -52,11 +52,16 @@ def list_methods() -> dict[str, type[Method]]:
     return dict(sorted(_REGISTRY.items()))
 
 
-def get_method(name: str, **params: Any) -> Method:
-    """Instantiate a registered method by name; unknown names and parameters give errors that list valid ones."""
+def method_class(name: str) -> type[Method]:
+    """The registered class of `name`; an unknown name gives an error that lists the valid ones."""
     if name not in _REGISTRY:
         raise DapqError(f"Unknown method {name!r}. Valid methods: {', '.join(sorted(_REGISTRY))}.")
-    cls = _REGISTRY[name]
+    return _REGISTRY[name]
+
+
+def get_method(name: str, **params: Any) -> Method:
+    """Instantiate a registered method by name; unknown names and parameters give errors that list valid ones."""
+    cls = method_class(name)
     valid = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(params) - valid)
     if unknown:
@@ -76,6 +81,9 @@ class Method:
     """
 
     name: ClassVar[str] = "base"
+    #: False for a method that never evicts and takes no budget (FullKV): sweeps, benches and the demo read this,
+    #: never the method's name
+    evicts: ClassVar[bool] = True
     budget: int | float | None = None
     layout: str = "kv_head"
     gqa: str = "mean"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..lazy import torch
 from .base import LayerInputs, Method, register
@@ -12,6 +13,8 @@ from .base import LayerInputs, Method, register
 @dataclass
 class FullKV(Method):
     """Keep every prompt token. `budget` is accepted (so sweeps can pass one) and ignored."""
+
+    evicts: ClassVar[bool] = False
 
     @property
     def compresses(self) -> bool:
