@@ -220,6 +220,7 @@ def no_model(monkeypatch):
         (["generate", "-q", "x", "--context", "y", "--sample", "--temperature", "nan"], "temperature must be"),
         (["generate", "-q", "x", "--context", "y", "--stream", "--json"], "pass only one"),
         (["chat", "--context-file", "missing.txt"], "does not exist"),
+        (["chat", "--context-file", "missing.txt", "--decode-interval", "8"], "does not exist"),
         (["generate", "-q", "x", "--context", "y", "--decode-window", "4"], "pass both"),
         (["generate", "-q", "x", "--context", "y", "--decode-interval", "0"], "interval must be an integer >= 1"),
         (["demo", "--methods", ","], "--methods is empty"),

@@ -2,6 +2,7 @@
 
 dapq chat --context-file report.txt --method snapkv --budget 128
 dapq chat --context-file report.txt --method dapq --budget 64 --sample --temperature 0.7 --seed 1
+dapq chat --context-file report.txt --method snapkv --budget 256 --decode-interval 64   # holds while answering
 
 The conversation so far stays in the cache (only the document is compressed); after each answer one line shows the
 KV kept and the memory saved against an uncompressed cache. Type /quit (or Ctrl-D) to leave, /stats for the cache.
@@ -20,7 +21,14 @@ from .args import (
     load_model_from_args,
     method_from_args,
 )
-from .generate import PrintStreamer, add_sampling_options, sampling_of, stream_writer
+from .generate import (
+    PrintStreamer,
+    add_decode_options,
+    add_sampling_options,
+    decode_compression_of,
+    sampling_of,
+    stream_writer,
+)
 
 PROMPT = "you> "
 QUIT = ("/quit", "/exit", "/q")
@@ -42,6 +50,7 @@ def add_parser(sub: Any) -> None:
         "--no-chat-template", action="store_true", help="plain prompts even if the tokenizer has a template"
     )
     add_sampling_options(chat, stream=False)
+    add_decode_options(chat)
     add_model_options(chat)
     chat.set_defaults(func=cmd_chat)
 
@@ -63,6 +72,7 @@ def cmd_chat(args: argparse.Namespace, console: Any) -> int:
     document = read_context(args)
     check_positive(args.max_new_tokens, "--max-new-tokens")
     sampling = sampling_of(args)
+    decode_compression = decode_compression_of(args)
     method = method_from_args(args)
     check_model_options(args)
     model, tok = load_model_from_args(args)
@@ -93,6 +103,7 @@ def cmd_chat(args: argparse.Namespace, console: Any) -> int:
                 max_new_tokens=args.max_new_tokens,
                 sampling=sampling,
                 streamer=PrintStreamer(tok, stream_writer()),
+                decode_compression=decode_compression,
             )
         except DapqError as exc:  # a full context: say so and stay in the chat
             console.print(f"error: {exc}", markup=False, highlight=False)

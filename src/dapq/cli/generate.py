@@ -57,16 +57,7 @@ def add_parser(sub: Any) -> None:
         "--no-chat-template", action="store_true", help="plain prompt even if the tokenizer has a template"
     )
     add_sampling_options(gen)
-    dt = gen.add_argument_group("compression during decoding (default: only the prompt is compressed)")
-    dt.add_argument(
-        "--decode-interval",
-        type=int,
-        default=None,
-        help="evict back to the budget every N generated tokens (scoring methods: snapkv, dapq, learned, ...)",
-    )
-    dt.add_argument(
-        "--decode-window", type=int, default=None, help="recent tokens whose queries score the cache (default 16)"
-    )
+    add_decode_options(gen)
     add_model_options(gen)
     gen.add_argument("--json", action="store_true", help="print text and stats as JSON")
     gen.set_defaults(func=cmd_generate)
@@ -100,6 +91,20 @@ def sampling_of(args: argparse.Namespace) -> Any:
         top_k=0 if args.top_k is None else args.top_k,
         top_p=1.0 if args.top_p is None else args.top_p,
         seed=args.seed,
+    )
+
+
+def add_decode_options(parser: Any) -> None:
+    """--decode-interval and --decode-window (shared with `dapq chat`)."""
+    dt = parser.add_argument_group("compression during decoding (default: only the prompt is compressed)")
+    dt.add_argument(
+        "--decode-interval",
+        type=int,
+        default=None,
+        help="evict back to the budget every N generated tokens (scoring methods: snapkv, dapq, learned, ...)",
+    )
+    dt.add_argument(
+        "--decode-window", type=int, default=None, help="recent tokens whose queries score the cache (default 16)"
     )
 
 
