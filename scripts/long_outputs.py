@@ -48,6 +48,14 @@ def document(path: Path, words: int, seed: int) -> tuple[str, str]:
     return " ".join(text[:half] + fact.split() + text[half:]), code
 
 
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of <out>/rows.jsonl (or the committed .jsonl.gz), through dapq's row reader: a torn last line is cut
+    off, a foreign line is a one-line error."""
+    from dapq.bench.runner import check_fields, load_rows
+
+    return load_rows(path, check=lambda row, where: check_fields(row, where, {"essay": str, "config": str}))
+
+
 def run(args: argparse.Namespace) -> None:
     import torch
 
@@ -58,12 +66,7 @@ def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     out = ensure_dir(args.out)
     rows_path = out / "rows.jsonl"
-    done = set()
-    if rows_path.is_file():
-        for line in rows_path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                done.add((row["essay"], row["config"]))
+    done = {(row["essay"], row["config"]) for row in read_rows(rows_path)}  # a torn last line is cut, not fatal
     model, tok = load_model()
     essays = evaluation_files()[: args.essays]
     dc = DecodeCompression(interval=args.interval, window=args.window)
@@ -117,8 +120,6 @@ def run(args: argparse.Namespace) -> None:
 
 
 def report(args: argparse.Namespace) -> None:
-    import gzip
-
     from rouge_score import rouge_scorer
 
     from dapq.safefile import save_figure
@@ -126,15 +127,14 @@ def report(args: argparse.Namespace) -> None:
     path = Path(args.out) / "rows.jsonl"
     if not path.is_file():
         path = path.with_suffix(".jsonl.gz")
-    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text(encoding="utf-8")
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    first = {r["config"][: -len(" / asked first")]: r for r in rows if r["config"].endswith(" / asked first")}
+    rows = read_rows(path)
+    if not rows:
+        raise SystemExit(f"No rows in {path}: run the measurement first (without --report).")
     found_first = {
         name: sum(r["code_found"] for r in rows if r["config"] == f"{name} / asked first") for name in CONFIGS
     }
     asked_first = {name: sum(r["config"] == f"{name} / asked first" for r in rows) for name in CONFIGS}
     rows = [r for r in rows if not r["config"].endswith(" / asked first")]
-    del first
     full = {r["essay"]: r["summary"] for r in rows if r["config"] == "full"}
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     mib = 2**20
