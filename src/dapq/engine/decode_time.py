@@ -13,7 +13,6 @@ uncompressed one. Sliding-window layers are left alone, as at prefill.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -71,10 +70,7 @@ class DecodeEvictor:
     def __init__(self, state: EngineState, dc: DecodeCompression):
         check_decode_method(state, dc)
         self.state, self.dc = state, dc
-        budget = state.method.budget
-        self.row_budgets = [
-            math.ceil(budget * n) if isinstance(budget, float) else int(budget) for n in state.length_list
-        ]
+        self.row_budgets = [state.method.budget_tokens(n) for n in state.length_list]
         self.since = 0  # tokens fed since the last eviction
         self.evictions = 0
         self.max_entries = 0  # the most entries any head held (checked against budget + interval)

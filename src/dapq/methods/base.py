@@ -122,8 +122,13 @@ class Method:
         """Tokens kept per head for a prompt of `prompt_len` real tokens (never more than the prompt)."""
         if self.budget is None:
             return prompt_len
-        b = math.ceil(self.budget * prompt_len) if isinstance(self.budget, float) else self.budget
-        return max(1, min(b, prompt_len))
+        return max(1, min(self.budget_tokens(prompt_len), prompt_len))
+
+    def budget_tokens(self, prompt_len: int) -> int:
+        """The budget in tokens per head, a ratio taken of `prompt_len`, not capped at the prompt (decoding-time
+        eviction keeps it while the cache grows past the prompt). Needs a budget."""
+        assert self.budget is not None
+        return math.ceil(self.budget * prompt_len) if isinstance(self.budget, float) else int(self.budget)
 
     # --- selection -----------------------------------------------------------------------------------------
     def select(self, inp: LayerInputs, budgets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
