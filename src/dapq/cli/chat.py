@@ -65,11 +65,9 @@ def describe(stats: dict[str, Any]) -> str:
 
 
 def cmd_chat(args: argparse.Namespace, console: Any) -> int:
-    from .generate import read_context
+    from .generate import read_context_file
 
-    args.context = None
-    args.mode = "question_agnostic"
-    document = read_context(args)
+    document = read_context_file(args.context_file)
     check_positive(args.max_new_tokens, "--max-new-tokens")
     sampling = sampling_of(args)
     decode_compression = decode_compression_of(args)

@@ -150,7 +150,12 @@ def read_context(args: argparse.Namespace) -> str:
         if args.mode == "question_agnostic" and not context.strip():
             raise DapqError("question_agnostic mode compresses the context: pass --context or --context-file.")
         return context
-    path = Path(args.context_file)
+    return read_context_file(args.context_file)
+
+
+def read_context_file(name: str) -> str:
+    """The text of --context-file: an existing, UTF-8, non-empty text file (`dapq generate`, `dapq chat`)."""
+    path = Path(name)
     if not path.is_file():
         raise DapqError(f"--context-file {path} does not exist.")
     data = path.read_bytes()
