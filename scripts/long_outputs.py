@@ -51,7 +51,7 @@ def document(path: Path, words: int, seed: int) -> tuple[str, str]:
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """The rows of <out>/rows.jsonl (or the committed .jsonl.gz), through dapq's row reader: a torn last line is cut
     off, a foreign line is a one-line error."""
-    from dapq.bench.runner import check_fields, load_rows
+    from dapq.runs import check_fields, load_rows
 
     return load_rows(path, check=lambda row, where: check_fields(row, where, {"essay": str, "config": str}))
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from estimator_tables import rows  # the same folder: one reader of result rows for every script
 
-from dapq.bench.runner import row_key  # a row's identity, as `dapq merge` and a resumed run use it
+from dapq.harness.runner import row_key  # a row's identity, as `dapq merge` and a resumed run use it
 
 Key = tuple[str, Any]  # (method, budget)
 

@@ -4,7 +4,7 @@
         --group needle-shaped=niah_multikey_1,niah_multiquery,niah_multivalue,niah_single_2
 
 Prints, per group (the named tasks, then every other task as "the rest") and per budget, the AVG difference with its
-95% task-stratified paired-bootstrap interval (`dapq.bench.paired`, as `dapq report --paired`), as markdown. The
+95% task-stratified paired-bootstrap interval (`dapq.report.paired`, as `dapq report --paired`), as markdown. The
 needle-shaped group above is the RULER tasks whose shape the needle recipe's training prompts copy (one locker
 number; four keys, one asked; a list of values for one person). Nothing is computed that the rows do not hold.
 """
@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dapq.bench.paired import PAIRED_HEADERS, paired, paired_cells
-from dapq.bench.report import load_all, task_label
 from dapq.errors import DapqError
+from dapq.report.paired import PAIRED_HEADERS, paired, paired_cells
+from dapq.report.tables import load_all, task_label
 
 
 def main() -> int:

@@ -4,7 +4,7 @@
     PYTHONPATH=/path/to/old/src python scripts/time_sweep.py ... --save before.json      # another version's code
     python scripts/time_sweep.py ... --decode-batch 16 --batch-lookahead 0 --compare after.json
 
-Each sample runs `dapq.bench.runner.run` alone (one prefill, every method x budget selected from it, decoded in
+Each sample runs `dapq.harness.runner.run` alone (one prefill, every method x budget selected from it, decoded in
 batches) into a temporary folder; the script prints the wall and CPU seconds per sample and, with --save/--compare,
 writes or compares every row's prediction and score. Works with dapq 0.1.0 and later (the runner's API).
 """
@@ -42,21 +42,21 @@ def main() -> int:
     from rich.console import Console
 
     import dapq
-    from dapq import load_model
-    from dapq.bench import runner
-    from dapq.bench.ruler import ruler_samples
+    from dapq import load_model, runs
+    from dapq.harness import runner
+    from dapq.tasks.ruler import ruler_samples
 
     model, tok = load_model()
     samples = [s for t in args.tasks.split(",") for s in ruler_samples(tok, t.strip(), args.length, 1, seed=args.seed)]
     methods = [runner.MethodSpec(m.strip()) for m in args.methods.split(",")]
     budgets = [int(b) for b in args.budgets.split(",")]
-    fields = {f.name for f in dataclasses.fields(runner.RunConfig)}
+    fields = {f.name for f in dataclasses.fields(runs.RunConfig)}
     kwargs = {}
     if args.decode_batch is not None:
         kwargs["decode_batch"] = args.decode_batch
     if args.batch_lookahead is not None and "batch_lookahead" in fields:
         kwargs["batch_lookahead"] = bool(args.batch_lookahead)
-    config = runner.RunConfig(model="bundled", **kwargs)
+    config = runs.RunConfig(model="bundled", **kwargs)
     rows: dict[str, dict] = {}
     times = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,7 +66,7 @@ def main() -> int:
             path = runner.run(model, tok, [sample], methods, budgets, out, config=config, console=Console(quiet=True))
             wall, cpu = time.perf_counter() - start, time.process_time() - cpu
             times.append(wall)
-            for r in runner.load_rows(path):
+            for r in runs.load_rows(path):
                 rows[f"{r['sample_id']}|{r['method_key']}|{r['budget']}"] = {
                     "prediction": r["prediction"],
                     "score": r["score"],

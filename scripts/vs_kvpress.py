@@ -17,7 +17,7 @@
    (kvpress keeps int(L (1 - r)), or round(...) in PyramidKV's fallback; both give B).
 4. Our side: one prefill per sample (`dapq.engine.record`), every method x budget selected from it (`derive`),
    decoded one cache at a time (`dapq.engine.greedy_decode`) and, separately, in merged batches as
-   `dapq.bench.runner.run` does (`merge` + `decode_batches`); settings aligned with kvpress: window 32, kernel 7,
+   `dapq.harness.runner.run` does (`merge` + `decode_batches`); settings aligned with kvpress: window 32, kernel 7,
    AVG pooling (kvpress's SnapKV uses avg_pool1d; ours defaults to max), GQA mean over the group, one kept set per KV
    head, original positions kept (no re-rotation), 4 sinks; Expected Attention with kvpress's defaults on both sides
    (512 future positions, 4 sinks, covariance, value norms, epsilon 0, no pooling). Our default max pooling is also
@@ -109,8 +109,8 @@ def kept_sets(cc: Any) -> list[torch.Tensor]:
 def run_ours(
     model: Any, tok: Any, samples: list[dict], budgets: list[int], max_new: int, selected: tuple[str, ...] = METHODS
 ) -> list[dict]:
-    from dapq.bench.runner import decode_batches
     from dapq.engine import compress, derive, greedy_decode, merge, record
+    from dapq.harness.runner import decode_batches
     from dapq.methods.full import FullKV
     from dapq.prompts import stop_token_ids
 

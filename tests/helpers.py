@@ -122,7 +122,7 @@ def build_tiny(name: str) -> Any:
 def toy_samples(n: int, chars: int = 60, max_new_tokens: int = 4, long_one: int | None = None) -> list[Any]:
     """n harness samples of `chars` letters each (one id per sample: s0, s1, ...) for the tiny models; sample
     `long_one` gets 600 letters, more than the tiny models' 512 positions (an error in any worker)."""
-    from dapq.bench.base import Sample
+    from dapq.tasks.sample import Sample
 
     out = []
     for i in range(n):

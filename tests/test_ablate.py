@@ -18,11 +18,11 @@ from rich.console import Console
 
 import dapq.models
 from dapq.analysis import ablate
-from dapq.bench.base import Sample
-from dapq.bench.runner import RESULTS, load_rows
 from dapq.cli import ablate as ablate_cli
 from dapq.cli.args import parse_budgets
 from dapq.errors import DapqError
+from dapq.runs import RESULTS, load_rows
+from dapq.tasks.sample import Sample
 from helpers import TinyTokenizer, build_tiny, toy_samples
 
 TOK = TinyTokenizer()

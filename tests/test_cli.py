@@ -17,7 +17,7 @@ import pytest
 
 import dapq
 import dapq.models
-from dapq.bench import tasks
+from dapq import tasks
 from dapq.cli import bench as bench_cli
 from dapq.cli import build_parser, main
 from dapq.cli.args import (
@@ -37,7 +37,7 @@ from dapq.errors import DapqError
 from helpers import TinyTokenizer
 
 SRC = Path(dapq.__file__).resolve().parents[1]
-HEAVY = ("torch", "transformers", "matplotlib", "rich.progress", "dapq.bench.runner", "dapq.engine", "dapq.hf")
+HEAVY = ("torch", "transformers", "matplotlib", "rich.progress", "dapq.harness.runner", "dapq.engine", "dapq.hf")
 
 
 def _in_fresh_python(code: str) -> str:
@@ -248,10 +248,10 @@ def test_unknown_task_lists_the_valid_ones():
 
 
 def test_registry_names_metrics_and_selections():
-    from dapq.bench.helmet import HELMET_METRICS, HELMET_SUBSETS
-    from dapq.bench.longbench import LONGBENCH_METRICS, LONGBENCH_SUBSETS
-    from dapq.bench.ruler import ALL_TASKS, RULER_TASKS
-    from dapq.bench.unseen import UNSEEN_KINDS
+    from dapq.tasks.helmet import HELMET_METRICS, HELMET_SUBSETS
+    from dapq.tasks.longbench import LONGBENCH_METRICS, LONGBENCH_SUBSETS
+    from dapq.tasks.ruler import ALL_TASKS, RULER_TASKS
+    from dapq.tasks.unseen import UNSEEN_KINDS
 
     names = tasks.task_names()
     assert len(names) == 1 + len(ALL_TASKS) + len(UNSEEN_KINDS) + len(LONGBENCH_SUBSETS) + 1 + len(HELMET_SUBSETS) + 1
@@ -331,8 +331,8 @@ def test_default_output_folders_are_unchanged(command):
 def test_niah_prompt_style_reaches_the_samples_the_folder_and_run_json(tmp_path):
     """--prompt-style kvcache-factory: TaskArgs, its own folder hash, recorded in run.json (a resume with the other
     style is refused); the default (given or not) keeps the folder and settings of runs from before the option."""
-    from dapq.bench.runner import open_run
     from dapq.cli import evaluate
+    from dapq.runs import open_run
 
     def plan(*extra: str):
         args = build_parser().parse_args(["eval", "niah", "--model", "some/hub-model", *extra])

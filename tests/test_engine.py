@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from dapq import ScorerMethod, generate, get_method, list_methods, register
-from dapq.bench.base import Sample
-from dapq.bench.runner import MethodSpec, RunConfig, load_rows, run
 from dapq.engine import compress, derive, record
+from dapq.harness.runner import MethodSpec, run
 from dapq.methods.base import unregister
 from dapq.methods.inputs import LayerInputs
 from dapq.methods.protocols import pseudo_length
+from dapq.runs import RunConfig, load_rows
+from dapq.tasks.sample import Sample
 from helpers import METHOD_PARAMS, TinyTokenizer, build_tiny, random_prompt
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "dapq"
@@ -262,7 +263,8 @@ def test_batched_lookahead_selects_like_one_lookahead_per_budget(n_prompts):
     rec = record(model, TOK, prompts)
     methods = [
         get_method(name, budget=budget, **METHOD_PARAMS.get(name, {}))
-        for name in ("laq", "laq++", "snapkv")
+        # laq_reference keeps a per-query-head cache: its lookahead decodes in a batch of its own layout
+        for name in ("laq", "laq++", "snapkv", "laq_reference")
         for budget in (12, 20, 30)
     ]
     batched = derive_many(rec, methods, batch_lookahead=True)
@@ -275,3 +277,29 @@ def test_batched_lookahead_selects_like_one_lookahead_per_budget(n_prompts):
         assert want.stats["kv_bytes_peak"] == got.stats["kv_bytes_peak"], method.describe()
         assert got.stats["select_s"] > 0
         assert greedy_decode(got, got.first_logits, 6, set()) == greedy_decode(want, want.first_logits, 6, set())
+
+
+def test_derive_all_groups_methods_by_recording_and_keeps_their_order(monkeypatch):
+    """derive_all: one recording per pseudo suffix (methods without one reuse it), a draft's suffix key computed once
+    per method, results in the order of the methods and equal to deriving each from its own recording."""
+    from dapq.engine import derive_all, greedy_decode, replay
+
+    model = build_tiny("llama")
+    prompts = [random_prompt(48, 3)]
+    methods = [
+        get_method("snapkv", budget=20, window=8),
+        get_method("dapq", budget=20, n_pseudo_tokens=6, content="random_vocab"),
+        get_method("laq", budget=24, n_lookahead=3, stage1_window=8),
+        get_method("dapq", budget=30, n_pseudo_tokens=6, content="random_vocab"),
+        get_method("full"),
+    ]
+    recordings = []
+    real_record = replay.record
+    monkeypatch.setattr(replay, "record", lambda *a, **k: recordings.append(k.get("suffix")) or real_record(*a, **k))
+    got = derive_all(model, TOK, prompts, methods, batch_lookahead=True)
+    assert len(recordings) == 1 and recordings[0] is methods[1], "one recording, with the first DapQ's suffix"
+    assert len({d.prefill_s for d in got}) == 1 and got[0].prefill_s > 0
+    for method, d in zip(methods, got):
+        assert d.cache.state.method is method
+        own = derive(real_record(model, TOK, prompts, suffix=method if method.name == "dapq" else None), method)
+        assert greedy_decode(d.cache, d.cache.first_logits, 5, set()) == greedy_decode(own, own.first_logits, 5, set())

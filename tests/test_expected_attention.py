@@ -84,7 +84,7 @@ def method_scores(model, prompts: list[list[int]], method) -> list[torch.Tensor]
     """`method.scores` on the LayerInputs dapq's own recording prefill passes (engine path), per layer [B, H_c, T]."""
     rec = record(model, TOK, prompts)
     budgets = torch.tensor([method.token_budget(len(p)) for p in prompts])
-    return [method.scores(replace(inp, budgets=budgets, memo=None)) for inp in rec.full.state.observed]
+    return [method.scores(replace(inp, budgets=budgets, memo=None)) for inp in rec.full.state.recorded]
 
 
 # ---------------------------------------------------------------------------------------------------- (1) MC
@@ -118,7 +118,7 @@ def tempered_scores(model, prompt: list[int], method, scalings: dict[int, float]
     rec = record(model, TOK, [prompt])
     return [
         method.query_head_scores(replace(inp, scaling=scalings[i], budgets=torch.tensor([12]), memo=None))
-        for i, inp in enumerate(rec.full.state.observed)
+        for i, inp in enumerate(rec.full.state.recorded)
     ]
 
 
@@ -260,7 +260,7 @@ def test_value_norm_scaling(layout):
     for eps in (0.0, 0.5):
         on = ExpectedAttention(budget=12, layout=layout, epsilon=eps)
         off = replace(on, use_vnorm=False)
-        for inp in rec.full.state.observed:
+        for inp in rec.full.state.recorded:
             if layout == "query_head":
                 inp = replace(
                     inp, keys=inp.keys.repeat_interleave(groups, 1), values=inp.values.repeat_interleave(groups, 1)
@@ -289,7 +289,7 @@ def test_prompt_shorter_than_sinks_keeps_everything_finite():
     model = build_tiny("llama")
     rec = record(model, TOK, [random_prompt(3, 13), random_prompt(20, 14)])
     method = ExpectedAttention(budget=0.5)
-    for inp in rec.full.state.observed:
+    for inp in rec.full.state.recorded:
         s = method.query_head_scores(replace(inp, budgets=torch.tensor([2, 10]), memo=None))
         assert not bool(torch.isnan(s).any())
         assert bool((s[0] == 0).all())
@@ -323,6 +323,6 @@ def test_defaults_are_kvpress_defaults():
 
 def test_needs_the_rotary_embedding():
     model = build_tiny("llama")
-    inp = record(model, TOK, [random_prompt(L, 15)]).full.state.observed[0]
+    inp = record(model, TOK, [random_prompt(L, 15)]).full.state.recorded[0]
     with pytest.raises(DapqError, match="needs pre-RoPE queries"):
         ExpectedAttention(budget=12).query_head_scores(replace(inp, rotary=None, memo=None))

@@ -41,7 +41,7 @@ def test_check_extra_imports_nothing_and_fails_fast(monkeypatch):
 
 
 def test_metrics_without_rouge_score_say_how_to_install_it(monkeypatch):
-    from dapq.bench import metrics
+    from dapq.tasks import metrics
 
     metrics._rouge_scorer.cache_clear()
     monkeypatch.setitem(sys.modules, "rouge_score", None)  # as if not installed

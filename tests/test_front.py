@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from dapq.bench.front import group_points, load_runs, pareto, row_peak, row_ttft, write_front
-from dapq.bench.report import markdown_tables
 from dapq.cli import main
 from dapq.errors import DapqError
+from dapq.report.front import group_points, load_runs, pareto, row_peak, row_ttft, write_front
+from dapq.report.tables import markdown_tables
 
 MiB = 2**20
 SETTINGS = {"model": "tiny", "mode": "query_aware", "seed": 0, "dapq": "test"}
@@ -305,7 +305,7 @@ def test_cli_plain_report_still_works_and_front_runs(tmp_path, capsys):
 
 
 def test_same_samples_keeps_only_the_samples_every_point_scored():
-    from dapq.bench.front import common_samples, front_groups
+    from dapq.report.front import common_samples, front_groups
 
     rows = [
         _row("full", None, "ruler/a", "s1", 100),

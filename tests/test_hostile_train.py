@@ -255,8 +255,9 @@ def test_queries_accepts_a_path_and_records_the_content_hash(tmp_path):
 def test_a_retrained_queries_file_never_mixes_rows_in_one_run(tmp_path):
     """Retraining into the same queries= path and resuming an eval: the folder's run.json holds the old file's hash,
     so the resume is refused (or goes to a new folder with new_run), and every row names the file it used."""
-    from dapq.bench.runner import MethodSpec, RunConfig, load_rows, run
+    from dapq.harness.runner import MethodSpec, run
     from dapq.methods.learned import save_queries
+    from dapq.runs import RunConfig, load_rows
     from helpers import toy_samples
 
     model = build_tiny("llama")
@@ -287,9 +288,10 @@ def test_a_retrained_queries_file_never_mixes_rows_in_one_run(tmp_path):
 def test_method_variants_on_the_command_line(tmp_path):
     """`--methods learned,learned@b --param learned@b.queries=...`: two variants of one method in one run, each with
     its own file, rows and hash; a name given twice or an empty label is a one-line error."""
-    from dapq.bench.runner import RunConfig, load_rows, run
     from dapq.cli.evaluate import method_specs
+    from dapq.harness.runner import run
     from dapq.methods.learned import save_queries
+    from dapq.runs import RunConfig, load_rows
     from helpers import toy_samples
 
     other = save_queries(tmp_path / "b.pt", torch.randn(4, 64, generator=torch.Generator().manual_seed(9)), model="t")

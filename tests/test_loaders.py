@@ -20,19 +20,19 @@ from typing import Any
 
 import pytest
 
-from dapq.bench.helmet import HELMET_METRICS, helmet_samples
-from dapq.bench.longbench import (
+from dapq.errors import DapqError
+from dapq.prompts import sample_prompt_tokens as prompt_tokens
+from dapq.prompts import split_at_junction
+from dapq.tasks.helmet import HELMET_METRICS, helmet_samples
+from dapq.tasks.longbench import (
     LONGBENCH_MAX_NEW_TOKENS,
     LONGBENCH_METRICS,
     LONGBENCH_PROMPTS,
     LONGBENCH_SUBSETS,
     longbench_samples,
 )
-from dapq.bench.longbench_v2 import longbench_v2_samples
-from dapq.bench.metrics import METRICS
-from dapq.errors import DapqError
-from dapq.prompts import sample_prompt_tokens as prompt_tokens
-from dapq.prompts import split_at_junction
+from dapq.tasks.longbench_v2 import longbench_v2_samples
+from dapq.tasks.metrics import METRICS
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LB_DIR = FIXTURES / "longbench"

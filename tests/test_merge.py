@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from dapq.bench.runner import config_hash
 from dapq.cli import main
+from dapq.runs import config_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "docs" / "results" / "estimators" / "niah.jsonl.gz"  # written by the merge
@@ -350,7 +350,7 @@ def test_merge_help_imports_no_model_code():
         "import contextlib, io, sys\nfrom dapq.cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    try:\n        main(['merge', '--help'])\n    except SystemExit as e:\n        assert e.code == 0\n"
-        "print(sorted(m for m in ('torch', 'transformers', 'dapq.bench.runner', 'dapq.bench.merge') "
+        "print(sorted(m for m in ('torch', 'transformers', 'dapq.harness.runner', 'dapq.runs.merge') "
         "if m in sys.modules))\n"
     )
     env = {"PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}

@@ -13,8 +13,8 @@ import random
 
 import pytest
 
-from dapq.bench.metrics import METRICS, extract_choice, first_line, normalize_answer, score_prediction
 from dapq.errors import DapqError
+from dapq.tasks.metrics import METRICS, extract_choice, first_line, normalize_answer, score_prediction
 
 NO_META: dict = {}
 NEEDLE = "eat a sandwich and sit in Dolores Park on a sunny day."
@@ -54,7 +54,7 @@ def test_rouge1_x10_is_the_published_needle_score() -> None:
     assert 100 * m("rouge1_x10", sentence, [sentence]) == pytest.approx(10.0)
     assert m("rouge1_x10", "  \n", [sentence]) == 0.0
 
-    from dapq.bench.metrics import row_score_max
+    from dapq.tasks.metrics import row_score_max
 
     assert row_score_max("rouge1_x10") == 10.0 and row_score_max("niah_word_recall") == 100.0
 

@@ -10,10 +10,10 @@ import random
 
 import pytest
 
-from dapq.bench.paired import paired, parse_pair
-from dapq.bench.report import summarize, task_average
 from dapq.cli import main
 from dapq.errors import DapqError
+from dapq.report.paired import paired, parse_pair
+from dapq.report.tables import summarize, task_average
 
 
 def _row(method: str, budget, task: str, i: int, score: float) -> dict:

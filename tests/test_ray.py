@@ -16,13 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from dapq.bench.base import Sample
-from dapq.bench.runner import MethodSpec, RunConfig, load_rows, run
+from dapq.harness.runner import MethodSpec, run
+from dapq.runs import RunConfig, load_rows
+from dapq.tasks.sample import Sample
 from helpers import DyingLoader, TinyTokenizer, build_tiny, tiny_loader, toy_samples
 
 ray = pytest.importorskip("ray", reason='Ray is not installed: pip install "dapq[ray]"')
 
-from dapq.bench.distributed import WorkerSpec, run_ray  # noqa: E402
+from dapq.harness.scheduler import WorkerSpec, run_ray  # noqa: E402
 
 TESTS = Path(__file__).parent
 INIT = {"num_cpus": 2, "runtime_env": {"env_vars": {"PYTHONPATH": str(TESTS)}}}
@@ -49,7 +50,7 @@ DRIVER = textwrap.dedent(
     import sys
     sys.path.insert(0, {tests!r})
     import test_ray as t
-    from dapq.bench.distributed import WorkerSpec, run_ray
+    from dapq.harness.scheduler import WorkerSpec, run_ray
     from helpers import SlowLoader
     run_ray(WorkerSpec(loader=SlowLoader(0.05)), t.samples(24), t.SPECS, t.BUDGETS, {out!r}, config=t.CONFIG,
             init_kwargs={{"num_cpus": 2, "runtime_env": {{"env_vars": {{"PYTHONPATH": {tests!r}}}}}}})
@@ -138,7 +139,7 @@ def test_a_sample_that_fails_twice_is_an_error_row(tmp_path, local_ray):
     assert {r["sample_id"] for r in errors} == {"s2"} and len(errors) == 5
     assert "512" in errors[0]["error"] or "position" in errors[0]["error"].lower(), errors[0]["error"]
     assert len(rows) == 4 * 5
-    from dapq.bench.report import load_files
+    from dapq.report.tables import load_files
 
     assert {r["sample_id"] for r in load_files([summary.path])} == {"s0", "s1", "s3"}  # reports leave errors out
     # a rerun (with or without Ray) does not retry them, and adds nothing

@@ -24,8 +24,10 @@ import pytest
 
 ray = pytest.importorskip("ray", reason='Ray is not installed: pip install "dapq[ray]"')
 
-from dapq.bench import distributed  # noqa: E402
-from dapq.bench.distributed import (  # noqa: E402
+from dapq.cli import main  # noqa: E402
+from dapq.errors import DapqError  # noqa: E402
+from dapq.harness import ray_cluster as distributed  # noqa: E402
+from dapq.harness.ray_cluster import (  # noqa: E402
     check_address,
     check_resources,
     held_stderr,
@@ -33,8 +35,6 @@ from dapq.bench.distributed import (  # noqa: E402
     plan_resources,
     start_error,
 )
-from dapq.cli import main  # noqa: E402
-from dapq.errors import DapqError  # noqa: E402
 
 EVAL = ["eval", "niah", "--lengths", "200", "--depths", "1", "--methods", "full"]
 
@@ -374,7 +374,7 @@ CPU_ONLY = [{"Alive": True, "Resources": {"CPU": 2.0}}]
 def test_ray_session_shuts_down_the_instance_it_started_on_every_error(monkeypatch, server):
     import logging
 
-    from dapq.bench.distributed import ray_session
+    from dapq.harness.ray_cluster import ray_session
 
     fake = FakeRay(CPU_ONLY)
     monkeypatch.setattr(distributed, "ray_module", lambda: fake)

@@ -7,9 +7,9 @@ import json
 import pytest
 from rich.console import Console
 
-from dapq.bench.report import markdown_tables, summarize, write_report
 from dapq.cli.args import parse_lengths
 from dapq.errors import DapqError
+from dapq.report.tables import markdown_tables, summarize, write_report
 
 
 def _rows() -> list[dict]:

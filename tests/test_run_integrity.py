@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from dapq.bench.base import Sample
-from dapq.bench.report import safe_name, write_report
-from dapq.bench.runner import RESULTS, RUN_FILE, MethodSpec, RunConfig, RunLock, load_rows, open_run, run
 from dapq.errors import DapqError
+from dapq.harness.runner import MethodSpec, run
+from dapq.report.tables import safe_name, write_report
+from dapq.runs import RESULTS, RUN_FILE, RunConfig, RunLock, load_rows, open_run
+from dapq.tasks.sample import Sample
 from helpers import TinyTokenizer, build_tiny
 
 TOK = TinyTokenizer()
@@ -120,7 +121,7 @@ def test_two_writers_of_one_run_are_refused(tmp_path):
         f"""
         import sys, time
         sys.path.insert(0, {str(TESTS)!r})
-        from dapq.bench.runner import RunLock
+        from dapq.runs import RunLock
         with RunLock(__import__("pathlib").Path({str(tmp_path)!r})):
             print("locked", flush=True)
             time.sleep(30)

@@ -16,10 +16,11 @@ import pytest
 import torch
 
 from dapq import get_method, list_methods
-from dapq.bench.base import Sample
-from dapq.bench.runner import MethodSpec, RunConfig, decode_batches, load_rows, run
 from dapq.engine import compress, derive, generate, greedy_decode, merge, record
+from dapq.harness.runner import MethodSpec, decode_batches, run
 from dapq.methods.protocols import pseudo_length
+from dapq.runs import RunConfig, load_rows
+from dapq.tasks.sample import Sample
 from helpers import METHOD_PARAMS, TinyTokenizer, build_tiny, random_prompt, toy_samples
 
 TOK = TinyTokenizer()
@@ -136,7 +137,8 @@ SCRIPT = textwrap.dedent(
     import sys
     sys.path.insert(0, {tests!r})
     import test_runner as t
-    from dapq.bench.runner import run, RunConfig
+    from dapq.runs import RunConfig
+    from dapq.harness.runner import run
     from helpers import build_tiny
     run(build_tiny("llama"), t.TOK, t._samples(12), t.SPECS, [16, 24], {out!r}, config=RunConfig(model="tiny"))
     """

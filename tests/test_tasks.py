@@ -1,5 +1,5 @@
-"""Tests of the task generators: Kamradt's needle-in-a-haystack (`dapq.bench.niah`) and RULER (Hsieh et al., 2024,
-arXiv 2404.06654; `dapq.bench.ruler`).
+"""Tests of the task generators: Kamradt's needle-in-a-haystack (`dapq.tasks.niah`) and RULER (Hsieh et al., 2024,
+arXiv 2404.06654; `dapq.tasks.ruler`).
 
 Run:  python -m pytest -q tests/test_tasks.py
 
@@ -24,12 +24,13 @@ from typing import Any
 
 import pytest
 
-from dapq.bench import ruler
-from dapq.bench.base import Sample
-from dapq.bench.niah import NIAH_ANSWER, NIAH_NEEDLE, niah_samples
-from dapq.bench.ruler import NOISE, RULER_TASKS, ruler_samples
 from dapq.errors import DapqError
 from dapq.prompts import build_prompt
+from dapq.tasks import ruler_gen, ruler_qa
+from dapq.tasks.niah import NIAH_ANSWER, NIAH_NEEDLE, niah_samples
+from dapq.tasks.ruler import RULER_TASKS, ruler_samples
+from dapq.tasks.ruler_gen import NOISE
+from dapq.tasks.sample import Sample
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ruler_qa"
 LENGTHS = (1024, 2048)
@@ -104,7 +105,7 @@ def test_niah_seeds_and_depth_lists(smol: Any) -> None:
 def test_niah_kvcache_factory_prompt_style(smol: Any) -> None:
     """The LAQ / KVCache-Factory needle script's prompt: its raw text around the haystack (no chat template, the
     tokenizer's own special tokens), 30 new tokens, stop at a newline, ROUGE-1 x 10 against the needle sentence."""
-    from dapq.bench.tasks import TaskArgs, task_samples
+    from dapq.tasks import TaskArgs, task_samples
 
     samples = niah_samples(smol, [1000], [0, 50], prompt_style="kvcache-factory")
     assert [s.id for s in samples] == ["niah-L1000-d0-kvf", "niah-L1000-d50-kvf"]
@@ -160,7 +161,7 @@ def test_ruler_lengths_and_fields(smol: Any, generated: dict, task: str, length:
 
 @pytest.mark.parametrize("task", NIAH_TASKS)
 def test_ruler_niah_needles_and_references(generated: dict, task: str) -> None:
-    cfg = ruler._NIAH[task]
+    cfg = ruler_gen.NIAH_CONFIGS[task]
     for s in generated[task, 1024] + generated[task, 2048]:
         found: dict[str, list[str]] = {}
         for type_v, key, value in NEEDLE_RE.findall(s.context):
@@ -214,7 +215,7 @@ def resolve_vt(text: str) -> dict[str, str]:
 
 def test_vt_chain_resolves(generated: dict) -> None:
     for s in generated["vt", 1024] + generated["vt", 2048]:
-        example, main = s.context.split("\n\n" + ruler.VT_INTRO)
+        example, main = s.context.split("\n\n" + ruler_gen.VT_INTRO)
         value = re.search(r"assigned the value (\d+) in", s.question).group(1)
         assert f"the value {value}, they are: " in s.answer_prefix and "5 variables" in s.answer_prefix
         values = resolve_vt(main)
@@ -237,14 +238,14 @@ def numbered_words(text: str) -> list[str]:
 def test_cwe_answers_are_the_most_common(smol: Any, generated: dict) -> None:
     for length in LENGTHS:  # under 4k tokens: common words x6, the others x1
         for s in generated["cwe", length]:
-            main = s.context.split("\n" + ruler.CWE_INTRO)[-1]
+            main = s.context.split("\n" + ruler_gen.CWE_INTRO)[-1]
             counts = Counter(numbered_words(main))
             top = {w for w, _ in counts.most_common(10)}
             assert top == set(s.references) and len(s.references) == 10
             assert min(counts[w] for w in top) == 6 and max(c for w, c in counts.items() if w not in top) == 1
-            assert s.context.count(ruler.CWE_INTRO) == 2  # one solved example first
+            assert s.context.count(ruler_gen.CWE_INTRO) == 2  # one solved example first
     big = ruler_samples(smol, "cwe", 4096, 1)[0]  # from 4k tokens: x30 and x3
-    counts = Counter(numbered_words(big.context.split("\n" + ruler.CWE_INTRO)[-1]))
+    counts = Counter(numbered_words(big.context.split("\n" + ruler_gen.CWE_INTRO)[-1]))
     assert {counts[w] for w in big.references} == {30}
     assert {c for w, c in counts.items() if w not in big.references} == {3}
 
@@ -252,7 +253,7 @@ def test_cwe_answers_are_the_most_common(smol: Any, generated: dict) -> None:
 def test_fwe_answers_are_the_most_frequent(generated: dict) -> None:
     for length in LENGTHS:
         for s in generated["fwe", length]:
-            words = s.context[len(ruler.FWE_INTRO) :].split(" ")
+            words = s.context[len(ruler_gen.FWE_INTRO) :].split(" ")
             counts = Counter(words)
             assert counts.most_common(1)[0][0] == "...."
             del counts["...."]
@@ -297,10 +298,10 @@ def test_qa_squad(smol: Any) -> None:
     for i, s in enumerate(samples):
         q = answerable[i % len(answerable)]
         assert s.task == "ruler/qa_1" and s.metric == "string_match_part" and s.max_new_tokens == 32
-        assert q["question"] in s.question and s.question.startswith(ruler.QA_INSTRUCTION)
+        assert q["question"] in s.question and s.question.startswith(ruler_qa.QA_INSTRUCTION)
         assert s.references == list(dict.fromkeys(a["text"] for a in q["answers"]))
         gold = next(p["context"] for d in data["data"] for p in d["paragraphs"] if q in p["qas"])
-        assert gold in s.context and s.context.startswith(ruler.QA_INTRO)
+        assert gold in s.context and s.context.startswith(ruler_qa.QA_INTRO)
         assert s.metadata["question_id"] == q["id"] and s.answer_prefix == " Answer:"
         assert measured(smol, s) + 32 <= 1024
     # a tight budget keeps the gold document and drops distractors
@@ -336,8 +337,8 @@ def test_round_robin_and_balanced_ruler_order(smol: Any) -> None:
     """`dapq eval ruler` interleaves (length, task) groups, so a run stopped part-way is balanced across tasks."""
     import argparse
 
-    from dapq.bench.base import round_robin
     from dapq.cli.evaluate import eval_samples
+    from dapq.tasks.sample import round_robin
 
     assert round_robin([[1, 2, 3], [10, 20], [100]]) == [1, 10, 100, 2, 20, 3], "item i of every group, in order"
     assert round_robin([]) == []

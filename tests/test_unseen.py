@@ -1,4 +1,4 @@
-"""The unseen-kinds set (`dapq.bench.unseen`): deterministic samples that fit their length, the fact and its answer
+"""The unseen-kinds set (`dapq.tasks.unseen`): deterministic samples that fit their length, the fact and its answer
 in the context, a haystack (Python's bundled docs) that no training recipe reads, and answer kinds no training kind
 or RULER task uses."""
 
@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from dapq.bench.metrics import score_prediction
-from dapq.bench.tasks import TaskArgs, select_tasks, task_samples
-from dapq.bench.unseen import UNSEEN_KINDS, haystack_words, unseen_samples
 from dapq.errors import DapqError
+from dapq.tasks import TaskArgs, select_tasks, task_samples
+from dapq.tasks.metrics import score_prediction
+from dapq.tasks.unseen import UNSEEN_KINDS, haystack_words, unseen_samples
 from helpers import TinyTokenizer
 
 TOK = TinyTokenizer()

@@ -52,7 +52,7 @@ _CHAT_STOPS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoft
 
 
 class PromptSample(Protocol):
-    """What the fitting helpers read and write on a sample (`dapq.bench.base.Sample` has all of it)."""
+    """What the fitting helpers read and write on a sample (`dapq.tasks.sample.Sample` has all of it)."""
 
     id: str
     task: str

@@ -6,7 +6,7 @@
                                                  # Fig. 4c: insert_part 1..3 (inside the prompt), offsets +0..+512
 
 Every kind evaluates DapQ variants (labels such as `dapq[F4_L28]`, `dapq[N=8]`, `dapq[part1]`, `dapq[+32]`) plus
-SnapKV and FullKV as reference rows through the evaluation harness (`dapq.bench.runner.run`: one results.jsonl,
+SnapKV and FullKV as reference rows through the evaluation harness (`dapq.harness.runner.run`: one results.jsonl,
 resumable), then writes into the output folder (default runs/ablate-<kind>-<config hash>, so rerunning the same
 command resumes it):
 
@@ -34,15 +34,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..bench.base import Sample
 from ..errors import DapqError
 from ..methods.protocols import PseudoSuffix
 from ..safefile import ensure_dir, save_figure, write_text
+from ..tasks.sample import Sample
 
 if TYPE_CHECKING:  # the runner imports torch: imported where used, so that `dapq ablate --help` stays fast
     from rich.console import Console
 
-    from ..bench.runner import MethodSpec, RunConfig
+    from ..harness.runner import MethodSpec
+    from ..runs import RunConfig
 from ..extras import require
 
 KINDS = ("content", "length", "position")
@@ -157,7 +158,7 @@ def variants(
     'auto', N = `n_pseudo`, "part<k>" -> insert_part=k, an int -> position_offset. Every DapQ variant carries `seed`
     (it drives RS_C, RC_C, random_vocab and the insert_part spans). Raises DapqError for values DapQ rejects.
     """
-    from ..bench.runner import MethodSpec
+    from ..harness.runner import MethodSpec
 
     check_kind(kind)
     values = list(default_values(kind, n_pseudo) if values is None else values)
@@ -191,13 +192,13 @@ def variants(
 
 
 # ---------------------------------------------------------------------------------------------------- samples
-#: The tasks an ablation can use: generated at each prompt length and scored (see `dapq.bench.tasks`).
+#: The tasks an ablation can use: generated at each prompt length and scored (see `dapq.tasks`).
 ABLATE_TASK_HELP = "niah (default) or ruler/<task> (e.g. ruler/niah_single_1)"
 
 
 def ablation_tasks() -> list[str]:
     """Registry names an ablation can run on: niah and the RULER tasks."""
-    from ..bench.tasks import task_names
+    from ..tasks import task_names
 
     return [*task_names("niah"), *task_names("ruler")]
 
@@ -206,7 +207,7 @@ def build_samples(
     tokenizer: Any, task: str, lengths: Sequence[int], n: int, seed: int = 0, data_dir: str | None = None
 ) -> list[Sample]:
     """Samples of `task`: "niah" (n depths per length, Kamradt grid) or "ruler/<task>" (n samples per length)."""
-    from ..bench.tasks import TaskArgs, task_samples
+    from ..tasks import TaskArgs, task_samples
 
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise DapqError(f"--samples must be an integer >= 1; got {n!r}")
@@ -218,7 +219,7 @@ def build_samples(
 
 def check_task(task: str) -> None:
     """Fail fast (before the model load) on a task an ablation cannot use (see `ablation_tasks`)."""
-    from ..bench.tasks import check_task as check
+    from ..tasks import check_task as check
 
     check(task, ablation_tasks(), purpose="an ablation")
 
@@ -289,7 +290,8 @@ def run_ablation(
     from rich.console import Console
     from rich.markup import escape
 
-    from ..bench.runner import RESULTS, RunConfig, load_rows, run
+    from ..harness.runner import run
+    from ..runs import RESULTS, RunConfig, load_rows
 
     check_kind(kind)
     if not budgets:

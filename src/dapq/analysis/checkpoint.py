@@ -12,7 +12,7 @@ class Checkpoint:
     """Finished items of a run (key -> JSON value), appended with flush + fsync; a torn last line is ignored."""
 
     def __init__(self, path: Path):
-        from ..bench.runner import check_fields, load_rows
+        from ..runs import check_fields, load_rows
 
         self.path = path
         fields = {"key": str, "value": object}

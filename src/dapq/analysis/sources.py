@@ -1,4 +1,4 @@
-"""Prompts for the analysis suite, from the task registry (`dapq.bench.tasks`): the bundled essays with a
+"""Prompts for the analysis suite, from the task registry (`dapq.tasks`): the bundled essays with a
 summarisation request (`summary`, the offline stand-in for the paper's GovReport example), or any harness task
 (niah, ruler/<task>, longbench/<subset> with local files, ...).
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..bench.tasks import TaskArgs, check_task, task_samples
 from ..errors import DapqError
+from ..tasks import TaskArgs, check_task, task_samples
 
 TASK_HELP = "summary, niah, ruler/<task> (e.g. ruler/niah_single_1) or longbench/<subset> (with --data-dir)"
 

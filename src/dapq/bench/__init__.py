@@ -1,3 +1,2 @@
-"""Benchmarks: task generators and loaders (niah, ruler, longbench, longbench_v2, helmet, summary) behind one task
-registry (tasks.py), metrics, the resumable runner (one prefill per sample for all methods), reports and the
-efficiency benchmarks (speed.py). Run them with `dapq eval ...`, `dapq report ...` and `dapq bench ...`."""
+"""The timing benches of `dapq bench` (speed.py): time to first token, decode throughput, peak memory and the
+side-by-side comparison with kvpress. The evaluation harness is `dapq.harness`, its tasks `dapq.tasks`."""

@@ -112,7 +112,7 @@ def peak_allocated(fn: Callable[[], Any], device: torch.device) -> tuple[int, An
 # ---------------------------------------------------------------------------------------------------- inputs
 def bench_prompt(tokenizer: Any, length: int, seed: int = 0) -> list[int]:
     """A prompt of about `length` tokens: the bundled essays with a summarisation request."""
-    from .summary import summary_prompt
+    from ..tasks.summary import summary_prompt
 
     return summary_prompt(tokenizer, length, seed)
 

@@ -82,9 +82,9 @@ def cmd_ablate(args: argparse.Namespace, console: Any) -> int:
     """Run `dapq ablate <kind>`: validate everything, load the model, run, write and print the outputs."""
     import dataclasses
 
-    from ..bench.runner import RESULTS, open_run
     from ..errors import DapqError
     from ..extras import check_extra
+    from ..runs import RESULTS, open_run
     from .evaluate import run_config
 
     kind = args.kind

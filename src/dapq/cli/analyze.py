@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..analysis.observe import KINDS
 from ..errors import DapqError
 from .args import (
     DEFAULT_MODEL_NAME,
@@ -25,7 +26,6 @@ from .args import (
     run_dir,
 )
 
-KINDS = ("similarity", "recall", "attention")
 NOT_HASHED = ("func", "out", "command", "device", "attn")
 TASK_HELP = "summary (the essays, default), niah, ruler/<task>, longbench/<subset> (with --data-dir)"
 
@@ -65,94 +65,49 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace, console: Any) -> int:
-    import json
-
     from rich.markdown import Markdown
 
     from .. import models
-    from ..analysis.checkpoint import Checkpoint
-    from ..analysis.sources import analysis_prompts
-    from ..bench.tasks import check_task
+    from ..analysis.observe import Observation, open_folder, run_observation
     from ..extras import check_extra
+    from ..tasks import check_task
 
     kind = args.kind
     if kind not in KINDS:
         raise DapqError(f"Unknown analysis {kind!r}; choose one of {', '.join(KINDS)}.")
-    windows = parse_ints(args.windows, "--windows") if kind != "similarity" else []
-    offset_lengths = parse_ints(args.offset_lengths, "--offset-lengths") if kind == "similarity" else []
-    contents = parse_names(args.contents, "--contents") if kind != "similarity" else []
+    similarity = kind == "similarity"
+    config = {k: v for k, v in vars(args).items() if k not in NOT_HASHED}
+    obs = Observation(
+        kind=kind,
+        task=args.task,
+        length=args.length,
+        samples=args.samples,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        offset_lengths=tuple(parse_ints(args.offset_lengths, "--offset-lengths")) if similarity else (),
+        windows=tuple(parse_ints(args.windows, "--windows")) if not similarity else (),
+        contents=tuple(parse_names(args.contents, "--contents")) if not similarity else (),
+        **{k: getattr(args, k) for k in ("tokens", "trials", "points", "budget", "answer_tokens") if hasattr(args, k)},
+        config={**config, "model": args.model or DEFAULT_MODEL_NAME},
+    )
     check_task(args.task)  # before the model load
     check_extra("eval")
     check_model_options(args)
-    config = {k: v for k, v in vars(args).items() if k not in NOT_HASHED}
     out = run_dir(args, f"analysis-{kind}", NOT_HASHED)
     # one configuration per folder: the analysis options and the model's fingerprint (run.json, as `dapq eval`)
-    from ..bench.runner import RunConfig, RunLock, open_run
-
-    settings = RunConfig(
-        model=args.model or DEFAULT_MODEL_NAME,
-        model_id=models.model_fingerprint(args.model),
-        seed=args.seed,
-        extra={k: v for k, v in config.items() if k not in ("model", "seed", "samples")},
+    out = open_folder(
+        Observation(**{**obs.__dict__, "config": config}),
+        out,
+        args.model or DEFAULT_MODEL_NAME,
+        models.model_fingerprint(args.model),
     )
-    out = open_run(out, settings)
-    with RunLock(out):  # one writer per analysis folder (items.jsonl, the outputs)
-        ckpt = Checkpoint(out / "items.jsonl")
-        if ckpt.items:
-            console.print(f"resuming: {len(ckpt.items)} finished item(s) in {out / 'items.jsonl'}")
-        model, tok = load_model_from_args(args)
-        n = args.samples or (1 if kind == "similarity" else 4)
-        prompts = analysis_prompts(tok, args.task, args.length, n, seed=args.seed, data_dir=args.data_dir)
-
-        def progress(msg: str) -> None:
-            console.print(f"  {msg}")
-
-        if kind == "similarity":
-            from ..analysis import similarity as mod
-
-            offset_prompts = [
-                p
-                for length in offset_lengths
-                for p in analysis_prompts(tok, args.task, length, 1, args.seed, data_dir=args.data_dir)
-            ]
-            result = mod.run_similarity(
-                model,
-                tok,
-                prompts,
-                offset_prompts,
-                n_tokens=args.tokens,
-                trials=args.trials,
-                points=args.points,
-                seed=args.seed,
-                progress=progress,
-                done=ckpt.items,
-                on_result=ckpt.save,
-            )
-            md = mod.markdown(result)
-            mod.figure(result, str(out / f"{kind}.png"))
-        else:
-            from ..analysis import recall as mod
-
-            result = mod.run_windows(
-                model,
-                tok,
-                prompts,
-                budget=args.budget,
-                windows=windows,
-                contents=contents,
-                answer_tokens=args.answer_tokens,
-                seed=args.seed,
-                progress=progress,
-                done=ckpt.items,
-                on_result=ckpt.save,
-            )
-            md = mod.markdown(result, kind)
-            mod.figure(result, kind, str(out / f"{kind}.png"))
-        result["config"] = {**config, "model": args.model or DEFAULT_MODEL_NAME}
-        from ..safefile import write_text
-
-        write_text(out / f"{kind}.json", json.dumps(result, indent=1, default=str), "json")
-        write_text(out / f"{kind}.md", md, "markdown")
-        console.print(Markdown(md))
-        console.print(f"wrote {out / (kind + '.json')}, {out / (kind + '.md')}, {out / (kind + '.png')}")
+    md = run_observation(
+        obs,
+        out,
+        lambda: load_model_from_args(args),
+        progress=lambda msg: console.print(f"  {msg}"),
+        on_resume=lambda n: console.print(f"resuming: {n} finished item(s) in {out / 'items.jsonl'}"),
+    )
+    console.print(Markdown(md))
+    console.print(f"wrote {out / (kind + '.json')}, {out / (kind + '.md')}, {out / (kind + '.png')}")
     return 0

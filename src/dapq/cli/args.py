@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 from ..errors import DapqError
 from ..prompts import MODES  # noqa: F401  (the command modules take it from here)
+from ..tasks.registry import parse_lengths  # noqa: F401  (the command modules take it from here)
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 
@@ -115,30 +116,6 @@ def parse_ints(text: str, option: str, minimum: int = 1) -> list[int]:
         raise DapqError(f"{option} takes comma-separated integers (e.g. 1,2,4); got {text!r}") from None
     if not values or any(v < minimum for v in values):
         raise DapqError(f"{option} needs integers >= {minimum}; got {text!r}")
-    return values
-
-
-def parse_lengths(
-    text: str, option: str = "--lengths", example: str = "1000-4000:500 or 2048,4096 or 1k,2k"
-) -> list[int]:
-    """Positive integers such as token counts: a range 'start-stop:step' (inclusive; step 500 when left out), or a
-    comma list such as '2048,4096' or '1k,2k' (k = 1000). `example` goes into the error message."""
-
-    def one(x: str) -> int:
-        x = x.strip().lower()
-        return int(float(x[:-1]) * 1000) if x.endswith("k") else int(x)
-
-    try:
-        if "-" in text:
-            span, _, step = text.partition(":")
-            lo, hi = (one(x) for x in span.split("-"))
-            values = list(range(lo, hi + 1, one(step) if step else 500))
-        else:
-            values = [one(x) for x in text.split(",") if x.strip()]
-    except ValueError as exc:
-        raise DapqError(f"{option} takes a range or a comma list, e.g. {example}; got {text!r}") from exc
-    if not values or any(v < 1 for v in values):
-        raise DapqError(f"{option} needs positive integers, e.g. {example}; got {text!r}")
     return values
 
 
@@ -282,7 +259,7 @@ def run_dir(args: argparse.Namespace, prefix: str, exclude: tuple[str, ...]) -> 
     check_out(args)
     if getattr(args, "out", None):
         return Path(args.out)
-    from ..bench.runner import config_hash
+    from ..runs import config_hash
 
     # where GGUF conversions are cached and how a sweep is scheduled do not change its rows
     skip = (*exclude, *UNHASHED_EVERYWHERE)

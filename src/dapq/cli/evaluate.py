@@ -1,10 +1,12 @@
-"""`dapq eval niah|ruler|longbench|longbench-v2|helmet`: the evaluation harness (`dapq.bench.runner`), resumable.
+"""`dapq eval <benchmark>`: the evaluation harness (`dapq.harness.runner`), resumable; one command per task family
+that has command-line options (`dapq.tasks`: niah, ruler, unseen, longbench, longbench-v2, helmet, and families
+registered by other packages).
 
     dapq eval niah --methods full,snapkv,dapq --budgets 64,128,256 --lengths 1000-4000:500 --depths 10
     dapq eval ruler --tasks all --lengths 2048,4096 --samples 50 --methods full,snapkv,dapq --budgets 128,256
     dapq eval niah --prompt-style kvcache-factory --methods full,laq_reference,laq++_reference --budgets 128
 
-Samples come from the task registry (`dapq.bench.tasks`). Methods, budgets, `--param` and task names are checked
+Samples come from the task registry (`dapq.tasks`). Methods, budgets, `--param` and task names are checked
 before the model is loaded.
 """
 
@@ -24,7 +26,6 @@ from .args import (
     check_positive,
     load_model_from_args,
     parse_budgets,
-    parse_lengths,
     parse_method_params,
     parse_names,
     run_dir,
@@ -37,16 +38,18 @@ MAX_WORKERS = 4096
 MAX_THREADS_PER_WORKER = 1024
 MAX_GPUS_PER_WORKER = 64
 #: options that change rows without changing sample ids: recorded in run.json, a rerun must match them (what selects
-#: samples, such as --samples, --lengths or --tasks, may change between reruns of one run)
-ROW_SETTINGS = ("max_prompt_tokens", "data_dir", "data_file", "from_hub", "length", "prompt_style")
-#: NIAH's default prompt style: left out of the folder hash and of run.json, so runs from before the option resume
-DEFAULT_PROMPT_STYLE = "kamradt"
+#: samples, such as --samples, --lengths or --tasks, may change between reruns of one run); each family adds its own
+#: (`Family.row_settings`)
+ROW_SETTINGS = ("max_prompt_tokens",)
 
 
 def add_parser(sub: Any) -> None:
+    from ..tasks import families
+
+    evaluable = families(evaluable=True)
     ev = sub.add_parser(
         "eval",
-        help="benchmarks: niah, ruler, unseen, longbench, longbench-v2, helmet (resumable)",
+        help=f"benchmarks: {', '.join(f.name for f in evaluable)} (resumable)",
         description="Evaluate methods x budgets on a benchmark: one prefill per sample for all methods, one JSON "
         "line per (sample, method, budget) in runs/<bench>-<config hash>/ (a rerun resumes).",
     )
@@ -106,42 +109,10 @@ def add_parser(sub: Any) -> None:
         help="with --ray: CPUs (torch threads) per worker (default 1)",
     )
     common.add_argument("--max-prompt-tokens", type=int, default=None, help="truncate real-data prompts (head + tail)")
-    p = bench.add_parser("niah", parents=[common], help="Kamradt needle in a haystack (Paul Graham essays)")
-    p.add_argument("--lengths", default="1000-4000:500", help="prompt lengths: start-stop:step or a list (1k,2k)")
-    p.add_argument("--depths", type=int, default=10, help="number of depths, round(linspace(0, 100, n))")
-    p.add_argument(
-        "--prompt-style",
-        default=argparse.SUPPRESS,
-        help="kamradt (default: chat template, word recall) or kvcache-factory (the LAQ / KVCache-Factory needle "
-        "script: raw text, 30 tokens, stop at a newline, ROUGE-1 x 10)",
-    )
-    p = bench.add_parser("ruler", parents=[common], help="the RULER synthetic tasks, generated offline")
-    p.add_argument(
-        "--tasks",
-        default="all",
-        help="all (the 11 synthetic tasks) or comma-separated names, e.g. niah_single_1,vt,cwe; qa_1, qa_2 need "
-        "--data-dir",
-    )
-    p.add_argument("--lengths", default="2048,4096", help="prompt lengths: a list (2048,4096 or 2k,4k) or a range")
-    p.add_argument("--data-dir", default=None, help="folder with SQuAD/HotpotQA files for qa_1/qa_2")
-    p = bench.add_parser(
-        "unseen",
-        parents=[common],
-        help="the unseen-kinds set: names, codes, dates, two-sentence facts in Python's docs",
-    )
-    p.add_argument("--kinds", default="all", help="all (name, code, date, twofact) or comma-separated kinds")
-    p.add_argument("--lengths", default="2048,4096", help="prompt lengths: a list (2048,4096 or 2k,4k) or a range")
-    p = bench.add_parser("longbench", parents=[common], help="LongBench v1 English subsets from local files")
-    p.add_argument("--data-dir", default=None, help="folder with the subsets' .jsonl files (LongBench's data.zip)")
-    p.add_argument("--subsets", default="all", help="all (the 13 English subsets) or comma-separated names")
-    p.add_argument("--from-hub", action="store_true", help="download THUDM/LongBench (needs network and `datasets`)")
-    p = bench.add_parser("longbench-v2", parents=[common], help="LongBench v2 from a local file")
-    p.add_argument("--data-file", required=True, help="THUDM/LongBench-v2's data.json")
-    p = bench.add_parser("helmet", parents=[common], help="HELMET subsets from local files")
-    p.add_argument("--data-dir", default=None, help="HELMET's data/ folder")
-    p.add_argument("--subsets", default="all", help="all (the 11 subsets of the paper) or comma-separated names")
-    p.add_argument("--length", type=int, default=8192, help="HELMET input length (picks RAG files, ICL shots)")
-    p.add_argument("--from-hub", action="store_true", help="download from the hub (needs network and `datasets`)")
+    for family in evaluable:  # each family adds its own options
+        p = bench.add_parser(family.name, parents=[common], help=family.help)
+        if family.add_options is not None:
+            family.add_options(p)
     ev.set_defaults(func=cmd_eval)
 
 
@@ -151,7 +122,7 @@ def method_specs(names: str, params: list[str]) -> list[Any]:
     A variant is `name@label` (`--methods learned,learned@generic --param learned@generic.queries=g.pt`): the same
     method with its own parameters, reported under the key `name@label`; `--param name.key=...` applies to the plain
     `name` only."""
-    from ..bench.runner import MethodSpec
+    from ..harness.runner import MethodSpec
 
     per_method = parse_method_params(params)
     specs = []
@@ -170,54 +141,24 @@ def method_specs(names: str, params: list[str]) -> list[Any]:
 
 
 def eval_plan(args: argparse.Namespace) -> tuple[list[str], Any]:
-    """The task names and TaskArgs of an `eval` command line, checked (no model, no data read)."""
-    from ..bench.tasks import TaskArgs, select_tasks
+    """The task names and TaskArgs of an `eval` command line, checked by the benchmark's family (no model, no data
+    read)."""
+    from ..tasks import get_family
 
-    if args.bench == "niah":
-        style = prompt_style(args)
-        return ["niah"], TaskArgs(
-            lengths=parse_lengths(args.lengths), n=args.depths, seed=args.seed, prompt_style=style
-        )
-    if args.bench == "ruler":
-        names = select_tasks("ruler", args.tasks)
-        lengths = parse_lengths(args.lengths)
-        return names, TaskArgs(lengths=lengths, n=args.samples, seed=args.seed, data_dir=args.data_dir)
-    if args.bench == "unseen":
-        names = select_tasks("unseen", args.kinds)
-        return names, TaskArgs(lengths=parse_lengths(args.lengths), n=args.samples, seed=args.seed)
-    loaded = {"n": args.samples, "max_prompt_tokens": args.max_prompt_tokens}
-    if args.bench == "longbench":
-        names = select_tasks("longbench", args.subsets)
-        return names, TaskArgs(data_dir=args.data_dir, from_hub=args.from_hub, **loaded)
-    if args.bench == "longbench-v2":
-        return ["longbench-v2"], TaskArgs(data_file=args.data_file, **loaded)
-    if args.bench == "helmet":
-        names = select_tasks("helmet", args.subsets)
-        return names, TaskArgs(lengths=(args.length,), data_dir=args.data_dir, from_hub=args.from_hub, **loaded)
-    raise DapqError(f"Unknown benchmark {args.bench!r}; choose niah, ruler, longbench, longbench-v2 or helmet.")
-
-
-def prompt_style(args: argparse.Namespace) -> str:
-    """`--prompt-style`, checked; the default is dropped from `args` so that it changes neither the folder hash nor
-    run.json (a kamradt run keeps the folder and settings it had before the option existed)."""
-    from ..bench.niah import PROMPT_STYLES
-
-    style = getattr(args, "prompt_style", DEFAULT_PROMPT_STYLE)
-    if style not in PROMPT_STYLES:
-        raise DapqError(f"--prompt-style takes {' or '.join(PROMPT_STYLES)}; got {style!r}.")
-    if style == DEFAULT_PROMPT_STYLE and hasattr(args, "prompt_style"):
-        del args.prompt_style
-    return style
+    family = get_family(args.bench)
+    if family.plan is None:
+        raise DapqError(f"{args.bench} is not a `dapq eval` benchmark.")
+    return family.plan(args)
 
 
 def eval_samples(args: argparse.Namespace, tokenizer: Any) -> list[Any]:
-    """The samples of an `eval` command line. RULER is interleaved: sample i of every (length, task) before sample
-    i + 1, so a stopped run is balanced; the other benchmarks go task by task."""
-    from ..bench.base import round_robin
-    from ..bench.tasks import task_samples
+    """The samples of an `eval` command line. An interleaved family (RULER) gives sample i of every (length, task)
+    before sample i + 1, so a stopped run is balanced; the other benchmarks go task by task."""
+    from ..tasks import get_family, task_samples
+    from ..tasks.sample import round_robin
 
     names, task_args = eval_plan(args)
-    if args.bench == "ruler":
+    if get_family(args.bench).interleave:
         groups = [
             task_samples(tokenizer, name, dataclasses.replace(task_args, lengths=(length,)))
             for length in task_args.lengths
@@ -230,9 +171,11 @@ def eval_samples(args: argparse.Namespace, tokenizer: Any) -> list[Any]:
 def run_config(args: argparse.Namespace, bench: str) -> Any:
     """The RunConfig of a command line: model (with its fingerprint), mode, seed and the options that change rows."""
     from .. import models
-    from ..bench.runner import RunConfig
+    from ..runs import RunConfig
+    from ..tasks import get_family
 
-    extra = {"bench": bench, **{k: getattr(args, k) for k in ROW_SETTINGS if getattr(args, k, None) is not None}}
+    settings = ROW_SETTINGS + get_family(bench).row_settings
+    extra = {"bench": bench, **{k: getattr(args, k) for k in settings if getattr(args, k, None) is not None}}
     return RunConfig(
         model=args.model or DEFAULT_MODEL_NAME,
         model_id=models.model_fingerprint(args.model),
@@ -245,8 +188,9 @@ def run_config(args: argparse.Namespace, bench: str) -> Any:
 
 
 def cmd_eval(args: argparse.Namespace, console: Any) -> int:
-    from ..bench.runner import open_run, run, with_method_files
     from ..extras import check_extra
+    from ..harness.runner import run, with_method_files
+    from ..runs import open_run
 
     on_ray = ray_options(args)  # --ray and its options: before anything else starts
     check_extra("eval")
@@ -295,7 +239,7 @@ def ray_options(args: argparse.Namespace) -> RayOptions | None:
         return None
     address = str(args.ray).strip()
     if address not in ("local", "auto"):
-        from ..bench.distributed import split_address
+        from ..harness.ray_cluster import split_address
 
         split_address(address)  # HOST:PORT, before anything starts
     return RayOptions(
@@ -353,7 +297,8 @@ def eval_on_ray(
     workers the cluster cannot hold: one-line errors, with Ray shut down), then the driver builds the samples with
     the tokenizer only; each worker loads the model."""
     from .. import models
-    from ..bench.distributed import WorkerSpec, ray_module, ray_session, run_ray
+    from ..harness.ray_cluster import ray_module, ray_session
+    from ..harness.scheduler import WorkerSpec, run_ray
 
     ray_module()  # not installed: the install command, before anything loads
     spec = WorkerSpec(

@@ -6,7 +6,7 @@ dapq merge runs/qwen runs/smollm2 --keep-apart --out both.jsonl.gz   # two confi
 
 Rows are deduplicated by (sample, method, budget, method config), the first one read wins; error rows are dropped;
 the same rows give the same bytes. Inputs of different configurations are refused unless --keep-apart
-(see dapq.bench.merge). The output is never written through a link, over a folder, another kind of file, or an input.
+(see dapq.runs.merge). The output is never written through a link, over a folder, another kind of file, or an input.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_merge(args: argparse.Namespace, console: Any) -> int:
-    from ..bench.merge import merge_files
     from ..checks import clean_label
+    from ..runs.merge import merge_files
 
     result = merge_files(args.inputs, args.out, keep_apart=args.keep_apart)
     # plain print of a cleaned line: a path is never read as rich markup, wrapped, or a terminal control sequence

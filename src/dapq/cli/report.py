@@ -99,7 +99,7 @@ def cmd_report(args: argparse.Namespace, console: Any) -> int:
             )
     check_extra("eval")
     if args.front:
-        from ..bench.front import write_front
+        from ..report.front import write_front
 
         write_front(
             args.paths,
@@ -111,8 +111,8 @@ def cmd_report(args: argparse.Namespace, console: Any) -> int:
             methods=parse_names(args.methods, "--methods") if args.methods is not None else None,
         )
         return 0
-    from ..bench.paired import DEFAULT_BOOT
-    from ..bench.report import write_report
+    from ..report.paired import DEFAULT_BOOT
+    from ..report.tables import write_report
 
     write_report(args.paths[0], console, pairs=args.paired, n_boot=args.bootstrap or DEFAULT_BOOT)
     return 0

@@ -103,7 +103,7 @@ def cmd_train(args: argparse.Namespace, console: Any) -> int:
         training_prompts(tok, 1, settings.lengths, settings.seed, settings.kinds)
     else:
         drafts(1, settings.lengths, settings.seed, settings.kinds)
-    from ..bench.runner import sweep_progress
+    from ..harness.runner import sweep_progress
 
     with sweep_progress(console) as bar:
         tasks: dict[str, Any] = {}

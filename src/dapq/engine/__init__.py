@@ -20,7 +20,7 @@ from .decode_time import DecodeCompression
 from .inside import compressing
 from .model_info import ModelInfo, check_model, kv_groups, model_device, model_info, sync_device
 from .prefill import compress, prefill, prefill_peak
-from .replay import Recording, derive, derive_many, merge, record, suffix_key
+from .replay import Derived, Recording, derive, derive_all, derive_many, merge, record, suffix_key
 from .serve import MODES, GenerationOutput, answer_many, generate, resolve_method
 from .stages import finish_selection
 from .state import EngineState, select_layer
@@ -30,6 +30,7 @@ __all__ = [
     "Chat",
     "CompressedCache",
     "DecodeCompression",
+    "Derived",
     "EngineState",
     "GenerationOutput",
     "ModelInfo",
@@ -41,6 +42,7 @@ __all__ = [
     "compress",
     "compressing",
     "derive",
+    "derive_all",
     "derive_many",
     "finish_selection",
     "generate",

@@ -24,7 +24,7 @@ from .state import EngineState, PassObservation
 
 def context_pass_pending(state: EngineState) -> bool:
     """True while a context-pass method's layers wait for their pass."""
-    return isinstance(state.method, ContextPass) and any(isinstance(o, PassObservation) for o in state.observed)
+    return isinstance(state.method, ContextPass) and any(o is not None for o in state.pass_waiting)
 
 
 def context_pass(
@@ -40,7 +40,7 @@ def context_pass(
     method = state.method
     assert isinstance(method, ContextPass)
     cache = state.cache
-    observed = {i: o for i, o in enumerate(state.observed) if isinstance(o, PassObservation)}
+    observed = {i: o for i, o in enumerate(state.pass_waiting) if o is not None}
     key = method.pass_key()
     chunks = [method.pass_chunks(list(p), tokenizer) for p in prompts]
     longest = max((len(c.ids) for row in chunks for c in row), default=0)
@@ -63,7 +63,7 @@ def context_pass(
     budgets = [torch.tensor(state.layer_budgets(i), device=valid.device) for i in range(state.n_layers)]
     chosen = method.select_layers(per_layer, valid, budgets)
     for i in observed:
-        state.consume_observation(i)
+        state.take_pass(i)
         pick = chosen[i]
         assert pick is not None
         state.keep_tokens(i, *pick)

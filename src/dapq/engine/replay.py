@@ -25,7 +25,6 @@ import torch
 from ..hf.cache import LayerTrack, kv_bytes, lookahead_bytes, make_cache, set_layer
 from ..methods.base import Method
 from ..methods.full import FullKV
-from ..methods.inputs import LayerInputs
 from ..methods.protocols import EmbeddedSuffix, PseudoSuffix, Staged, pseudo_length
 from .decode import CompressedCache, greedy_decode
 from .draft import suffix_rows
@@ -62,28 +61,41 @@ class Recording:
             self.memo = [{} for _ in self.full.cache.layers]
 
 
-def record(model: Any, tokenizer: Any, prompts: list[list[int]], suffix: Method | None = None) -> Recording:
-    """Prefill `prompts` once (with `suffix`'s pseudo tokens, if any), keeping everything the methods need."""
+def record(
+    model: Any, tokenizer: Any, prompts: list[list[int]], suffix: Method | None = None, *, key: tuple | None = None
+) -> Recording:
+    """Prefill `prompts` once (with `suffix`'s pseudo tokens, if any), keeping everything the methods need. `key`:
+    the suffix's `suffix_key` when the caller has it already (`derive_all`), so a draft is not looked up twice."""
     cc = prefill(model, tokenizer, prompts, suffix if suffix is not None else FullKV(), recording=True)
-    key = suffix_key(suffix, prompts, model, tokenizer) if suffix is not None else ()
+    if key is None:
+        key = suffix_key(suffix, prompts, model, tokenizer) if suffix is not None else ()
     return Recording(full=cc, suffix=suffix, key=key, prompts=prompts, tokenizer=tokenizer)
 
 
 def derive(rec: Recording, method: Method, *, lookahead: bool = True) -> CompressedCache:
     """`method`'s compressed cache, selected from the recording exactly as the serving path would select it.
 
-    `lookahead=False` leaves a staged method's (LAQ's) lookahead stage to the caller (`derive_many` batches it);
-    the stats are then filled by `finish_derived`."""
+    `lookahead=False` leaves a staged method's (LAQ's) lookahead stage undone (`derive_many` batches it)."""
+    return _derive(rec, method, lookahead)[0]
+
+
+def _derive(
+    rec: Recording, method: Method, lookahead: bool, key: tuple | None = None
+) -> tuple[CompressedCache, float | None]:
+    """`derive`, and the seconds spent so far when a lookahead stage is left pending (None: the cache is complete).
+    `key`: the method's `suffix_key` when the caller computed it."""
     full = rec.full
     src = full.state
     info = src.info
-    if pseudo_length(method) and suffix_key(method, rec.prompts, full.model, rec.tokenizer) != rec.key:
-        raise ValueError(f"{method.describe()} needs its own pseudo suffix: record(..., suffix=method) for it")
+    if pseudo_length(method):
+        key = suffix_key(method, rec.prompts, full.model, rec.tokenizer) if key is None else key
+        if key != rec.key:
+            raise ValueError(f"{method.describe()} needs its own pseudo suffix: record(..., suffix=method) for it")
     lengths = full.prompt_lengths
     state = EngineState.create(info, method, lengths)
     start = time.perf_counter()
     for i, layer in enumerate(full.cache.layers):
-        recorded: LayerInputs | None = src.observed[i]
+        recorded = src.recorded[i]
         if recorded is None:  # a sliding layer: the recorder kept it whole
             track = src.tracks[i]
             assert track is not None
@@ -121,9 +133,9 @@ def derive(rec: Recording, method: Method, *, lookahead: bool = True) -> Compres
         costs["pass_s"] = pass_s
     if lookahead_pending(state):
         sync_device(info.device)
-        cc.stats = {"pending_select_s": time.perf_counter() - start, **costs}
-        return cc
-    return finish_derived(cc, start, stage_peak, costs=costs)
+        cc.stats = costs
+        return cc, time.perf_counter() - start
+    return finish_derived(cc, start, stage_peak, costs=costs), None
 
 
 def finish_derived(
@@ -152,21 +164,27 @@ def finish_derived(
     return cc
 
 
-def derive_many(rec: Recording, methods: list[Method], batch_lookahead: bool = False) -> list[CompressedCache]:
+def derive_many(
+    rec: Recording, methods: list[Method], batch_lookahead: bool = False, keys: list[tuple] | None = None
+) -> list[CompressedCache]:
     """`derive` for every method. With `batch_lookahead`, the lookahead tokens of every staged method (LAQ at each
     budget) decode as one batch of stage-1 caches (padded to the longest) instead of one batch each. Batching
     changes the BLAS kernels' row counts, so the lookahead queries may differ from separate decodes in the last
-    float bits (and so, rarely, a kept token): measured on 406 RULER rows, no prediction or score changed."""
+    float bits (and so, rarely, a kept token): measured on 406 RULER rows, no prediction or score changed.
+    `keys`: the methods' `suffix_key`s when the caller computed them (`derive_all`)."""
+    keys = keys if keys is not None else [None] * len(methods)
     if not batch_lookahead:
-        return [derive(rec, m) for m in methods]
-    out = [derive(rec, m, lookahead=False) for m in methods]
-    pending: dict[int, list[int]] = {}
-    for j, cc in enumerate(out):
-        if "pending_select_s" in cc.stats:
-            method = cc.state.method
-            assert isinstance(method, Staged)
-            pending.setdefault(method.lookahead_tokens, []).append(j)
-    for n, ids in pending.items():
+        return [_derive(rec, m, True, k)[0] for m, k in zip(methods, keys)]
+    derived = [_derive(rec, m, False, k) for m, k in zip(methods, keys)]
+    out = [cc for cc, _ in derived]
+    spent = {j: s for j, (_, s) in enumerate(derived) if s is not None}
+    # one batch per lookahead length and cache layout (caches of two layouts do not merge)
+    pending: dict[tuple[int, str], list[int]] = {}
+    for j in spent:
+        method = out[j].state.method
+        assert isinstance(method, Staged)
+        pending.setdefault((method.lookahead_tokens, method.layout), []).append(j)
+    for (n, _), ids in pending.items():
         start = time.perf_counter()
         stage1 = [stage_one_cache(out[j].model, out[j].state, out[j].first_logits, out[j].next_pos) for j in ids]
         # as `lookahead_stage` accounts it: full cache + stage-1 cache + the n lookahead entries of every layer
@@ -187,9 +205,51 @@ def derive_many(rec: Recording, methods: list[Method], batch_lookahead: bool = F
             valid = None if stops is None else lookahead_valid(tokens[row : row + b], n, stops, cc.first_logits.device)
             stage_two(cc.state, [q[row : row + b] for q in captured], valid)
             row += b
-            costs = {k: v for k, v in cc.stats.items() if k != "pending_select_s"}
-            out[j] = finish_derived(cc, t0, peak, cc.stats["pending_select_s"] + shared, costs)
+            out[j] = finish_derived(cc, t0, peak, spent[j] + shared, cc.stats)
     return out
+
+
+@dataclass
+class Derived:
+    """One method's compressed cache from `derive_all`, and the seconds of the prefill that recorded it (shared by
+    every method derived from that recording)."""
+
+    cache: CompressedCache
+    prefill_s: float
+
+
+def derive_all(
+    model: Any, tokenizer: Any, prompts: list[list[int]], methods: list[Method], *, batch_lookahead: bool = False
+) -> list[Derived]:
+    """Every method's compressed cache of `prompts` from as few prefills as possible, in the order of `methods`.
+
+    Methods are grouped by recording: one per distinct pseudo suffix (`suffix_key`, computed once per method: a
+    SpecKV draft runs once), and the methods without a suffix reuse the first recording (the prompt's KV and
+    queries do not depend on what follows it); a plain prefill only when no method has a suffix. Each group is
+    derived with `derive_many`."""
+    # a recording with a suffix first, so methods without one never need a prefill of their own
+    order = sorted(range(len(methods)), key=lambda j: pseudo_length(methods[j]) == 0)
+    keys: dict[int, tuple] = {}
+    recordings: dict[tuple, Recording] = {}
+    prefill_s: dict[tuple, float] = {}
+    groups: dict[tuple, list[int]] = {}
+    for j in order:
+        method = methods[j]
+        keys[j] = suffix_key(method, prompts, model, tokenizer)
+        skey = keys[j]
+        if skey not in recordings and not (skey == () and recordings):
+            start = time.perf_counter()
+            recordings[skey] = record(model, tokenizer, prompts, suffix=method if skey else None, key=skey)
+            prefill_s[skey] = time.perf_counter() - start
+        groups.setdefault(skey if skey in recordings else next(iter(recordings)), []).append(j)
+    out: list[Derived | None] = [None] * len(methods)
+    for rec_key, ids in groups.items():
+        caches = derive_many(
+            recordings[rec_key], [methods[j] for j in ids], batch_lookahead, keys=[keys[j] for j in ids]
+        )
+        for j, cc in zip(ids, caches):
+            out[j] = Derived(cc, prefill_s[rec_key])
+    return [d for d in out if d is not None]
 
 
 def merge(caches: list[CompressedCache]) -> CompressedCache:

@@ -11,7 +11,7 @@ import torch
 from ..errors import DapqError
 from ..hf.cache import LayerTrack, gather_tokens, kv_bytes, set_layer
 from ..hf.rope import rerotate_keys, rotary_module
-from ..methods.protocols import Staged, StageOneObservation, renumbers
+from ..methods.protocols import Staged, renumbers
 from ..prompts import stop_token_ids
 from .context_pass import context_pass, context_pass_pending
 from .decode import CompressedCache, greedy_decode
@@ -50,7 +50,7 @@ def finish_selection(
 
 def lookahead_pending(state: EngineState) -> bool:
     """True while a staged method's observations wait for their lookahead stage."""
-    return isinstance(state.method, Staged) and any(o is not None for o in state.observed)
+    return isinstance(state.method, Staged) and any(o is not None for o in state.stage_one)
 
 
 def lookahead_stage(
@@ -105,7 +105,7 @@ def stage_one_cache(
     s1_state = EngineState.create(state.info, state.method, state.length_list, budgets=state.row_budgets)
     stage1 = s1_state.cache
     for i, layer in enumerate(cache.layers):
-        obs: StageOneObservation | None = state.observed[i]
+        obs = state.stage_one[i]
         track = state.tracks[i]
         assert track is not None
         if obs is None:  # not evicted (sliding layer, or budget >= prompt): the stage-1 layer is the full one
@@ -128,7 +128,7 @@ def stage_two(
     method = state.method
     assert isinstance(method, Staged)
     for i, layer in enumerate(state.cache.layers):
-        obs = state.consume_observation(i)
+        obs = state.take_stage_one(i)
         if obs is None:
             continue
         lookahead_q = lookahead[i]

@@ -19,7 +19,7 @@ from ..hf.attention import Step
 from ..hf.cache import LayerTrack, gather_tokens, make_cache, set_layer
 from ..methods.base import Method
 from ..methods.inputs import LayerInputs, layer_inputs
-from ..methods.protocols import ContextPass, Staged, layer_budget
+from ..methods.protocols import ContextPass, Staged, StageOneObservation, layer_budget
 from .model_info import ModelInfo
 
 
@@ -47,8 +47,11 @@ class EngineState:
     tracks: list[LayerTrack | None] = field(default_factory=list)
     step: Step | None = None
     kept: list[float] = field(default_factory=list)  # mean real tokens kept per head, per layer (after prefill)
-    # per layer: a staged method's StageOneObservation, or (recording) the layer's LayerInputs; None once consumed
-    observed: list[Any] = field(default_factory=list)
+    # per layer, what a later step needs, None where nothing waits (or once consumed): the recorded LayerInputs (the
+    # harness's recording), a staged method's stage-1 selection (LAQ), a context pass's scores memo (KVzip)
+    recorded: list[LayerInputs | None] = field(default_factory=list)
+    stage_one: list[StageOneObservation | None] = field(default_factory=list)
+    pass_waiting: list[PassObservation | None] = field(default_factory=list)
     capture: list[list[torch.Tensor]] | None = None  # when set, decode steps record each layer's queries here
     capture_scaling: list[float | None] = field(default_factory=list)  # each layer's scaling, set by the hook
 
@@ -85,7 +88,9 @@ class EngineState:
         n = self.info.n_layers
         self.tracks = [None] * n
         self.kept = [0.0] * n
-        self.observed = [None] * n
+        self.recorded = [None] * n
+        self.stage_one = [None] * n
+        self.pass_waiting = [None] * n
         self._host_rows()
 
     def _host_rows(self) -> None:  # host copies: no per-layer device sync
@@ -131,8 +136,14 @@ class EngineState:
         pos = track.pos.expand(-1, idx.shape[1], -1).gather(-1, idx)
         self.set_track(layer_idx, LayerTrack(pos, kept_valid), float(kept_valid.sum(-1).float().mean()))
 
-    def consume_observation(self, layer_idx: int) -> Any:
-        obs, self.observed[layer_idx] = self.observed[layer_idx], None
+    def take_stage_one(self, layer_idx: int) -> StageOneObservation | None:
+        """A staged layer's stage-1 selection, once (None: the layer was not evicted)."""
+        obs, self.stage_one[layer_idx] = self.stage_one[layer_idx], None
+        return obs
+
+    def take_pass(self, layer_idx: int) -> PassObservation | None:
+        """A layer waiting for the context pass, once."""
+        obs, self.pass_waiting[layer_idx] = self.pass_waiting[layer_idx], None
         return obs
 
     def keep_rows(self, idx: torch.Tensor) -> None:
@@ -212,11 +223,11 @@ def select_layer(state: EngineState, inp: LayerInputs, all_valid: bool | None = 
             layer_idx, LayerTrack(pos[:, None, :t], valid[:, None, :t], all_valid), sum(lengths) / len(lengths)
         )
         if evict and state.recording:
-            state.observed[layer_idx] = inp
+            state.recorded[layer_idx] = inp
         elif evict and isinstance(method, Staged):
-            state.observed[layer_idx] = method.observe(inp)
+            state.stage_one[layer_idx] = method.observe(inp)
         elif evict:  # a context pass follows (dapq.engine.context_pass); scores are memoised where inp says
-            state.observed[layer_idx] = PassObservation(inp.memo if inp.memo is not None else {}, inp.scaling)
+            state.pass_waiting[layer_idx] = PassObservation(inp.memo if inp.memo is not None else {}, inp.scaling)
         return
     idx, kept_valid = method.select(inp, inp.budgets)  # [B, H_c, k], [B, H_c, k]
     set_layer(layer, gather_tokens(key, idx), gather_tokens(value, idx))

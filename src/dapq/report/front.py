@@ -40,11 +40,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..checks import clean_label
 from ..errors import DapqError
 from ..extras import require
+from ..runs import row_key
 from ..safefile import ensure_dir, save_figure, write_text
-from .report import (
+from .benches import Benches, bench_value, load_benches
+from .markdown import md_cell
+from .tables import (
     config_groups,
     find_results,
     length_groups,
@@ -53,16 +55,9 @@ from .report import (
     summarize,
     task_average,
 )
-from .runner import row_key
 
 MiB = 2**20
-#: rows of the bench JSONs that are not methods (the plain model; the activations-only baseline)
-NOT_METHODS = ("transformers", "activations only")
-#: kind -> the field of a bench cell this module reads
-BENCH_FIELDS = {"ttft": "ttft_s", "memory": "peak_over_activations"}
 PEAK_MARK, TTFT_MARK = "†", "‡"
-#: the loaded files of one kind (`load_benches`), one per budget
-Benches = list[dict[str, Any]]
 
 
 @dataclass
@@ -151,82 +146,6 @@ def row_prompt_tokens(row: dict[str, Any]) -> float | None:
     for value in (row.get("prompt_tokens"), md.get("prompt_tokens"), md.get("length")):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-    return None
-
-
-def load_bench(path: str | Path, kind: str) -> dict[str, Any]:
-    """A `dapq bench ttft` / `dapq bench memory` result (kind "ttft" / "memory"), checked; else a one-line DapqError."""
-    p = Path(path)
-    what = f"the {kind}.json that `dapq bench {kind}` writes"
-    if not p.is_file():
-        raise DapqError(f"--{kind} {p}: no such file; pass {what}.")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        raise DapqError(f"--{kind} {p} is not JSON; pass {what}.") from None
-    if not isinstance(data, dict) or data.get("kind") != kind or not isinstance(data.get("rows"), dict):
-        found = data.get("kind") if isinstance(data, dict) else None
-        raise DapqError(f"--{kind} {p} is not a `dapq bench {kind}` result (kind {found!r}); pass {what}.")
-    field = BENCH_FIELDS[kind]
-    for method, cells in data["rows"].items():
-        if method in NOT_METHODS:
-            continue
-        if not isinstance(cells, dict) or not all(isinstance(c, dict) for c in cells.values()):
-            raise DapqError(f"--{kind} {p}: row {method!r} is not a table of lengths; pass {what}.")
-        for length, cell in cells.items():
-            value = cell.get(field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise DapqError(
-                    f"--{kind} {p}: {clean_label(method)!r} at {clean_label(length)} has no finite, non-negative "
-                    f"{field!r}; pass {what}."
-                )
-            _cell_length(cell, length, p)
-    budget = data.get("budget")
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget < 0:
-        raise DapqError(f"--{kind} {p} has no finite, non-negative budget; pass {what}.")
-    data["rows"] = {clean_label(m, limit=10_000): cells for m, cells in data["rows"].items()}  # names as rows clean
-    data["_path"] = str(p)
-    return data
-
-
-def _cell_length(cell: dict[str, Any], key: str, path: Path) -> int:
-    tokens = cell.get("prompt_tokens")
-    if isinstance(tokens, int) and not isinstance(tokens, bool):
-        return tokens
-    try:
-        return int(key)
-    except ValueError:
-        raise DapqError(f"{path}: length {key!r} is not a number; pass a file written by `dapq bench`.") from None
-
-
-def load_benches(paths: str | Path | Sequence[str | Path] | None, kind: str) -> Benches | None:
-    """Several bench results of one kind, one per budget (`--memory a.json --memory b.json`); None for none."""
-    if paths is None:
-        return None
-    benches = [load_bench(p, kind) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
-    budgets = [float(b["budget"]) for b in benches]
-    for budget in budgets:
-        if budgets.count(budget) > 1:
-            names = ", ".join(b["_path"] for b in benches if float(b["budget"]) == budget)
-            raise DapqError(f"--{kind}: {names} are all at budget {budget:g}; pass one file per budget.")
-    return benches or None
-
-
-def bench_value(benches: Benches | None, method: str, budget: Any, tokens: float | None) -> tuple[float, int] | None:
-    """(value, bench length) of `method` at `budget` in the bench file of that budget, at the length nearest to
-    `tokens`; None when no file measured that method at that budget. FullKV (budget None) matches the first file
-    that measured it, whatever its budget."""
-    if not benches or method in NOT_METHODS:
-        return None
-    for bench in benches:
-        cells = bench["rows"].get(method)
-        if not cells or (budget is not None and float(budget) != float(bench["budget"])):
-            continue
-        path = Path(bench["_path"])
-        options = [(_cell_length(c, k, path), c) for k, c in cells.items()]
-        target = tokens if tokens is not None else min(n for n, _ in options)
-        length, cell = min(options, key=lambda o: (abs(o[0] - target), o[0]))
-        return float(cell[BENCH_FIELDS[bench["kind"]]]), length
     return None
 
 
@@ -368,8 +287,8 @@ def markdown_table(group: Group, ttft: Benches | None = None, memory: Benches | 
     peak, first = _headers(ttft, memory)
     head = ["method", "budget", "accuracy", peak, first, "n samples", "front"]
     table = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    table += ["| " + " | ".join(_md_cell(c) for c in _cells(p, ttft, memory)) + " |" for p in group.points]
-    return "\n\n".join(["\n".join(table), *(_md_cell(n) for n in _notes(group, ttft, memory))])
+    table += ["| " + " | ".join(md_cell(c) for c in _cells(p, ttft, memory)) + " |" for p in group.points]
+    return "\n\n".join(["\n".join(table), *(md_cell(n) for n in _notes(group, ttft, memory))])
 
 
 def print_table(group: Group, console: Console, ttft: Benches | None = None, memory: Benches | None = None) -> None:
@@ -383,10 +302,6 @@ def print_table(group: Group, console: Console, ttft: Benches | None = None, mem
     console.print(table)
     for note in _notes(group, ttft, memory):
         console.print(escape(note))
-
-
-def _md_cell(text: Any) -> str:
-    return clean_label(text, limit=10_000).replace("|", "\\|")
 
 
 # ---------------------------------------------------------------------------------------------------- figure
@@ -506,9 +421,9 @@ def write_front(
     first = Path(paths[0])
     out_dir = Path(out) if out is not None else (first if first.is_dir() else first.parent)
     ensure_dir(out_dir, "--out")
-    md = ["# Accuracy, peak KV and TTFT", "", f"Runs: {', '.join(_md_cell(p) for p in paths)}", ""]
+    md = ["# Accuracy, peak KV and TTFT", "", f"Runs: {', '.join(md_cell(p) for p in paths)}", ""]
     if methods:
-        md += [f"Methods: {', '.join(_md_cell(m) for m in methods)} (the others of these runs left out).", ""]
+        md += [f"Methods: {', '.join(md_cell(m) for m in methods)} (the others of these runs left out).", ""]
     if same_samples:
         md += ["Every point of a table is measured on the same samples (those all its points scored).", ""]
     if dropped:
@@ -520,7 +435,7 @@ def write_front(
     for group in groups:
         figure = front_figure(group, out_dir / f"{group.file_stem}.png", ttft_data, memory_data)
         if len(groups) > 1:
-            md += [f"## {_md_cell(group.title)}", ""]
+            md += [f"## {md_cell(group.title)}", ""]
         print_table(group, console, ttft_data, memory_data)
         md += [markdown_table(group, ttft_data, memory_data), "", f"![{figure.stem}]({figure.name})", ""]
     report = out_dir / "front.md"

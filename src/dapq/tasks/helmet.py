@@ -1,7 +1,7 @@
 """HELMET loader for the 11 subsets in the DapQ paper's Table 14: ICL, LongQA and RAG, rebuilt as HELMET's data.py
 builds them, from local files (or the hub where HELMET itself reads the hub).
 
-    from dapq.bench.helmet import helmet_samples
+    from dapq.tasks.helmet import helmet_samples
     samples = helmet_samples(tokenizer, "kilt_nq", data_dir="~/HELMET/data", length=8192)
     # CLI: dapq eval helmet --data-dir ~/HELMET/data --subsets kilt_nq,icl_banking77 --length 8192
 
@@ -44,6 +44,7 @@ Tests: tests/test_loaders.py.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import math
 import random
@@ -52,8 +53,11 @@ from typing import Any
 
 from ..errors import DapqError
 from ..prompts import fit_prompt
-from .base import Sample
-from .longbench import import_datasets, read_records
+from .helmet_files import HELMET_SEED, find_file, helmet_meta, hub_rows, permutation, sha_int
+from .helmet_longqa import longqa_samples
+from .longbench import read_records
+from .registry import Family, Task, TaskArgs, select_tasks
+from .sample import Sample
 
 __all__ = ["HELMET_SUBSETS", "HELMET_LENGTHS", "HELMET_METRICS", "helmet_samples"]
 
@@ -81,7 +85,6 @@ HELMET_METRICS: dict[str, str] = {
 _MAX_NEW = {"icl": 20, "kilt": 20, "narrativeqa": 100, "infbench_qa_eng": 10}
 #: max_test_samples in HELMET's configs
 _DEFAULT_N = {"icl": 500, "kilt": 100, "narrativeqa": 100, "infbench_qa_eng": 100}
-_SEED = 42
 _HINT_RAG = (
     "Get HELMET's data with `wget https://huggingface.co/datasets/princeton-nlp/HELMET/resolve/main/data.tar.gz && "
     "tar xzf data.tar.gz` and pass the extracted data/ folder as data_dir (CLI: --data-dir)."
@@ -124,45 +127,6 @@ _RAG_INSTRUCTION = (
 )
 _RAG_SHOTS = 2
 
-# ---------------------------------------------------------------------------------------------------- LongQA
-_NARRATIVEQA_INSTRUCTION = (
-    "You are given a story, which can be either a novel or a movie script, and a question. Answer the question as "
-    "concisely as you can, using a single phrase if possible.\n\n"
-)
-_INFBENCH_INSTRUCTION = (
-    "You are given a story and a question. Answer the question as concisely as you can, using a single phrase if "
-    "possible.\n\n"
-)
-_OMITTED = " ... [the rest of the text is omitted]"
-_LONGQA_SHOTS = 2
-
-
-def _sha_int(text: str) -> int:
-    return int(hashlib.sha256(text.encode("utf-8")).hexdigest(), 16)
-
-
-def _permutation(n: int, seed: int) -> list[int]:
-    """`datasets.Dataset.shuffle(seed=seed)`'s order: numpy's default_rng(seed).permutation(n)."""
-    import numpy as np
-
-    return [int(i) for i in np.random.default_rng(seed).permutation(n)]
-
-
-def _find(root: Path, names: list[str], hint: str, what: str) -> Path:
-    for name in names:
-        if (root / name).is_file():
-            return root / name
-    raise DapqError(f"HELMET {what}: none of {', '.join(str(root / n) for n in names)} exists. {hint}")
-
-
-def _hub_rows(name: str, config: str | None, split: str, hint: str) -> list[dict[str, Any]]:
-    datasets = import_datasets()
-    try:
-        ds = datasets.load_dataset(name, config, split=split) if config else datasets.load_dataset(name, split=split)
-    except Exception as err:  # network, hub or script errors: say what to do instead
-        raise DapqError(f"Could not load {name} ({split}) from the hub ({type(err).__name__}: {err}). {hint}") from None
-    return [dict(r) for r in ds]
-
 
 # ---------------------------------------------------------------------------------------------------- public
 def helmet_samples(
@@ -200,7 +164,7 @@ def helmet_samples(
         return _rag(tokenizer, subset, root, length, budget, count, common)
     if kind == "icl":
         return _icl(tokenizer, subset, root, length, budget, count, common, from_hub)
-    return _longqa(tokenizer, subset, root, length, budget, count, common, from_hub)
+    return longqa_samples(tokenizer, subset, root, length, budget, count, common, from_hub)
 
 
 # ---------------------------------------------------------------------------------------------------- RAG
@@ -209,8 +173,8 @@ def _rag(
 ) -> list[Sample]:
     test_name, demo_name = _RAG_FILES[subset]
     test_name = test_name.format(k=_RAG_K[length])
-    test_path = _find(root, [f"kilt/{test_name}", test_name], _HINT_RAG, f"{subset} test file")
-    demo_path = _find(root, [f"kilt/{demo_name}", demo_name], _HINT_RAG, f"{subset} demo file")
+    test_path = find_file(root, [f"kilt/{test_name}", test_name], _HINT_RAG, f"{subset} test file")
+    demo_path = find_file(root, [f"kilt/{demo_name}", demo_name], _HINT_RAG, f"{subset} demo file")
     data, demos = read_records(test_path), read_records(demo_path)
     if "popqa" in subset:  # load_qa: keep log10(s_pop) < threshold (the suffix of the name) in data and demos
         threshold = float(subset.split("_")[-1])
@@ -218,7 +182,7 @@ def _rag(
         demos = [d for d in demos if math.log10(d["s_pop"]) < threshold]
     key = "id" if data and "id" in data[0] else "question"
     keys = sorted({str(d[key]) for d in data})
-    chosen = set(random.Random(_SEED).sample(keys, min(count, len(keys))))  # eval.py seeds `random` with 42 first
+    chosen = set(random.Random(HELMET_SEED).sample(keys, min(count, len(keys))))  # eval.py seeds `random` with 42 first
     data = [d for d in data if str(d[key]) in chosen]
 
     def passages(ctxs: list[dict[str, Any]]) -> str:
@@ -230,7 +194,7 @@ def _rag(
         pool = [x for x in demos if str(x.get(key)) != sample_key] if "popqa" in subset else demos
         picked: list[dict[str, Any]] = []
         seen: set[str] = set()
-        for i in _permutation(len(pool), _sha_int(sample_key) % 2**31):  # shuffle(seed=h), drop_duplicates, select
+        for i in permutation(len(pool), sha_int(sample_key) % 2**31):  # shuffle(seed=h), drop_duplicates, select
             k = str(pool[i].get(key))
             if k not in seen:
                 seen.add(k)
@@ -243,7 +207,7 @@ def _rag(
         demo_text = demo_text + "\n\n" if picked else ""
         answers = d["answers"] if isinstance(d["answers"], list) else [d["answers"]]
         sid = sample_key if key == "id" else hashlib.sha256(sample_key.encode("utf-8")).hexdigest()[:16]
-        metadata = _meta(subset, length, prefix="Answer:", parse="Answer:", stop=True, parsed_only=False)
+        metadata = helmet_meta(subset, length, prefix="Answer:", parse="Answer:", stop=True, parsed_only=False)
 
         def make(
             doc: str, d: dict = d, demo_text: str = demo_text, sid: str = sid, answers: list = answers, md=metadata
@@ -263,17 +227,6 @@ def _rag(
     return samples
 
 
-def _meta(subset: str, length: int, *, prefix: str, parse: str, stop: bool, parsed_only: bool) -> dict[str, Any]:
-    return {
-        "subset": subset,
-        "length": length,
-        "stop_on_newline": stop,
-        "helmet_output_prefix": prefix,
-        "helmet_parse_prefix": parse,
-        "helmet_parsed_only": parsed_only,
-    }
-
-
 # ---------------------------------------------------------------------------------------------------- ICL
 def _icl_rows(subset: str, root: Path, hub: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     folder, name, config, train_split, test_split, _, _ = _ICL_DATA[subset]
@@ -284,21 +237,21 @@ def _icl_rows(subset: str, root: Path, hub: bool) -> tuple[list[dict[str, Any]],
     )
     splits = [train_split] + ([test_split] if test_split else [])
     if hub:
-        rows = [_hub_rows(name, config, s, hint) for s in splits]
+        rows = [hub_rows(name, config, s, hint) for s in splits]
     else:
-        rows = [read_records(_find(root, [f"icl/{folder}/{s}.jsonl"], hint, f"{subset} {s} split")) for s in splits]
+        rows = [read_records(find_file(root, [f"icl/{folder}/{s}.jsonl"], hint, f"{subset} {s} split")) for s in splits]
     if test_split:
         return rows[0], rows[1]
     # nlu: Dataset.train_test_split(test_size=0.1, seed=42): test = perm[:ceil(0.1 n)], train = the rest, in order
     data = rows[0]
     n_test = math.ceil(0.1 * len(data))
-    perm = _permutation(len(data), _SEED)
+    perm = permutation(len(data), HELMET_SEED)
     return [data[i] for i in perm[n_test:]], [data[i] for i in perm[:n_test]]
 
 
 def _balance_labels(train: list[dict[str, Any]], label_field: str, shots: int) -> list[dict[str, Any]]:
     """load_icl's balance_labels: rounds of one example per label, each round shuffled, random.Random(42)."""
-    rand = random.Random(_SEED)
+    rand = random.Random(HELMET_SEED)
     by_label: dict[Any, list[dict[str, Any]]] = {}
     for x in train:
         by_label.setdefault(x[label_field], []).append(x)
@@ -335,16 +288,16 @@ def _icl(
     shots = _ICL_SHOTS[subset][HELMET_LENGTHS.index(length)]
     indices = list(range(len(test)))
     if len(test) > count:  # test_data.shuffle(seed=42).select(range(max_test_sample))
-        indices = _permutation(len(test), _SEED)[:count]
+        indices = permutation(len(test), HELMET_SEED)[:count]
     demos = _balance_labels(train, label_field, shots)  # the same demos for every test item (fixed seed)
     samples = []
     for index in indices:
         row = test[index]
         text = str(row["text"])
         mapping = list(range(num_labels))  # labels shown as random numbers, one permutation per test text
-        random.Random((_sha_int(text) + _SEED) % 2**31).shuffle(mapping)
+        random.Random((sha_int(text) + HELMET_SEED) % 2**31).shuffle(mapping)
         demo_text = "\n\n".join(f"{x['text']}\nlabel: {mapping[int(x[label_field])]}" for x in demos)
-        metadata = _meta(subset, length, prefix="label:", parse="label:", stop=True, parsed_only=True)
+        metadata = helmet_meta(subset, length, prefix="label:", parse="label:", stop=True, parsed_only=True)
         metadata["shots"] = shots
         answer = str(mapping[int(row[label_field])])
 
@@ -364,103 +317,52 @@ def _icl(
     return samples
 
 
-# ---------------------------------------------------------------------------------------------------- LongQA
-def _text_of(value: Any) -> str:
-    return str(value.get("text", "")) if isinstance(value, dict) else str(value)
+# ---------------------------------------------------------------------------------------------------- the family
+DEFAULT_LENGTH = 8192
 
 
-def _longqa_rows(subset: str, root: Path, hub: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(test rows, demo pool) as flat {id, context, question, answers} dicts."""
-    if subset == "infbench_qa_eng":
-        hint = (
-            "Download longbook_qa_eng.jsonl of InfiniteBench (hub dataset xinrongzhang2022/InfiniteBench) into "
-            f"{root / 'infbench'}/, or use from_hub=True (CLI: --from-hub) on a machine with network."
+def _generate(tokenizer: Any, task: Task, args: TaskArgs) -> list[Sample]:
+    return [
+        s
+        for length in list(args.lengths) or [DEFAULT_LENGTH]
+        for s in helmet_samples(
+            tokenizer,
+            task.subtask or "",
+            args.data_dir,
+            length=length,
+            max_prompt_tokens=args.max_prompt_tokens,
+            n=args.n,
+            from_hub=args.from_hub,
         )
-        if hub:
-            raw = _hub_rows("xinrongzhang2022/InfiniteBench", None, "longbook_qa_eng", hint)
-        else:
-            raw = read_records(
-                _find(root, ["infbench/longbook_qa_eng.jsonl", "longbook_qa_eng.jsonl"], hint, "infbench_qa_eng file")
-            )
-        rows = [
-            {"id": str(r.get("id", i)), "context": str(r["context"]), "question": str(r["input"]),
-             "answers": [str(a) for a in (r["answer"] if isinstance(r["answer"], list) else [r["answer"]])]}
-            for i, r in enumerate(raw)
-        ]  # fmt: skip
-        return rows, rows
-    hint = (
-        "Write the test and train splits of the hub dataset deepmind/narrativeqa as JSON lines to "
-        f"{root / 'narrativeqa'}/test.jsonl and train.jsonl, or use from_hub=True (CLI: --from-hub) online."
+    ]
+
+
+def _options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=None, help="HELMET's data/ folder")
+    p.add_argument("--subsets", default="all", help="all (the 11 subsets of the paper) or comma-separated names")
+    p.add_argument(
+        "--length", type=int, default=DEFAULT_LENGTH, help="HELMET input length (picks RAG files, ICL shots)"
     )
-    if hub:
-        test_raw = _hub_rows("deepmind/narrativeqa", None, "test", hint)
-        train_raw = _hub_rows("deepmind/narrativeqa", None, "train", hint)
-    else:
-        test_raw = read_records(_find(root, ["narrativeqa/test.jsonl"], hint, "narrativeqa test split"))
-        train_raw = read_records(_find(root, ["narrativeqa/train.jsonl"], hint, "narrativeqa train split"))
-
-    def flat(i: int, r: dict[str, Any]) -> dict[str, Any]:
-        doc = r.get("document", r.get("context", ""))
-        answers = r.get("answers", r.get("answer", []))
-        return {
-            "id": str(i),
-            "context": _text_of(doc),
-            "question": _text_of(r.get("question", "")),
-            "answers": [_text_of(a) for a in (answers if isinstance(answers, list) else [answers])],
-        }
-
-    return [flat(i, r) for i, r in enumerate(test_raw)], [flat(i, r) for i, r in enumerate(train_raw)]
+    p.add_argument("--from-hub", action="store_true", help="download from the hub (needs network and `datasets`)")
 
 
-def _longqa(
-    tokenizer: Any,
-    subset: str,
-    root: Path,
-    length: int,
-    budget: int,
-    count: int,
-    common: dict[str, Any],
-    hub: bool,
-) -> list[Sample]:
-    test, pool = _longqa_rows(subset, root, hub)
-    chosen = _permutation(len(test), _SEED)[: min(count, len(test))]  # shuffle(seed=42).select(range(100))
-    use_chat = getattr(tokenizer, "chat_template", None) is not None  # HELMET's longqa configs use the chat template
-    infbench = subset == "infbench_qa_eng"
-    instruction = _INFBENCH_INSTRUCTION if infbench else _NARRATIVEQA_INSTRUCTION
-    # without a chat template HELMET appends its system template: "\n\nAnswer:" (infbench) or "\nAnswer:"
-    answer_prefix = "" if use_chat else ("\n\nAnswer:" if infbench else "\nAnswer:")
-    samples = []
-    for index in chosen:
-        row = test[index]
-        demo = _longqa_demo(row, pool, infbench)
-        metadata = _meta(subset, length, prefix="" if use_chat else "Answer:", parse="Answer:", stop=False,
-                         parsed_only=False)  # fmt: skip
-
-        def make(doc: str, row: dict = row, demo: str = demo, md: dict = metadata) -> Sample:
-            return Sample(
-                id=row["id"],
-                context=instruction + demo + doc,
-                question=f"Question: {row['question']}",
-                references=list(row["answers"]),
-                answer_prefix=answer_prefix,
-                chat_template=use_chat,
-                metadata=dict(md),
-                **common,
-            )
-
-        samples.append(fit_prompt(tokenizer, make, row["context"], budget, keep="head", marker=_OMITTED))
-    return samples
+def _plan(args: argparse.Namespace) -> tuple[list[str], TaskArgs]:
+    names = select_tasks("helmet", args.subsets)
+    return names, TaskArgs(
+        lengths=(args.length,),
+        data_dir=args.data_dir,
+        from_hub=args.from_hub,
+        n=args.samples,
+        max_prompt_tokens=args.max_prompt_tokens,
+    )
 
 
-def _longqa_demo(row: dict[str, Any], pool: list[dict[str, Any]], infbench: bool) -> str:
-    if infbench:  # all_data.filter(id != this id).shuffle(seed=42).select(range(2))
-        others = [x for x in pool if x["id"] != row["id"]]
-        picked = [others[i] for i in _permutation(len(others), _SEED)[:_LONGQA_SHOTS]]
-        body = "\n\n".join(f"[story text]\nQuestion: {x['question']}\nAnswer: {x['answers'][0]}" for x in picked)
-        return f"For example:\n\n{body}\n\nNow, read the following story:\n\n"
-    # narrativeqa: HELMET draws 2 train questions with an unseeded shuffle; we seed by the question text
-    usable = [x for x in pool if x["answers"]]
-    seed = _sha_int(row["question"]) % 2**31
-    picked = [usable[i] for i in _permutation(len(usable), seed)[:_LONGQA_SHOTS]]
-    body = "\n\n".join(f"Question: {x['question']}\nAnswer: {x['answers'][0]}" for x in picked)
-    return f"For example:\n\n{body}\n\nNow, use the following story to answer the question:\n\n"
+FAMILY = Family(
+    "helmet",
+    lambda: [Task(f"helmet/{s}", "helmet", HELMET_METRICS[s], False, _generate) for s in HELMET_SUBSETS],
+    help="HELMET subsets from local files",
+    add_options=_options,
+    plan=_plan,
+    word="HELMET subset",
+    row_settings=("data_dir", "from_hub", "length"),
+)

@@ -18,11 +18,13 @@ found in the output, case-insensitive).
 
 from __future__ import annotations
 
+import argparse
 import random
 from typing import Any
 
 from ..errors import DapqError
-from .base import Sample
+from .registry import Family, Task, TaskArgs, lengths_of, parse_lengths, select_tasks
+from .sample import Sample
 
 UNSEEN_KINDS = ("name", "code", "date", "twofact")
 METRIC = "string_match_all"
@@ -126,3 +128,33 @@ def unseen_samples(tokenizer: Any, kind: str, length: int, n: int, seed: int = 0
             )
         )
     return out
+
+
+# ---------------------------------------------------------------------------------------------------- the family
+DEFAULT_SAMPLES = 20
+
+
+def _generate(tokenizer: Any, task: Task, args: TaskArgs) -> list[Sample]:
+    n = args.n or DEFAULT_SAMPLES
+    kind = task.subtask or ""
+    return [s for length in lengths_of(task, args) for s in unseen_samples(tokenizer, kind, length, n, args.seed)]
+
+
+def _options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kinds", default="all", help="all (name, code, date, twofact) or comma-separated kinds")
+    p.add_argument("--lengths", default="2048,4096", help="prompt lengths: a list (2048,4096 or 2k,4k) or a range")
+
+
+def _plan(args: argparse.Namespace) -> tuple[list[str], TaskArgs]:
+    names = select_tasks("unseen", args.kinds)
+    return names, TaskArgs(lengths=parse_lengths(args.lengths), n=args.samples, seed=args.seed)
+
+
+FAMILY = Family(
+    "unseen",
+    lambda: [Task(f"unseen/{k}", "unseen", METRIC, True, _generate) for k in UNSEEN_KINDS],
+    help="the unseen-kinds set: names, codes, dates, two-sentence facts in Python's docs",
+    add_options=_options,
+    plan=_plan,
+    word="unseen kind",
+)

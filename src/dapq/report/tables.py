@@ -24,10 +24,11 @@ from rich.table import Table
 from ..checks import clean_label
 from ..errors import DapqError
 from ..extras import require
+from ..runs import RESULTS, RUN_FILE, load_rows
 from ..safefile import save_figure, write_text
-from .metrics import row_score_max
+from ..tasks.metrics import row_score_max
+from .markdown import LABEL_LIMIT, md_cell
 from .paired import DEFAULT_BOOT, PAIRED_HEADERS, paired, paired_cells, parse_pair
-from .runner import RESULTS, RUN_FILE, load_rows
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+=-]+")
 
@@ -59,7 +60,6 @@ def load_all(path: str | Path) -> list[dict[str, Any]]:
 
 #: the row fields shown as labels (tables, markdown, figure legends and titles), cleaned of control characters
 LABELS = ("sample_id", "task", "method", "method_key", "metric")
-LABEL_LIMIT = 10_000
 
 
 def load_files(files: Iterable[Path]) -> list[dict[str, Any]]:
@@ -68,7 +68,7 @@ def load_files(files: Iterable[Path]) -> list[dict[str, Any]]:
     for f in files:
         settings = _settings(f.parent)
         for row in load_rows(f, repair=False):
-            if row.get("error"):  # a sample that failed twice on Ray (dapq.bench.distributed): no result to report
+            if row.get("error"):  # a sample that failed twice on Ray (dapq.harness.scheduler): no result to report
                 continue
             for label in LABELS:  # no terminal escape or bidi override from a file reaches a table or a figure
                 if isinstance(row.get(label), str):
@@ -163,10 +163,10 @@ def markdown_tables(rows: list[dict[str, Any]]) -> str:
     for budget in budgets or [None]:
         lines.append(f"### Budget {budget}" if budget is not None else "### No budget")
         lines.append("")
-        lines.append("| method | " + " | ".join(_md_cell(t) for t in tasks) + " | AVG |")
+        lines.append("| method | " + " | ".join(md_cell(t) for t in tasks) + " | AVG |")
         lines.append("|---" * (len(tasks) + 2) + "|")
         for cells in _block(tasks, methods, budget, means):
-            lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+            lines.append("| " + " | ".join(md_cell(c) for c in cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -282,7 +282,7 @@ def write_report(
     path: str | Path, console: Console | None = None, pairs: Iterable[str] | None = None, n_boot: int = DEFAULT_BOOT
 ) -> Path:
     """Print the tables; write report.md and the figures into the results folder. `pairs` ('A,B' each): after each
-    length's tables, A against B on the prompts both scored, with a paired-bootstrap interval (`dapq.bench.paired`)."""
+    length's tables, A against B on the prompts both scored, with a paired-bootstrap interval (`dapq.report.paired`)."""
     console = console or Console()
     rows = load_all(path)
     if not rows:
@@ -297,7 +297,7 @@ def write_report(
         prefix = f"config{n}_" if len(configs) > 1 else ""
         if len(configs) > 1:  # never one table over runs of different models, modes, ...
             console.print(f"[bold]Configuration {n}[/bold]: {escape(described)}")
-            md += f"# Configuration {n}\n\n{_md_cell(described)}\n\n"
+            md += f"# Configuration {n}\n\n{md_cell(described)}\n\n"
         figures += niah_heatmaps(config_rows, out_dir, prefix)
         for length, group in length_groups(config_rows):
             if length is not None:
@@ -339,11 +339,6 @@ def paired_tables(
     for p in found:
         row = paired_cells(p)
         table.add_row(*(escape(c) for c in row))
-        lines.append("| " + " | ".join(_md_cell(c) for c in row) + " |")
+        lines.append("| " + " | ".join(md_cell(c) for c in row) + " |")
     console.print(table)
     return "\n".join(lines) + "\n"
-
-
-def _md_cell(text: Any) -> str:
-    """Untrusted text as one markdown table cell / line (no control characters)."""
-    return clean_label(text, limit=LABEL_LIMIT).replace("|", "\\|")

@@ -1,22 +1,22 @@
 """Merge the result rows of several `dapq eval` run folders (or .jsonl / .jsonl.gz files) into one gzipped JSONL.
 
-    from dapq.bench.merge import merge_files
+    from dapq.runs.merge import merge_files
     summary = merge_files(["runs/est4k-a", "runs/est4k-b"], "docs/results/estimators/ruler-4k.jsonl.gz")
     print(summary.line())
 
 (the command line: `dapq merge runs/est4k-a runs/est4k-b --out docs/results/estimators/ruler-4k.jsonl.gz`)
 
 Sweeps split over processes each start from a copy of the committed rows, so the same row appears in several
-inputs: a row is kept once per `dapq.bench.runner.row_key` (sample, method, budget, method config), the first one
+inputs: a row is kept once per `dapq.harness.runner.row_key` (sample, method, budget, method config), the first one
 read wins. Error rows (a sample that failed on Ray) are dropped: they are not results. The gzip header carries no
 time stamp and no file name, so the same rows give the same bytes.
 
-Rows are read with `dapq.bench.runner.load_rows` (read-only, every row checked: a bad line is a one-line error that
+Rows are read with `dapq.harness.runner.load_rows` (read-only, every row checked: a bad line is a one-line error that
 names the file and line). A folder input is its results.jsonl and run.json.
 
 Configurations: rows of different configurations (model, dtype, mode, seed, bench options, dapq version, ...) are
 never deduplicated against each other. A row's configuration is its `config_id` (the hash of its run's settings,
-`dapq.bench.runner.row_meta`); a row without one (written before rows carried it) takes its folder's run.json
+`dapq.harness.runner.row_meta`); a row without one (written before rows carried it) takes its folder's run.json
 settings (hashed the same way) when it comes from a run folder, else its model, mode and seed, the fields
 `dapq report` groups such rows by. By default inputs that hold more than one configuration are refused with a
 one-line error naming them and what differs; `keep_apart=True` keeps all of them (deduplicated within each).
@@ -38,7 +38,7 @@ from typing import Any
 
 from ..errors import DapqError
 from ..safefile import check_target, write_bytes
-from .runner import RESULTS, RUN_FILE, check_row, config_hash, load_rows, row_key
+from .store import RESULTS, RUN_FILE, check_row, config_hash, load_rows, row_key
 
 __all__ = [
     "MergeInput",

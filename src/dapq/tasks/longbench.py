@@ -1,6 +1,6 @@
 """LongBench v1 loader: the 13 English subsets the DapQ paper uses, with the official prompts, lengths and metrics.
 
-    from dapq.bench.longbench import longbench_samples
+    from dapq.tasks.longbench import longbench_samples
     samples = longbench_samples(tokenizer, "hotpotqa", data_dir="~/data/LongBench", max_prompt_tokens=7680)
     # CLI: dapq eval longbench --data-dir ~/data/LongBench --subsets qasper,hotpotqa   (or --from-hub when online)
 
@@ -22,13 +22,15 @@ LongBench v2 and HELMET loaders (`read_records`, `import_datasets`). Tests: test
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
 
 from ..errors import DapqError
 from ..prompts import fit_prompt, split_at_junction
-from .base import Sample
+from .registry import Family, Task, TaskArgs, select_tasks
+from .sample import Sample
 
 __all__ = [
     "LONGBENCH_SUBSETS",
@@ -138,7 +140,7 @@ LONGBENCH_MAX_NEW_TOKENS: dict[str, int] = {
     "repobench-p": 64,
 }
 
-#: eval.py dataset2metric, with names of `dapq.bench.metrics.METRICS`
+#: eval.py dataset2metric, with names of `dapq.tasks.metrics.METRICS`
 LONGBENCH_METRICS: dict[str, str] = {
     "qasper": "qa_f1",
     "multifieldqa_en": "qa_f1",
@@ -291,3 +293,39 @@ def longbench_samples(
 
         samples.append(fit_prompt(tokenizer, make, str(rec["context"]), max_prompt_tokens, keep="middle"))
     return samples
+
+
+# ---------------------------------------------------------------------------------------------------- the family
+def _generate(tokenizer: Any, task: Task, args: TaskArgs) -> list[Sample]:
+    return longbench_samples(
+        tokenizer,
+        task.subtask or "",
+        data_dir=args.data_dir,
+        from_hub=args.from_hub,
+        max_prompt_tokens=args.max_prompt_tokens,
+        n=args.n,
+    )
+
+
+def _options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=None, help="folder with the subsets' .jsonl files (LongBench's data.zip)")
+    p.add_argument("--subsets", default="all", help="all (the 13 English subsets) or comma-separated names")
+    p.add_argument("--from-hub", action="store_true", help="download THUDM/LongBench (needs network and `datasets`)")
+
+
+def _plan(args: argparse.Namespace) -> tuple[list[str], TaskArgs]:
+    names = select_tasks("longbench", args.subsets)
+    return names, TaskArgs(
+        data_dir=args.data_dir, from_hub=args.from_hub, n=args.samples, max_prompt_tokens=args.max_prompt_tokens
+    )
+
+
+FAMILY = Family(
+    "longbench",
+    lambda: [Task(f"longbench/{s}", "longbench", LONGBENCH_METRICS[s], False, _generate) for s in LONGBENCH_SUBSETS],
+    help="LongBench v1 English subsets from local files",
+    add_options=_options,
+    plan=_plan,
+    word="LongBench subset",
+    row_settings=("data_dir", "from_hub"),
+)

@@ -1,7 +1,7 @@
 """LongBench v2 loader: 503 multiple-choice questions over long contexts, scored Overall / Easy / Hard / Short /
 Medium / Long.
 
-    from dapq.bench.longbench_v2 import longbench_v2_samples, V2_GROUPS
+    from dapq.tasks.longbench_v2 import longbench_v2_samples, V2_GROUPS
     samples = longbench_v2_samples(tokenizer, "~/data/LongBench-v2/data.json", max_prompt_tokens=7680)
     # CLI: dapq eval longbench-v2 --data-file ~/data/LongBench-v2/data.json
 
@@ -17,13 +17,15 @@ Tests: tests/test_loaders.py.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
 from ..errors import DapqError
 from ..prompts import fit_prompt
-from .base import Sample
 from .longbench import read_records
+from .registry import Family, Task, TaskArgs
+from .sample import Sample
 
 __all__ = ["longbench_v2_samples", "V2_GROUPS", "V2_MAX_NEW_TOKENS"]
 
@@ -106,3 +108,33 @@ def longbench_v2_samples(
 
         samples.append(fit_prompt(tokenizer, make, str(rec["context"]).strip(), max_prompt_tokens, keep="middle"))
     return samples
+
+
+# ---------------------------------------------------------------------------------------------------- the family
+def _generate(tokenizer: Any, task: Task, args: TaskArgs) -> list[Sample]:
+    data_file = args.data_file
+    if data_file is None and args.data_dir is not None:
+        data_file = Path(args.data_dir).expanduser() / "data.json"
+    if data_file is None:
+        raise DapqError("longbench-v2 reads THUDM/LongBench-v2's data.json: pass its path (CLI: --data-file).")
+    return longbench_v2_samples(tokenizer, data_file, max_prompt_tokens=args.max_prompt_tokens, n=args.n)
+
+
+def _options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-file", required=True, help="THUDM/LongBench-v2's data.json")
+
+
+def _plan(args: argparse.Namespace) -> tuple[list[str], TaskArgs]:
+    return ["longbench-v2"], TaskArgs(
+        data_file=args.data_file, n=args.samples, max_prompt_tokens=args.max_prompt_tokens
+    )
+
+
+FAMILY = Family(
+    "longbench-v2",
+    lambda: [Task("longbench-v2", "longbench-v2", "longbench_v2_choice", False, _generate)],
+    help="LongBench v2 from a local file",
+    add_options=_options,
+    plan=_plan,
+    row_settings=("data_file",),
+)

@@ -1,7 +1,7 @@
 """What every benchmark task yields: a `Sample` (context, question, answer prefix, references, metric, metadata).
 
 Tasks are seeded generators (NIAH, RULER) or loaders of local files in the official formats (LongBench v1/v2,
-HELMET). The runner (`dapq.bench.runner`) turns samples into prompts with `dapq.prompts.build_prompt`, so the
+HELMET). The runner (`dapq.harness.runner`) turns samples into prompts with `dapq.prompts.build_prompt`, so the
 context part is what question-agnostic mode compresses and context + question is what query-aware mode compresses.
 """
 
@@ -15,7 +15,7 @@ T = TypeVar("T")
 
 @dataclass
 class Sample:
-    """One evaluation item. `metric` names a function in `dapq.bench.metrics.METRICS`."""
+    """One evaluation item. `metric` names a function in `dapq.tasks.metrics.METRICS`."""
 
     id: str  # unique within its task, stable across runs with the same seed (used to resume)
     task: str  # e.g. "niah", "ruler/niah_single_1", "longbench/qasper"

@@ -1,34 +1,10 @@
-"""The RULER benchmark (Hsieh et al., 2024, "RULER: What's the Real Context Size of Your Long-Context Language
-Models?", arXiv 2404.06654; github.com/NVIDIA/RULER), generated offline at any target length.
-
-All 11 synthetic tasks (S-NIAH-1/2/3, MK-NIAH-1/2/3, MV-NIAH, MQ-NIAH, VT, CWE, FWE) follow the public generation
-scripts: the same templates, needle sentences, word lists (wonderwords), haystacks (noise sentences, Paul Graham
-essays, distractor needles), sampled depths and answer prefixes. Each prompt is fitted with the evaluated model's
-tokenizer and chat template so that prompt + answer prefix + tokens to generate <= the target length, as close to it
-as the haystack's granularity allows. qa_1 (SQuAD v2 dev) and qa_2 (HotpotQA dev distractor) are built from local
-copies of the official files only.
-
-    from dapq.bench.ruler import RULER_TASKS, ruler_samples
-    for task in RULER_TASKS:
-        samples = ruler_samples(tokenizer, task, length=4096, n=50, seed=0)    # sample i uses seed + i
-    qa = ruler_samples(tokenizer, "qa_1", 4096, 50, data_dir="~/data/ruler")  # needs squad.json there
-
-From the command line: `dapq eval ruler --tasks all --lengths 2048,4096 --samples 50 --methods ... --budgets ...`
-("all" is the 11 synthetic tasks; name qa_1/qa_2 explicitly, with --data-dir). Tests: tests/test_tasks.py.
-
-Where the split into `Sample` parts differs from RULER's single prompt string: the instruction and haystack are the
-context, the question is separate (the runner joins them with a blank line, RULER with one newline), and the answer
-prefix follows the chat template's generation prompt.
-
-Speed: haystack token counts are cached per unit (per essay word, noise line, distractor needle, word) and per
-tokenizer, so a sample costs a few exact prompt measurements (`dapq.prompts.fit_units`), not a binary search over
-re-tokenized haystacks.
-"""
+"""RULER's generators for the needle, variable-tracking and word-frequency tasks (arXiv 2404.06654, Sec. 3 and
+App. B): templates, word sources, haystacks and the fitting of each prompt to its target length. `dapq.tasks.ruler`
+is the entry point (`ruler_samples`); qa_1/qa_2 are `dapq.tasks.ruler_qa`."""
 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import random
 import re
@@ -36,7 +12,6 @@ import string
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,38 +20,7 @@ from ..data import haystack_text
 from ..errors import DapqError
 from ..extras import require
 from ..prompts import fit_units, prompt_tokens, tokenizer_cache
-from .base import Sample
 
-RULER_TASKS = (
-    "niah_single_1",
-    "niah_single_2",
-    "niah_single_3",
-    "niah_multikey_1",
-    "niah_multikey_2",
-    "niah_multikey_3",
-    "niah_multivalue",
-    "niah_multiquery",
-    "vt",
-    "cwe",
-    "fwe",
-)
-QA_TASKS = ("qa_1", "qa_2")
-ALL_TASKS = RULER_TASKS + QA_TASKS
-PAPER_NAMES = {
-    "niah_single_1": "S-NIAH-1",
-    "niah_single_2": "S-NIAH-2",
-    "niah_single_3": "S-NIAH-3",
-    "niah_multikey_1": "MK-NIAH-1",
-    "niah_multikey_2": "MK-NIAH-2",
-    "niah_multikey_3": "MK-NIAH-3",
-    "niah_multivalue": "MV-NIAH",
-    "niah_multiquery": "MQ-NIAH",
-    "vt": "VT",
-    "cwe": "CWE",
-    "fwe": "FWE",
-    "qa_1": "QA-1",
-    "qa_2": "QA-2",
-}
 TOKENS_TO_GENERATE = {"niah": 128, "vt": 30, "cwe": 120, "fwe": 50, "qa": 32}
 DEPTHS = [int(d) for d in np.round(np.linspace(0, 100, 40))]
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -109,29 +53,10 @@ FWE_QUESTION = (
     "What are the three most frequently appeared words in the above coded text?"
 )
 FWE_PREFIX = " Answer: According to the coded text above, the three most frequently appeared words are:"
-QA_INSTRUCTION = (
-    "Answer the question based on the given documents. Only give me the answer and do not output any other words."
-)
-QA_INTRO = QA_INSTRUCTION + "\n\nThe following are given documents.\n\n"
-QA_QUESTION = QA_INSTRUCTION + "\n\nQuestion: {query}"
-QA_PREFIX = " Answer:"
-QA_DOC = "Document {i}:\n{document}"
-QA_FILES = {
-    "qa_1": (
-        ("squad.json", "dev-v2.0.json"),
-        "SQuAD v2.0 dev",
-        "https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v2.0.json",
-    ),
-    "qa_2": (
-        ("hotpotqa.json", "hotpot_dev_distractor_v1.json"),
-        "HotpotQA dev (distractor)",
-        "http://curtis.ml.cmu.edu/datasets/hotpot/hotpot_dev_distractor_v1.json",
-    ),
-}
 
 
 @dataclass(frozen=True)
-class _NiahConfig:
+class NiahConfig:
     haystack: str  # noise | essay | needle
     type_k: str  # words | numbers | uuids
     type_v: str
@@ -140,15 +65,15 @@ class _NiahConfig:
     num_q: int = 1
 
 
-_NIAH = {
-    "niah_single_1": _NiahConfig("noise", "words", "numbers"),
-    "niah_single_2": _NiahConfig("essay", "words", "numbers"),
-    "niah_single_3": _NiahConfig("essay", "words", "uuids"),
-    "niah_multikey_1": _NiahConfig("essay", "words", "numbers", num_k=4),
-    "niah_multikey_2": _NiahConfig("needle", "words", "numbers"),
-    "niah_multikey_3": _NiahConfig("needle", "uuids", "uuids"),
-    "niah_multivalue": _NiahConfig("essay", "words", "numbers", num_v=4),
-    "niah_multiquery": _NiahConfig("essay", "words", "numbers", num_k=4, num_q=4),
+NIAH_CONFIGS = {
+    "niah_single_1": NiahConfig("noise", "words", "numbers"),
+    "niah_single_2": NiahConfig("essay", "words", "numbers"),
+    "niah_single_3": NiahConfig("essay", "words", "uuids"),
+    "niah_multikey_1": NiahConfig("essay", "words", "numbers", num_k=4),
+    "niah_multikey_2": NiahConfig("needle", "words", "numbers"),
+    "niah_multikey_3": NiahConfig("needle", "uuids", "uuids"),
+    "niah_multivalue": NiahConfig("essay", "words", "numbers", num_v=4),
+    "niah_multiquery": NiahConfig("essay", "words", "numbers", num_k=4, num_q=4),
 }
 
 
@@ -269,7 +194,7 @@ def _line_est(tokenizer: Any, line: str) -> Callable[[int], float]:
 
 # ---------------------------------------------------------------------------------------------------- the generator
 @dataclass
-class _Parts:
+class Parts:
     context: str
     question: str
     prefix: str
@@ -277,16 +202,16 @@ class _Parts:
     metadata: dict[str, Any]
 
 
-def _fit(
+def fit_parts(
     tokenizer: Any,
-    build: Callable[[int], _Parts],
+    build: Callable[[int], Parts],
     est: Callable[[int], float],
     limit: int,
     n_min: int,
     n_max: int,
     chat_template: bool | None,
     what: str,
-) -> tuple[_Parts, int, int]:
+) -> tuple[Parts, int, int]:
     def measure(n: int) -> int:
         p = build(n)
         return prompt_tokens(tokenizer, p.context, p.question, p.prefix, chat_template)
@@ -295,8 +220,8 @@ def _fit(
     return build(n), n, total
 
 
-def _niah(tokenizer: Any, task: str, length: int, seed: int, chat_template: bool | None) -> tuple[_Parts, int, int]:
-    cfg = _NIAH[task]
+def niah_parts(tokenizer: Any, task: str, length: int, seed: int, chat_template: bool | None) -> tuple[Parts, int, int]:
+    cfg = NIAH_CONFIGS[task]
     rng = random.Random(seed)
     taken: set[str] = set()
     keys = _distinct(rng, cfg.type_k, cfg.num_k, taken)
@@ -354,10 +279,10 @@ def _niah(tokenizer: Any, task: str, length: int, seed: int, chat_template: bool
 
         n_max = len(lines)
 
-    def build(n: int) -> _Parts:
-        return _Parts(intro + context(n), question, prefix, answers, meta)
+    def build(n: int) -> Parts:
+        return Parts(intro + context(n), question, prefix, answers, meta)
 
-    return _fit(tokenizer, build, est, limit, 0, n_max, chat_template, f"ruler/{task}")
+    return fit_parts(tokenizer, build, est, limit, 0, n_max, chat_template, f"ruler/{task}")
 
 
 def _vt_chain(rng: random.Random, hops: int, taken: set[str]) -> tuple[list[str], list[str], str]:
@@ -376,7 +301,7 @@ VT_HOPS = 4
 VT_ICL_NOISE_LINES = 10
 
 
-def _vt(tokenizer: Any, length: int, seed: int, chat_template: bool | None) -> tuple[_Parts, int, int]:
+def vt_parts(tokenizer: Any, length: int, seed: int, chat_template: bool | None) -> tuple[Parts, int, int]:
     """One chain of 4 hops (5 variables) in noise lines, after one solved in-context example (RULER's VT)."""
     rng = random.Random(seed)
     taken: set[str] = set()
@@ -400,11 +325,11 @@ def _vt(tokenizer: Any, length: int, seed: int, chat_template: bool | None) -> t
     prefix = VT_PREFIX.format(num_v=num_v, query=value)
     meta = {"depths": depths, "chain": chain}
 
-    def build(n: int) -> _Parts:
-        return _Parts(example + "\n\n" + VT_INTRO + _vt_lines(n, chain, depths), question, prefix, names, meta)
+    def build(n: int) -> Parts:
+        return Parts(example + "\n\n" + VT_INTRO + _vt_lines(n, chain, depths), question, prefix, names, meta)
 
     limit = length - TOKENS_TO_GENERATE["vt"]
-    return _fit(tokenizer, build, _line_est(tokenizer, NOISE), limit, 0, limit + 100, chat_template, "ruler/vt")
+    return fit_parts(tokenizer, build, _line_est(tokenizer, NOISE), limit, 0, limit + 100, chat_template, "ruler/vt")
 
 
 def _vt_lines(n: int, chain: list[str], depths: list[int]) -> str:
@@ -436,7 +361,7 @@ def _numbered(words: list[str]) -> str:
     return " ".join(f"{i + 1}. {w}" for i, w in enumerate(words))
 
 
-def _cwe(tokenizer: Any, length: int, seed: int, chat_template: bool | None) -> tuple[_Parts, int, int]:
+def cwe_parts(tokenizer: Any, length: int, seed: int, chat_template: bool | None) -> tuple[Parts, int, int]:
     """10 common words (x30, others x3; x6 and x1 under 4k tokens) in a numbered list, after one solved example
     (20 words x3/x1 under 4k, else 40 words x10/x3), as RULER's common_words_extraction.py."""
     rng = random.Random(seed)
@@ -466,15 +391,15 @@ def _cwe(tokenizer: Any, length: int, seed: int, chat_template: bool | None) -> 
     def est(n: int) -> float:
         return float(cum[n] + index_cum[items(n)])
 
-    def build(n: int) -> _Parts:
+    def build(n: int) -> Parts:
         chosen = pool[:n]
         word_list = chosen[:10] * cf + chosen[10:] * uf
         random.Random(shuffle_seed).shuffle(word_list)
         context = example + "\n" + CWE_INTRO + _numbered(word_list)
-        return _Parts(context, CWE_QUESTION, CWE_PREFIX, chosen[:10], {"freq_cw": cf, "freq_ucw": uf, "num_words": n})
+        return Parts(context, CWE_QUESTION, CWE_PREFIX, chosen[:10], {"freq_cw": cf, "freq_ucw": uf, "num_words": n})
 
     limit = length - TOKENS_TO_GENERATE["cwe"]
-    return _fit(tokenizer, build, est, limit, 10, len(pool), chat_template, "ruler/cwe")
+    return fit_parts(tokenizer, build, est, limit, 10, len(pool), chat_template, "ruler/cwe")
 
 
 FWE_ALPHA = 2.0
@@ -489,7 +414,7 @@ def _zeta(alpha: float) -> float:
     return float(np.sum(k**-alpha) + 100_000 ** (1 - alpha) / (alpha - 1))
 
 
-def _fwe(tokenizer: Any, length: int, seed: int, chat_template: bool | None) -> tuple[_Parts, int, int]:
+def fwe_parts(tokenizer: Any, length: int, seed: int, chat_template: bool | None) -> tuple[Parts, int, int]:
     """Coded 6-letter words with Zipf(alpha=2) counts over 2000 words; rank 1 is the '....' noise, the answer is
     ranks 2-4 (RULER's freq_words_extraction.py)."""
     rng = random.Random(seed)
@@ -509,171 +434,12 @@ def _fwe(tokenizer: Any, length: int, seed: int, chat_template: bool | None) -> 
     def est(n: int) -> float:
         return float(counts(n) @ word_tokens)
 
-    def build(n: int) -> _Parts:
+    def build(n: int) -> Parts:
         words = [w for w, c in zip(vocab, counts(n).tolist()) for _ in range(c)]
         random.Random(shuffle_seed).shuffle(words)
         meta = {"alpha": FWE_ALPHA, "num_words": n}
-        return _Parts(FWE_INTRO + " ".join(words), FWE_QUESTION, FWE_PREFIX, vocab[1:4], meta)
+        return Parts(FWE_INTRO + " ".join(words), FWE_QUESTION, FWE_PREFIX, vocab[1:4], meta)
 
     limit = length - TOKENS_TO_GENERATE["fwe"]
     # at least 100 words so that ranks 2-4 are strictly more frequent than rank 5
-    return _fit(tokenizer, build, est, limit, 100, 100 * limit + 1000, chat_template, "ruler/fwe")
-
-
-# ---------------------------------------------------------------------------------------------------- qa_1 / qa_2
-def _qa_path(task: str, data_dir: str | Path | None) -> Path:
-    names, label, url = QA_FILES[task]
-    how = f"download {url} and save it as DATA_DIR/{names[0]} (or keep its name {names[1]})"
-    if data_dir is None:
-        raise DapqError(f"ruler/{task} needs the {label} file and a data_dir: {how}, then pass data_dir=DATA_DIR.")
-    folder = Path(data_dir).expanduser()
-    for name in names:
-        if (folder / name).is_file():
-            return folder / name
-    raise DapqError(f"ruler/{task}: no {' or '.join(names)} in {folder}. It needs the {label} file: {how}.")
-
-
-@functools.lru_cache(maxsize=4)
-def _read_qa(task: str, path: str, mtime: float) -> tuple[list[dict[str, Any]], list[str]]:
-    """(questions, documents) as RULER's qa.py reads them: SQuAD v2 dev without unanswerable questions (other
-    paragraphs of the same article are the first distractors) or HotpotQA dev (title + sentences per document)."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        qas: list[dict[str, Any]] = []
-        if task == "qa_1":
-            docs = sorted({p["context"] for d in data["data"] for p in d["paragraphs"]})
-            index = {c: i for i, c in enumerate(docs)}
-            for d in data["data"]:
-                article = [index[p["context"]] for p in d["paragraphs"]]
-                for p in d["paragraphs"]:
-                    gold = index[p["context"]]
-                    for q in p["qas"]:
-                        if q.get("is_impossible") or not q["answers"]:
-                            continue
-                        qas.append(
-                            {
-                                "id": q["id"],
-                                "query": q["question"],
-                                "outputs": list(dict.fromkeys(a["text"] for a in q["answers"])),
-                                "context": [gold],
-                                "more_context": [i for i in article if i != gold],
-                            }
-                        )
-        else:
-            docs = sorted({f"{t}\n{''.join(s)}" for d in data for t, s in d["context"]})
-            index = {c: i for i, c in enumerate(docs)}
-            for d in data:
-                gold = list(dict.fromkeys(index[f"{t}\n{''.join(s)}"] for t, s in d["context"]))
-                qas.append(
-                    {
-                        "id": d["_id"],
-                        "query": d["question"],
-                        "outputs": [d["answer"]],
-                        "context": gold,
-                        "more_context": [],
-                    }
-                )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise DapqError(f"{path} is not in the official {QA_FILES[task][1]} format ({exc!r}).") from exc
-    if not qas:
-        raise DapqError(f"{path} holds no answerable questions.")
-    return qas, docs
-
-
-def _qa(
-    tokenizer: Any,
-    task: str,
-    length: int,
-    seed: int,
-    index: int,
-    data_dir: str | Path | None,
-    chat_template: bool | None,
-) -> tuple[_Parts, int, int]:
-    path = _qa_path(task, data_dir)
-    qas, docs = _read_qa(task, str(path), path.stat().st_mtime)
-    item = qas[index % len(qas)]
-    rng = random.Random(seed)
-    gold, more = list(item["context"]), list(item["more_context"])
-    rng.shuffle(more)
-    used = set(gold) | set(more)
-    rest = [i for i in range(len(docs)) if i not in used]
-    rng.shuffle(rest)
-    order = gold + more + rest
-    shuffle_seed = rng.getrandbits(64)
-    limit = length - TOKENS_TO_GENERATE["qa"]
-    cum = [0]
-
-    def est(n: int) -> float:
-        while len(cum) <= n:  # count documents lazily, in batches
-            batch = [QA_DOC.format(i=len(cum), document=docs[j]) for j in order[len(cum) - 1 : len(cum) + 63]]
-            for x in tokenizer(batch, add_special_tokens=False)["input_ids"]:
-                cum.append(cum[-1] + len(x) + 2)
-        return float(cum[n])
-
-    def build(n: int) -> _Parts:
-        chosen = [docs[j] for j in order[:n]]
-        random.Random(shuffle_seed).shuffle(chosen)
-        context = QA_INTRO + "\n\n".join(QA_DOC.format(i=i + 1, document=d) for i, d in enumerate(chosen))
-        meta = {"num_docs": n, "question_id": item["id"], "source": path.name}
-        return _Parts(context, QA_QUESTION.format(query=item["query"]), QA_PREFIX, list(item["outputs"]), meta)
-
-    return _fit(tokenizer, build, est, limit, len(gold), len(order), chat_template, f"ruler/{task}")
-
-
-# ---------------------------------------------------------------------------------------------------- public API
-def ruler_samples(
-    tokenizer: Any,
-    task: str,
-    length: int,
-    n: int,
-    seed: int = 0,
-    data_dir: str | Path | None = None,
-    *,
-    chat_template: bool | None = None,
-) -> list[Sample]:
-    """`n` samples of RULER task `task` (a name in RULER_TASKS or QA_TASKS) fitted to `length` tokens.
-
-    Sample i is generated from seed + i (the same seed gives the same samples); its prompt (chat template, question
-    and answer prefix included, measured with `dapq.prompts.build_prompt`) plus the task's tokens to generate is
-    at most `length`. qa_1/qa_2 read SQuAD v2 dev / HotpotQA dev files from `data_dir` (question i is question
-    seed + i of the file, with distractor documents drawn from seed + i).
-    """
-    if task not in ALL_TASKS:
-        raise DapqError(f"Unknown RULER task {task!r}. Valid tasks: {', '.join(ALL_TASKS)}.")
-    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
-        raise DapqError(f"length must be a positive integer; got {length!r}")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-        raise DapqError(f"n must be an integer >= 0; got {n!r}")
-    samples = []
-    for i in range(n):
-        s = seed + i
-        if task in _NIAH:
-            parts, _, total = _niah(tokenizer, task, length, s, chat_template)
-            kind = "niah"
-        elif task == "vt":
-            parts, _, total = _vt(tokenizer, length, s, chat_template)
-            kind = "vt"
-        elif task == "cwe":
-            parts, _, total = _cwe(tokenizer, length, s, chat_template)
-            kind = "cwe"
-        elif task == "fwe":
-            parts, _, total = _fwe(tokenizer, length, s, chat_template)
-            kind = "fwe"
-        else:
-            parts, _, total = _qa(tokenizer, task, length, s, s, data_dir, chat_template)
-            kind = "qa"
-        samples.append(
-            Sample(
-                id=f"ruler-{task}-L{length}-s{s}",
-                task=f"ruler/{task}",
-                context=parts.context,
-                question=parts.question,
-                references=list(parts.references),
-                metric="string_match_part" if kind == "qa" else "string_match_all",
-                max_new_tokens=TOKENS_TO_GENERATE[kind],
-                answer_prefix=parts.prefix,
-                chat_template=chat_template,
-                metadata={"length": length, "prompt_tokens": total, "seed": s, **parts.metadata},
-            )
-        )
-    return samples
+    return fit_parts(tokenizer, build, est, limit, 100, 100 * limit + 1000, chat_template, "ruler/fwe")

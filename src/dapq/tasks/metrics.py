@@ -4,7 +4,7 @@ Every metric has the signature `metric(prediction, references, metadata) -> floa
 for one sample (the runner multiplies the mean by 100). `Sample.metric` names an entry of `METRICS`. Use
 `score_prediction` to score a sample: it applies LongBench's first-line rule when `metadata["first_line"]` is set.
 
-    from dapq.bench.metrics import METRICS, score_prediction
+    from dapq.tasks.metrics import METRICS, score_prediction
     score_prediction("qa_f1", "The Eiffel Tower", ["Eiffel Tower"], {})   # 1.0
 
 Sources (read for facts, re-implemented here): NVIDIA RULER `scripts/eval/synthetic/constants.py`; THUDM LongBench

@@ -2,7 +2,7 @@
 offline stand-in for the paper's GovReport example). It has no references and no metric: `dapq analyze` uses it for
 the model's own answer, `dapq bench` for prompts of a given length.
 
-    from dapq.bench.summary import summary_sample, summary_prompt
+    from dapq.tasks.summary import summary_sample, summary_prompt
     sample = summary_sample(tokenizer, length=4096, seed=0)    # a Sample, prompt <= 4096 tokens
     ids = summary_prompt(tokenizer, 4096)                      # its prompt token ids (context + question part)
 """
@@ -14,7 +14,8 @@ from typing import Any
 from ..data import haystack_text
 from ..errors import DapqError
 from ..prompts import prompt_tokens, tokenizer_cache
-from .base import Sample
+from .registry import Family, Task, TaskArgs, lengths_of
+from .sample import Sample
 
 SUMMARY_QUESTION = "Summarize the essays above in a few paragraphs."
 SUMMARY_MAX_NEW_TOKENS = 512
@@ -58,3 +59,13 @@ def summary_prompt(tokenizer: Any, length: int, seed: int = 0) -> list[int]:
     """The prompt token ids (context part + question part) of `summary_sample(tokenizer, length, seed)`."""
     ctx, q = summary_sample(tokenizer, length, seed).prompt_ids(tokenizer)
     return ctx + q
+
+
+# ---------------------------------------------------------------------------------------------------- the family
+def _generate(tokenizer: Any, task: Task, args: TaskArgs) -> list[Sample]:
+    n = 1 if args.n is None else args.n
+    return [summary_sample(tokenizer, length, args.seed + i) for length in lengths_of(task, args) for i in range(n)]
+
+
+#: analysis-only (no metric): no `dapq eval` command
+FAMILY = Family("summary", lambda: [Task("summary", "summary", None, True, _generate)])

@@ -6,13 +6,13 @@ by word recall (SnapKV, PyramidKV, DapQ). Every prompt is measured with the eval
 template (`dapq.prompts.build_prompt`), so the prompt a model sees is at most `length` tokens and within a few
 tokens of it.
 
-    from dapq.bench.niah import niah_samples
+    from dapq.tasks.niah import niah_samples
     samples = niah_samples(tokenizer, lengths=[1000, 2000], depths=10)   # 20 samples, depths 0, 11, ..., 100
 
 From the command line: `dapq eval niah --lengths 1000-4000:500 --depths 10 --methods ... --budgets ...`; the tests
 are in tests/test_tasks.py (`python -m pytest -q tests/test_tasks.py`).
 
-The haystack size is fitted with `dapq.prompts.fit_units` (shared with `dapq.bench.ruler`): `prompt_tokens` measures
+The haystack size is fitted with `dapq.prompts.fit_units` (shared with `dapq.tasks.ruler`): `prompt_tokens` measures
 a prompt exactly, and only a handful of candidate prompts are measured per sample.
 
 Two prompt styles (`prompt_style`):
@@ -33,15 +33,15 @@ Two prompt styles (`prompt_style`):
 
 from __future__ import annotations
 
+import argparse
 import random
 from typing import Any
-
-import numpy as np
 
 from ..data import essays_dir, haystack_text
 from ..errors import DapqError
 from ..prompts import fit_units, prompt_tokens, tokenizer_cache
-from .base import Sample
+from .registry import Family, Task, TaskArgs, lengths_of, parse_lengths
+from .sample import Sample
 
 NIAH_NEEDLE = "\nThe best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.\n"
 NIAH_QUESTION = "What is the best thing to do in San Francisco?"
@@ -78,6 +78,8 @@ def depth_grid(depths: list[float] | int) -> list[float]:
     if isinstance(depths, int):
         if depths < 1:
             raise DapqError(f"depths must be >= 1; got {depths}")
+        import numpy as np  # lazily: `dapq --help` lists this family
+
         return [float(d) for d in np.round(np.linspace(0, 100, depths))]
     out = [float(d) for d in depths]
     if not out or any(not 0 <= d <= 100 for d in out):
@@ -209,3 +211,51 @@ def niah_samples(
                 )
             )
     return samples
+
+
+# ---------------------------------------------------------------------------------------------------- the family
+DEFAULT_DEPTHS = 10
+#: the default prompt style: left out of the folder hash and of run.json, so runs from before the option resume
+DEFAULT_PROMPT_STYLE = "kamradt"
+
+
+def _generate(tokenizer: Any, task: Task, args: TaskArgs) -> list[Sample]:
+    depths = DEFAULT_DEPTHS if args.n is None else args.n
+    return niah_samples(tokenizer, lengths_of(task, args), depths, seed=args.seed, prompt_style=args.prompt_style)
+
+
+def _options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lengths", default="1000-4000:500", help="prompt lengths: start-stop:step or a list (1k,2k)")
+    p.add_argument("--depths", type=int, default=DEFAULT_DEPTHS, help="number of depths, round(linspace(0, 100, n))")
+    p.add_argument(
+        "--prompt-style",
+        default=argparse.SUPPRESS,
+        help="kamradt (default: chat template, word recall) or kvcache-factory (the LAQ / KVCache-Factory needle "
+        "script: raw text, 30 tokens, stop at a newline, ROUGE-1 x 10)",
+    )
+
+
+def prompt_style(args: argparse.Namespace) -> str:
+    """`--prompt-style`, checked; the default is dropped from `args` so that it changes neither the folder hash nor
+    run.json (a kamradt run keeps the folder and settings it had before the option existed)."""
+    style = getattr(args, "prompt_style", DEFAULT_PROMPT_STYLE)
+    if style not in PROMPT_STYLES:
+        raise DapqError(f"--prompt-style takes {' or '.join(PROMPT_STYLES)}; got {style!r}.")
+    if style == DEFAULT_PROMPT_STYLE and hasattr(args, "prompt_style"):
+        del args.prompt_style
+    return style
+
+
+def _plan(args: argparse.Namespace) -> tuple[list[str], TaskArgs]:
+    style = prompt_style(args)
+    return ["niah"], TaskArgs(lengths=parse_lengths(args.lengths), n=args.depths, seed=args.seed, prompt_style=style)
+
+
+FAMILY = Family(
+    "niah",
+    lambda: [Task("niah", "niah", NIAH_METRIC, True, _generate)],
+    help="Kamradt needle in a haystack (Paul Graham essays)",
+    add_options=_options,
+    plan=_plan,
+    row_settings=("prompt_style",),
+)
