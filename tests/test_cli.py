@@ -1,5 +1,6 @@
 """The command line as a package: fast (lazy) imports, help on every option, `--version`, the shared argument
-parsers, checks before the model load, stable output folders, the task registry, and `bench vs-kvpress`.
+parsers, checks before the model load, stable output folders, the task registry, and that the kvpress comparison
+is a script.
 
 Offline; the model loader is replaced by a function that fails, so any command that gets as far as loading a model
 on bad input fails the test.
@@ -357,26 +358,9 @@ def test_niah_prompt_style_reaches_the_samples_the_folder_and_run_json(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------- vs kvpress
-def test_vs_kvpress_needs_a_source_checkout(monkeypatch, capsys, tmp_path):
-    root = Path(__file__).resolve().parents[1]
-    if (root / "scripts" / "vs_kvpress.py").is_file():
-        assert bench_cli.source_checkout([tmp_path, root]) == root
-    assert bench_cli.source_checkout([tmp_path]) is None
-    (tmp_path / "scripts").mkdir()
-    (tmp_path / "scripts" / "vs_kvpress.py").write_text("")
-    (tmp_path / "pyproject.toml").write_text('[project]\nname = "other"\n')
-    assert bench_cli.source_checkout([tmp_path]) is None, "someone else's checkout"
-    monkeypatch.setattr(bench_cli, "source_checkout", lambda candidates=None: None)
-    assert main(["bench", "vs-kvpress", "--samples", "2"]) == 2
-    out = capsys.readouterr().err
-    assert out.startswith("error:") and out.count("\n") == 1 and "source checkout" in out, out
-
-
-def test_vs_kvpress_passes_its_arguments_through(monkeypatch, tmp_path):
-    calls = []
-    monkeypatch.setattr(bench_cli, "source_checkout", lambda candidates=None: tmp_path)
-    monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
-    assert main(["bench", "vs-kvpress", "--samples", "2", "--", "--budgets", "128"]) == 0
-    assert calls == [
-        [sys.executable, str(tmp_path / "scripts" / "vs_kvpress.py"), "--samples", "2", "--budgets", "128"]
-    ]
+def test_the_kvpress_comparison_is_a_script_not_a_command(capsys):
+    """The installed CLI never reaches into a source checkout: the kvpress side-by-side is scripts/kvpress/."""
+    with pytest.raises(SystemExit) as exit:
+        main(["bench", "vs-kvpress"])
+    assert exit.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    assert (Path(__file__).resolve().parents[1] / "scripts" / "kvpress" / "vs_kvpress.py").is_file()

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = sorted((ROOT / "src" / "dapq").rglob("*.py")) + sorted((ROOT / "scripts").glob("*.py"))
+SOURCES = sorted((ROOT / "src" / "dapq").rglob("*.py")) + sorted((ROOT / "scripts").rglob("*.py"))
 UNPICKLERS = {"pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
 # the kvpress side-by-side worker runs in kvpress's own virtualenv (no dapq there); it only writes its own output
-OUTSIDE_DAPQ = {ROOT / "scripts" / "kvpress_worker.py"}
+OUTSIDE_DAPQ = {ROOT / "scripts" / "kvpress" / "kvpress_worker.py"}
 
 
 def _calls(tree: ast.AST):
@@ -68,7 +68,7 @@ def test_every_write_goes_through_safefile(path):
 OUTSIDE = re.compile(r"\.\./shared|shared/(paper|specs|design)|/work/|/check/|\.library")
 
 
-ALL_PY = sorted({*(ROOT / "src").rglob("*.py"), *(ROOT / "scripts").glob("*.py"), *(ROOT / "tests").glob("*.py")})
+ALL_PY = sorted({*(ROOT / "src").rglob("*.py"), *(ROOT / "scripts").rglob("*.py"), *(ROOT / "tests").glob("*.py")})
 
 
 @pytest.mark.parametrize("path", ALL_PY, ids=lambda p: str(p.relative_to(ROOT)))

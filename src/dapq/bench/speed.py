@@ -20,7 +20,8 @@ versions go into the JSON next to the numbers.
   within `--memory-cap` (on CUDA a batch that runs out of memory is reported as OOM instead); beyond the tested
   sizes, a straight line through the two largest measured points estimates the largest batch that fits.
 
-The command line is `dapq.cli.bench` (which also runs the kvpress side-by-side, scripts/vs_kvpress.py).
+The command line is `dapq.cli.bench`. The kvpress side-by-side is the reproduction script
+scripts/kvpress/vs_kvpress.py (docs/results/kvpress.md).
 """
 
 from __future__ import annotations

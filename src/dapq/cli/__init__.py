@@ -10,7 +10,7 @@
     dapq merge runs/<a> runs/<b> --out m.jsonl.gz # several runs' rows as one file, deduplicated
     dapq analyze similarity|recall|attention     # the paper's observations
     dapq ablate content|length|position          # the paper's DapQ ablations
-    dapq bench ttft|throughput|memory|vs-kvpress # efficiency
+    dapq bench ttft|throughput|memory            # efficiency
 
 Building the parser imports no model code: torch, transformers, matplotlib, rich's progress bars and the harness are
 imported inside the command that needs them, so `dapq --help`, `dapq list` and `dapq <command> --help` are fast.
@@ -47,10 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line (`argv` without the program name; default sys.argv[1:]) and return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["bench", "vs-kvpress"]:  # everything after it goes to scripts/vs_kvpress.py, options included
-        args = argparse.Namespace(func=bench.cmd_vs_kvpress, rest=[a for a in argv[2:] if a != "--"])
-    else:
-        args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     from rich.console import Console
 
     # with --json, stdout carries the JSON only: everything else goes to stderr

@@ -1,15 +1,16 @@
-"""`dapq bench ttft|throughput|memory|vs-kvpress`: efficiency (the paper's Tables 3, 4 and 7), `dapq.bench.speed`.
+"""`dapq bench ttft|throughput|memory`: efficiency (the paper's Tables 3, 4 and 7), `dapq.bench.speed`.
 
 dapq bench ttft       --lengths 1k,2k,4k --methods full,snapkv,dapq,laq --budget 256
 dapq bench throughput --context 4k --new-tokens 150 --batch-sizes 1,4,8,16 --budget 256 --memory-cap 4GiB
 dapq bench memory     --lengths 1k,2k,4k --methods full,snapkv,dapq,laq --budget 256
-dapq bench vs-kvpress [ARGS]      # scripts/vs_kvpress.py of a source checkout (own virtualenv, not part of CI)
+
+The side-by-side comparison with NVIDIA kvpress runs in kvpress's own virtualenv and is the reproduction script of
+its results page: `python scripts/kvpress/vs_kvpress.py` in a source checkout (docs/results/kvpress.md).
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from ..errors import DapqError
@@ -29,11 +30,10 @@ from .args import (
 
 NOT_HASHED = ("func", "out", "command")
 ALL_METHODS = "full,snapkv,pyramidkv,h2o,streamingllm,lacache,laq,dapq"
-VS_KVPRESS = Path("scripts") / "vs_kvpress.py"
 
 
 def add_parser(sub: Any) -> None:
-    """Add `bench` with ttft / throughput / memory / vs-kvpress to the top-level subparsers."""
+    """Add `bench` with ttft / throughput / memory to the top-level subparsers."""
     bp = sub.add_parser(
         "bench",
         help="efficiency: time to first token, decode throughput, peak memory, vs kvpress",
@@ -58,16 +58,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--batch-sizes", default="1,4,8,16", help="comma-separated batch sizes (default 1,4,8,16)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (default 3)")
     p.add_argument("--memory-cap", default=None, help="e.g. 4GiB: which batch sizes fit (the paper's OOM column)")
-    p = kinds.add_parser(
-        "vs-kvpress", help="side by side with NVIDIA kvpress (own venv; scripts/vs_kvpress.py of a source checkout)"
-    )
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to scripts/vs_kvpress.py")
     bp.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace, console: Any) -> int:
-    if args.kind == "vs-kvpress":
-        return cmd_vs_kvpress(args, console)
     budget = parse_budget(args.budget)
     methods = parse_names(args.methods, "--methods")
     for option in ("repeats", "new_tokens", "threads"):
@@ -132,32 +126,3 @@ def cmd_bench(args: argparse.Namespace, console: Any) -> int:
     m = result["machine"]
     console.print(f"{m['device_name']} ({m['device']}), {m['torch_threads']} threads -> {out / (args.kind + '.json')}")
     return 0
-
-
-# ---------------------------------------------------------------------------------------------------- vs kvpress
-def source_checkout(candidates: list[Path] | None = None) -> Path | None:
-    """The root of the dapq source checkout that holds scripts/vs_kvpress.py: the one this package runs from (an
-    editable install), else the current folder; None when neither is one."""
-    if candidates is None:
-        here = Path(__file__).resolve().parents  # <root>/src/dapq/cli/bench.py in a checkout
-        candidates = [*([here[3]] if len(here) > 3 else []), Path.cwd()]
-    for root in candidates:
-        pyproject = root / "pyproject.toml"
-        if (root / VS_KVPRESS).is_file() and pyproject.is_file():
-            if 'name = "dapq"' in pyproject.read_text(encoding="utf-8"):
-                return root
-    return None
-
-
-def cmd_vs_kvpress(args: argparse.Namespace, console: Any) -> int:
-    """`dapq bench vs-kvpress ARGS`: run scripts/vs_kvpress.py ARGS with this Python (it sets up its own venv)."""
-    import subprocess
-    import sys
-
-    root = source_checkout()
-    if root is None:
-        raise DapqError(
-            "dapq bench vs-kvpress runs scripts/vs_kvpress.py, which only a source checkout of dapq has: run it "
-            "from the checkout (git clone, then pip install -e .), e.g. python scripts/vs_kvpress.py."
-        )
-    return subprocess.call([sys.executable, str(root / VS_KVPRESS), *args.rest])

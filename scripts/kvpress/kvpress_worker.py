@@ -1,7 +1,7 @@
-"""The kvpress side of scripts/vs_kvpress.py. Runs INSIDE .venv-kvpress (kvpress + its transformers), never imports
-dapq, and is started by vs_kvpress.py:
+"""The kvpress side of scripts/kvpress/vs_kvpress.py. Runs INSIDE .venv-kvpress (kvpress + its transformers), never
+imports dapq, and is started by vs_kvpress.py:
 
-    .venv-kvpress/bin/python scripts/kvpress_worker.py JOB.json OUT_PREFIX
+    .venv-kvpress/bin/python scripts/kvpress/kvpress_worker.py JOB.json OUT_PREFIX
 
 JOB.json (written by vs_kvpress.py in our env): the model file, the prompts as token ids (so both sides see identical
 ids), the stop token ids, max_new_tokens and the (method, budget) configs. For every sample and config this does

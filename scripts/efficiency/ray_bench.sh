@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # docs/results/efficiency.md, "Ray": one small NIAH sweep three ways on this machine (run it alone: nothing else on
 # the cores). Wall times from bash's `time`; the Ray runs print their start-up time and per-worker throughput.
-cd "$(dirname "$0")/.."  # the repository root
+cd "$(dirname "$0")/../.."  # the repository root
 set -e
 A=(eval niah --lengths 1000,2000 --depths 3 --methods full,snapkv,dapq --budgets 128)
 OUT=${OUT:-runs/ray-bench}

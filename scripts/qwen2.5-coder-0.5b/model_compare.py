@@ -1,6 +1,6 @@
 """Two models on the same grids: per method and budget the NIAH mean and the RULER AVG, and whether the orderings held.
 
-    python scripts/model_compare.py --names Qwen,SmolLM2 \
+    python scripts/qwen2.5-coder-0.5b/model_compare.py --names Qwen,SmolLM2 \
         --tasks niah_single_1,niah_single_2,niah_single_3,niah_multikey_1 \
         --niah docs/results/qwen2.5-coder-0.5b/niah.jsonl.gz docs/results/qwen2.5-coder-0.5b/smollm2-niah.jsonl.gz \
         --ruler docs/results/qwen2.5-coder-0.5b/ruler-2k.jsonl.gz docs/results/estimators/ruler-2k.jsonl.gz+...
@@ -17,14 +17,18 @@ that the rows do not hold.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import defaultdict
 from itertools import combinations
+from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from estimator_tables import rows  # the same folder: one reader of result rows for every script
+from dapq.runs import row_key  # a row's identity, as `dapq merge` and a resumed run use it
 
-from dapq.harness.runner import row_key  # a row's identity, as `dapq merge` and a resumed run use it
+# scripts/estimators/joint_table.py: one reader of result rows for every script
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "estimators"))
+from joint_table import rows  # noqa: E402
 
 Key = tuple[str, Any]  # (method, budget)
 

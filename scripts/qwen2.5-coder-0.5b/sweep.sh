@@ -6,7 +6,7 @@
 # (hidden size 576; Qwen's is 896), and none are trained for this model. Two cores: run the NIAH and RULER lines as
 # two 1-thread processes (PART=niah / PART=ruler), each with OMP_NUM_THREADS=1. PART=bundled runs the same two grids
 # on the bundled SmolLM2 (plus `learned`, whose shipped queries are for it), for the side-by-side orderings.
-cd "$(dirname "$0")/.."  # the repository root
+cd "$(dirname "$0")/../.."  # the repository root
 Q=qwen2.5-coder-0.5b-instruct
 M=${METHODS:-full,snapkv,pyramidkv,h2o,streamingllm,lacache,dapq,laq,laq++,expected_attention,kvzip,speckv}
 B=${BUDGETS:-64,128,256}

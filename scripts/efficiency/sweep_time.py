@@ -1,8 +1,10 @@
-"""Time the evaluation sweep per sample: RULER samples x the 29 configurations of docs/results/smollm2.md.
+"""Time the evaluation sweep per sample: RULER samples x the 29 configurations of docs/results/smollm2.md
+(docs/results/efficiency.md, "Evaluation sweep time per sample").
 
-    python scripts/time_sweep.py --tasks niah_single_1,vt,niah_multivalue --length 4096 --threads 2 --save after.json
-    PYTHONPATH=/path/to/old/src python scripts/time_sweep.py ... --save before.json      # another version's code
-    python scripts/time_sweep.py ... --decode-batch 16 --batch-lookahead 0 --compare after.json
+    python scripts/efficiency/sweep_time.py --tasks niah_single_1,vt,niah_multivalue --length 4096 --threads 2 \
+        --save after.json
+    PYTHONPATH=/path/to/old/src python scripts/efficiency/sweep_time.py ... --save before.json   # another version
+    python scripts/efficiency/sweep_time.py ... --decode-batch 16 --batch-lookahead 0 --compare after.json
 
 Each sample runs `dapq.harness.runner.run` alone (one prefill, every method x budget selected from it, decoded in
 batches) into a temporary folder; the script prints the wall and CPU seconds per sample and, with --save/--compare,

@@ -1,6 +1,6 @@
-"""The estimator issue's joint table: accuracy (NIAH, RULER 2k / 4k) beside TTFT and measured peak memory.
+"""The joint table of docs/results/estimators.md: accuracy (NIAH, RULER 2k / 4k) beside TTFT and measured peak memory.
 
-    python scripts/estimator_tables.py --niah runs/est-niah --ruler runs/est-ruler \
+    python scripts/estimators/joint_table.py --niah runs/est-niah --ruler runs/est-ruler \
         --ttft runs/est-ttft/ttft.json --memory runs/est-memory/memory.json
 
 Reads the result rows of `dapq eval` (results.jsonl or .jsonl.gz) and the JSON of `dapq bench ttft|memory`, and
