@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 
 import dapq.models
-from dapq.analysis import ablate
+from dapq.analysis import ablate, ablate_report
 from dapq.cli import ablate as ablate_cli
 from dapq.cli.args import parse_budgets
 from dapq.errors import DapqError
@@ -161,25 +161,25 @@ def test_summary_means_equal_hand_computed_means():
             for i, score in enumerate(scores):
                 n = int(label[7:-1]) if label.startswith("dapq") else None
                 rows.append(_row(label, budget, score, f"s{i}", method[label], n_pseudo_tokens=n))
-    summary = ablate.summarize(rows, "length")
+    summary = ablate_report.summarize(rows, "length")
     assert summary["budgets"] == [16, 32], summary["budgets"]
     labels = [v["label"] for v in summary["variants"]]
     assert labels == ["dapq[N=8]", "dapq[N=1]", "SnapKV", "FullKV"], f"references must come last: {labels}"
     by = {v["label"]: v for v in summary["variants"]}
     for label, per in table.items():
         for budget, scores in per.items():
-            cell = by[label]["scores"][ablate.budget_key(budget)]
+            cell = by[label]["scores"][ablate_report.budget_key(budget)]
             want = sum(scores) / len(scores)
             assert cell["mean"] == pytest.approx(want), f"{label} B={budget}: {cell['mean']} != {want}"
             assert cell["n"] == len(scores), f"{label} B={budget}: n={cell['n']}, want {len(scores)}"
     assert by["dapq[N=8]"]["value"] == 8 and by["dapq[N=8]"]["group"] == "length", by["dapq[N=8]"]
     assert by["FullKV"]["group"] == "reference" and by["FullKV"]["value"] is None, by["FullKV"]
-    md = ablate.markdown(summary)
+    md = ablate_report.markdown(summary)
     fullkv_line = next(line for line in md.splitlines() if line.startswith("| FullKV"))
     assert fullkv_line.count("50.00") == 2, f"FullKV (no budget) should fill every budget column: {fullkv_line}"
     n1_line = next(line for line in md.splitlines() if line.startswith("| dapq[N=1]"))
     assert "50.00" in n1_line and "66.67" in n1_line, n1_line
-    only = ablate.summarize(rows, "length", labels=["dapq[N=1]", "FullKV"])
+    only = ablate_report.summarize(rows, "length", labels=["dapq[N=1]", "FullKV"])
     assert [v["label"] for v in only["variants"]] == ["dapq[N=1]", "FullKV"], "labels must filter the rows"
 
 
@@ -189,16 +189,16 @@ def test_coefficient_of_variation_of_content_means():
         for i, s in enumerate(scores):
             rows.append(_row(label, 64, float(s), f"s{i}", content=label[5:-1], n_pseudo_tokens=32))
     rows += [_row("SnapKV", 64, 1000.0, "s0", "snapkv"), _row("FullKV", None, 5.0, "s0", "full")]
-    summary = ablate.summarize(rows, "content")
+    summary = ablate_report.summarize(rows, "content")
     means = [10.0, 20.0, 30.0]
     want = statistics.pstdev(means) / statistics.fmean(means)
     cv = summary["cv"]["64"]
     assert cv["n_variants"] == 3, f"only the content variants count, not SnapKV/FullKV: {cv}"
     assert cv["cv"] == pytest.approx(want) and cv["cv"] == pytest.approx(0.408248, abs=1e-6), cv
-    assert ablate.coefficient_of_variation([7.0]) is None, "one value has no spread"
-    assert ablate.coefficient_of_variation([0.0, 0.0]) is None, "a zero mean has no relative spread"
-    assert ablate.coefficient_of_variation([50.0, 50.0, 50.0]) == 0.0
-    assert "40.82%" in ablate.markdown(summary), ablate.markdown(summary)
+    assert ablate_report.coefficient_of_variation([7.0]) is None, "one value has no spread"
+    assert ablate_report.coefficient_of_variation([0.0, 0.0]) is None, "a zero mean has no relative spread"
+    assert ablate_report.coefficient_of_variation([50.0, 50.0, 50.0]) == 0.0
+    assert "40.82%" in ablate_report.markdown(summary), ablate_report.markdown(summary)
 
 
 # ---------------------------------------------------------------------------------------------------- running
@@ -341,7 +341,7 @@ def test_outputs_from_rows_alone(tmp_path):
             ("dapq[+64]", 60.0 + i, {"position_offset": 64}),
         ]
     ] + [_row("SnapKV", 128, 70.0, "s0", "snapkv"), _row("FullKV", None, 90.0, "s0", "full")]
-    summary = ablate.write_outputs(rows, "position", tmp_path)
+    summary = ablate_report.write_outputs(rows, "position", tmp_path)
     groups = {v["label"]: v["group"] for v in summary["variants"]}
     assert groups == {
         "dapq[part1]": "inside the prompt",
@@ -353,4 +353,4 @@ def test_outputs_from_rows_alone(tmp_path):
     assert [v["value"] for v in summary["variants"][:3]] == ["part1", 0, 64], summary["variants"]
     assert Path(tmp_path / "ablate-position.png").stat().st_size > 5000, "the position figure was not drawn"
     with pytest.raises(DapqError, match="No result rows"):
-        ablate.write_outputs([], "position", tmp_path)
+        ablate_report.write_outputs([], "position", tmp_path)

@@ -81,7 +81,7 @@ def test_fix_c_needs_tokenizer():
         ({"insert_part": 4}, "insert_part must be None, 1, 2 or 3"),
         ({"insert_part": 2, "position_offset": 32}, "set only one of them"),
         ({"position_offset": -1}, "position_offset must be an integer >= 0"),
-        ({"keep_recent": 64}, "keep_recent (64) must be smaller than the budget (64)"),
+        ({"keep_recent": 64}, "budget (64) must be larger than keep_recent"),
         ({"keep_recent": -1}, "keep_recent must be an integer >= 0"),
         ({"layout": "per_head"}, "layout must be one of kv_head, query_head"),
         ({"gqa": "sum"}, "gqa must be one of mean, max"),

@@ -14,7 +14,9 @@ from dapq.engine import compress
 from dapq.errors import DapqError
 from dapq.hf.capture import prefill_prompt, suffix_attention, trainable
 from dapq.train.corpus import evaluation_files, training_files, training_prompts
-from dapq.train.fit import TrainSettings, learned_distribution, target_of, train_queries
+from dapq.train.fit import learned_distribution, train_queries
+from dapq.train.settings import TrainSettings
+from dapq.train.targets import target_of
 from helpers import TinyTokenizer, build_tiny, random_prompt
 
 TOK = TinyTokenizer()
@@ -131,7 +133,7 @@ def test_generic_recipe_builds_its_targets_once_and_resumes(tmp_path, monkeypatc
     """The generic recipe: prompts of every kind from the training text only, the selfqa question written by the
     model, targets stored per prompt (gzipped, read back equal), reused by a rerun (nothing rebuilt), extended by a
     larger --train, a torn file and a store of other settings refused."""
-    import dapq.train.fit as fit
+    import dapq.train.targets as targets
     from dapq.train.generic import GENERIC_KINDS, drafts
 
     plan = drafts(8, (300, 450), seed=0)
@@ -142,14 +144,14 @@ def test_generic_recipe_builds_its_targets_once_and_resumes(tmp_path, monkeypatc
     model = build_tiny("llama")
     settings = TrainSettings(**{**SMALL, "recipe": "generic", "n_train": 4, "n_val": 2, "epochs": 1})
     built: list[str] = []
-    real = fit.build_example
-    monkeypatch.setattr(fit, "build_example", lambda *a, **k: built.append(a[2].id) or real(*a, **k))
+    real = targets.build_example
+    monkeypatch.setattr(targets, "build_example", lambda *a, **k: built.append(a[2].id) or real(*a, **k))
     out = tmp_path / "g.pt"
     result = train_queries(model, TOK, settings, out, log=lambda s: None)
     store = tmp_path / "g.pt.targets"
     assert len(built) == 6 and sorted(p.name for p in store.glob("*.pt.gz")) == [f"{i:05d}.pt.gz" for i in range(6)]
     assert result.history and all(torch.isfinite(torch.tensor(r["val_loss"])) for r in result.history)
-    first = fit.TargetStore(store, settings, "", "").load(0)
+    first = targets.TargetStore(store, settings, "", "").load(0)
     assert first.state is None and all(torch.allclose(t.sum(-1), torch.ones(())) for t in first.target)
     built.clear()
     train_queries(model, TOK, settings, out, log=lambda s: None, restart=True)

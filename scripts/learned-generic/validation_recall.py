@@ -16,8 +16,10 @@ import torch
 
 from dapq import get_method, load_model
 from dapq.methods.learned import SHIPPED, load_queries
-from dapq.train.fit import TargetStore, TrainSettings, embeddings_of, evaluate
+from dapq.train.fit import embeddings_of, evaluate
 from dapq.train.generic import GENERIC_KINDS
+from dapq.train.settings import TrainSettings
+from dapq.train.targets import TargetStore
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ import argparse
 from typing import Any
 
 from ..analysis import ablate as lib
+from ..analysis.ablate_report import KINDS
 from .args import (
     MODES,
     add_model_options,
@@ -65,7 +66,7 @@ def add_parser(sub: Any) -> None:
     common.add_argument("--data-dir", default=None, help="SQuAD/HotpotQA files for ruler/qa_1 and ruler/qa_2")
     common.add_argument("--out", default=None, help="output folder (default: runs/ablate-<kind>-<hash>; resumes)")
     add_model_options(common)
-    for kind in lib.KINDS:
+    for kind in KINDS:
         defaults = ",".join(_value_text(kind, v) for v in lib.DEFAULT_VALUES[kind])
         p = kinds.add_parser(
             kind,

@@ -77,8 +77,9 @@ def cmd_train(args: argparse.Namespace, console: Any) -> int:
 
     from ..safefile import FileLock
     from ..train.corpus import training_prompts
-    from ..train.fit import TrainOutputs, TrainSettings, train_queries
+    from ..train.fit import TrainOutputs, train_queries
     from ..train.generic import drafts
+    from ..train.settings import TrainSettings
 
     settings = TrainSettings(
         n_queries=args.n_queries,

@@ -1,9 +1,12 @@
 """The compression lifecycle, in one package (arrows point down):
 
     serve.py       generate / answer_many: prompts -> compress -> (append question) -> greedy decode
-    replay.py      record / derive / merge: one recorded prefill serves every method and budget (the harness)
+    replay.py      record / derive / derive_all / merge: one recorded prefill serves every method and budget (the
+                   harness)
     prefill.py     compress: the compressing prefill (pseudo suffix, hook, layer-by-layer pruning, peak accounting)
+    draft.py       a drafted suffix (SpecKV): the draft model writes the pseudo tokens, memoised per prompt
     stages.py      after selection: a staged method's lookahead (LAQ), renumbered positions (StreamingLLM)
+    context_pass.py a context-pass method's second forward over the full prompt cache (KVzip), all layers at once
     decode.py      CompressedCache, append, greedy_decode (greedy or Sampling, streamed)
     chat.py        Chat: a conversation over one document compressed once
     decode_time.py DecodeCompression: evict back to the budget every `interval` decoded tokens

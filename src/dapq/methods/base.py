@@ -88,7 +88,28 @@ class Method:
     layout: str = "kv_head"
     gqa: str = "mean"
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every method's own `__post_init__` validates its fields; the budget is then checked against `min_budget`
+        once, here, after the most derived class's validation (so `min_budget` reads checked fields)."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is None:
+            return
+
+        def post_init(self: Method, _own: Any = own) -> None:
+            _own(self)
+            if type(self).__post_init__ is post_init:  # the outermost validation has run
+                self.check_min_budget()
+
+        cls.__post_init__ = post_init  # type: ignore[method-assign]
+
     def __post_init__(self) -> None:
+        self.check_fields()
+        if type(self).__post_init__ is Method.__post_init__:  # a method without fields of its own
+            self.check_min_budget()
+
+    def check_fields(self) -> None:
+        """The base fields: budget, layout, gqa (and every field's declared type)."""
         b = self.budget
         if b is not None:
             if isinstance(b, bool) or not isinstance(b, (int, float)):
@@ -109,9 +130,26 @@ class Method:
     def min_budget(self) -> int:
         """The smallest token budget the method can evict with (windows, sinks and recent tokens fit inside it).
 
-        Token budgets are checked against it at construction; ratio budgets by the engine once the prompt length
-        is known (a budget that leaves the whole prompt is always fine)."""
+        Token budgets are checked against it at construction (`check_min_budget`, once for every method); ratio
+        budgets by the engine once the prompt length is known (a budget that leaves the whole prompt is always
+        fine)."""
         return 1
+
+    @property
+    def min_budget_reason(self) -> tuple[str, str, str]:
+        """Why `min_budget` is what it is, for the error of a smaller budget: (what the method keeps inside every
+        budget, the parameter that sets it, what to do), e.g. ("its 32-token window", "window", "Lower window.")."""
+        return ("", "", "")
+
+    def check_min_budget(self) -> None:
+        """A token budget below `min_budget` is a one-line DapqError naming what the budget must hold."""
+        b, low = self.budget, self.min_budget
+        if not isinstance(b, int) or isinstance(b, bool) or b >= low:
+            return
+        what, param, hint = self.min_budget_reason
+        keeps = f"{self.name} keeps {what} inside the budget: " if what else ""
+        than = f"larger than {param}" if param else f"at least {low}"
+        raise DapqError(f"{keeps}budget ({b}) must be {than} (at least {low}). {hint or 'Raise the budget.'}".strip())
 
     # --- budgets -------------------------------------------------------------------------------------------
     @property

@@ -80,12 +80,18 @@ class DapQ(ScorerMethod, PseudoSuffix):
             raise DapqError(f"insert_part must be None, 1, 2 or 3; got {self.insert_part!r}")
         if self.insert_part is not None and self.position_offset:
             raise DapqError("insert_part and position_offset are two different ablations: set only one of them.")
-        if isinstance(self.budget, int) and self.keep_recent >= self.budget:
-            raise DapqError(f"keep_recent ({self.keep_recent}) must be smaller than the budget ({self.budget}).")
 
     @property
     def min_budget(self) -> int:
         return self.keep_recent + 1
+
+    @property
+    def min_budget_reason(self) -> tuple[str, str, str]:
+        return (
+            f"its {self.keep_recent} most recent prompt tokens",
+            "keep_recent",
+            "Lower keep_recent or raise the budget.",
+        )
 
     @property
     def n_pseudo(self) -> int:

@@ -102,15 +102,14 @@ class ExpectedAttention(ScorerMethod):
         positive_int("n_sink", self.n_sink, minimum=0)
         if not math.isfinite(self.epsilon) or self.epsilon < 0:
             raise DapqError(f"epsilon must be a finite number >= 0; got {self.epsilon!r}.")
-        if isinstance(self.budget, int) and self.budget <= self.n_sink:
-            raise DapqError(
-                f"expected_attention keeps its {self.n_sink} sink tokens inside the budget: budget ({self.budget}) "
-                "must be larger than n_sink. Lower n_sink or raise the budget."
-            )
 
     @property
     def min_budget(self) -> int:
         return self.n_sink + 1
+
+    @property
+    def min_budget_reason(self) -> tuple[str, str, str]:
+        return (f"its {self.n_sink} sink tokens", "n_sink", "Lower n_sink or raise the budget.")
 
     def future_statistics(self, inp: LayerInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """mu' [B, H_q, D] and Sigma' [B, H_q, D, D] (None without covariance): the rotated query statistics."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..errors import DapqError
 from ..lazy import torch
 from .base import LayerInputs, ScorerMethod, positive_int, register
 
@@ -92,15 +91,18 @@ class H2O(ScorerMethod):
         super().__post_init__()
         positive_int("recent", self.recent, minimum=0)
         positive_int("block_size", self.block_size)
-        if isinstance(self.budget, int) and self.budget <= self.recent:
-            raise DapqError(
-                f"H2O keeps its {self.recent} recent tokens inside the budget: budget ({self.budget}) must be larger "
-                f"than recent. Lower recent (e.g. recent={self.budget // 4}) or raise the budget."
-            )
 
     @property
     def min_budget(self) -> int:
         return self.recent + 1
+
+    @property
+    def min_budget_reason(self) -> tuple[str, str, str]:
+        return (
+            f"its {self.recent} recent tokens",
+            "recent",
+            f"Lower recent (e.g. recent={(self.budget or 4) // 4}) or raise the budget.",
+        )
 
     def query_head_scores(self, inp: LayerInputs) -> torch.Tensor:  # [B, H_q, T]
         return column_attention_sums(inp, self.block_size)

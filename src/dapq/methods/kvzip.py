@@ -61,12 +61,14 @@ class KVzip(Method, ContextPass):
         positive_int("chunk_size", self.chunk_size)
         positive_int("overlap", self.overlap, minimum=0)
         check_choice("allocation", self.allocation, ALLOCATIONS)
-        if isinstance(self.budget, int) and self.budget <= self.n_sink:
-            raise DapqError(f"kvzip keeps its {self.n_sink} sinks inside the budget: budget must exceed n_sink.")
 
     @property
     def min_budget(self) -> int:
         return self.n_sink + 1
+
+    @property
+    def min_budget_reason(self) -> tuple[str, str, str]:
+        return (f"its {self.n_sink} sinks", "n_sink", "Lower n_sink or raise the budget.")
 
     @property
     def pooled_budget(self) -> bool:

@@ -120,15 +120,14 @@ class LaCache(Method):
         positive_int("sinks", self.sinks, minimum=0)
         if self.overlap >= self.span:
             raise DapqError(f"overlap ({self.overlap}) must be smaller than span ({self.span}).")
-        if isinstance(self.budget, int) and self.budget <= self.sinks:
-            raise DapqError(
-                f"LaCache keeps its {self.sinks} sink tokens inside the budget: budget ({self.budget}) must be "
-                f"larger than sinks. Lower sinks or raise the budget."
-            )
 
     @property
     def min_budget(self) -> int:
         return self.sinks + 1
+
+    @property
+    def min_budget_reason(self) -> tuple[str, str, str]:
+        return (f"its {self.sinks} sink tokens", "sinks", "Lower sinks or raise the budget.")
 
     def keep_mask(self, inp: LayerInputs, budgets: torch.Tensor) -> torch.Tensor:  # [B, T] bool
         """Tokens this layer keeps: exactly budgets[b] real tokens of each row."""

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import DapqError
 from ..lazy import torch
 from .base import POOLINGS, LayerInputs, Method, check_choice, check_kernel, positive_int, register
 from .protocols import Staged, StageOneObservation
@@ -78,15 +77,18 @@ class LAQ(Method, Staged):
         positive_int("prompt_queries", self.prompt_queries, minimum=0)
         check_choice("pooling", self.pooling, POOLINGS)
         check_kernel(self.kernel)
-        if isinstance(self.budget, int) and self.budget <= max(self.stage1_window, self.prompt_queries):
-            raise DapqError(
-                f"LAQ's stage-1 SnapKV cache keeps a {self.stage1_window}-token window inside the budget: budget "
-                f"({self.budget}) must be larger than stage1_window (and prompt_queries). Lower stage1_window."
-            )
 
     @property
     def min_budget(self) -> int:
         return max(self.stage1_window, self.prompt_queries) + 1
+
+    @property
+    def min_budget_reason(self) -> tuple[str, str, str]:
+        return (
+            f"its stage-1 SnapKV cache's {self.stage1_window}-token window",
+            "stage1_window (and prompt_queries)",
+            "Lower stage1_window or raise the budget.",
+        )
 
     @property
     def lookahead_tokens(self) -> int:

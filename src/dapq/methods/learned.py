@@ -159,8 +159,6 @@ class LearnedQueries(ScorerMethod, EmbeddedSuffix):
             raise DapqError("queries= is empty: pass a file written by dapq train-queries, or leave it unset.")
         super().__post_init__()
         positive_int("keep_recent", self.keep_recent, minimum=0)
-        if isinstance(self.budget, int) and self.keep_recent >= self.budget:
-            raise DapqError(f"keep_recent ({self.keep_recent}) must be smaller than the budget ({self.budget}).")
         if self.queries is None and not SHIPPED.is_file():
             raise DapqError(
                 f"The shipped learned queries are missing ({SHIPPED}): reinstall dapq or pass queries=FILE."
@@ -173,6 +171,14 @@ class LearnedQueries(ScorerMethod, EmbeddedSuffix):
     @property
     def min_budget(self) -> int:
         return self.keep_recent + 1
+
+    @property
+    def min_budget_reason(self) -> tuple[str, str, str]:
+        return (
+            f"its {self.keep_recent} most recent prompt tokens",
+            "keep_recent",
+            "Lower keep_recent or raise the budget.",
+        )
 
     @property
     def path(self) -> Path:

@@ -2,8 +2,9 @@
 
 A method is a `Method` (budget, layout, `select`). On top of that it may declare, by inheriting:
 
-- `Scorer` (via `ScorerMethod`): per-query-head scores of every prompt key; the base pools, reduces over the GQA
-  group and keeps the top-B. SnapKV, H2O, DapQ, PyramidKV.
+- scoring, by inheriting `dapq.methods.base.ScorerMethod` (a base class, not a protocol of this module): per-query-head
+  scores of every prompt key; the base pools, reduces over the GQA group and keeps the top-B. SnapKV, H2O, DapQ,
+  PyramidKV, Expected Attention, learned queries, SpecKV.
 - `PseudoSuffix`: tokens appended after the prompt during prefill (ids and position ids per row); their queries
   are in `LayerInputs` and their KV is dropped after selection. DapQ.
 - `Staged`: selection in two stages. At prefill `observe` returns a typed `StageOneObservation` (the full prompt KV

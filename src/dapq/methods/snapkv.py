@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import DapqError
 from ..lazy import torch
 from .base import LayerInputs, ScorerMethod, positive_int, recent_mask, register
 from .scoring import window_attention
@@ -52,15 +51,18 @@ class SnapKV(ScorerMethod):
     def __post_init__(self) -> None:
         super().__post_init__()
         positive_int("window", self.window)
-        if isinstance(self.budget, int) and self.budget <= self.window:
-            raise DapqError(
-                f"SnapKV keeps its {self.window}-token window inside the budget: budget ({self.budget}) must be larger "
-                f"than window. Lower window (e.g. window={max(1, self.budget // 4)}) or raise the budget."
-            )
 
     @property
     def min_budget(self) -> int:
         return self.window + 1
+
+    @property
+    def min_budget_reason(self) -> tuple[str, str, str]:
+        return (
+            f"its {self.window}-token window",
+            "window",
+            f"Lower window (e.g. window={max(1, (self.budget or 4) // 4)}) or raise the budget.",
+        )
 
     def query_head_scores(self, inp: LayerInputs) -> torch.Tensor:
         return window_scores(inp, self.window)

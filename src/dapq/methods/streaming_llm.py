@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import DapqError
 from ..lazy import torch
 from .base import LayerInputs, Method, positive_int, register
 from .protocols import PositionPolicy
@@ -41,15 +40,14 @@ class StreamingLLM(Method, PositionPolicy):
     def __post_init__(self) -> None:
         super().__post_init__()
         positive_int("sinks", self.sinks, minimum=0)
-        if isinstance(self.budget, int) and self.budget <= self.sinks:
-            raise DapqError(
-                f"StreamingLLM keeps its {self.sinks} sink tokens inside the budget: budget ({self.budget}) must be "
-                f"larger than sinks. Lower sinks or raise the budget."
-            )
 
     @property
     def min_budget(self) -> int:
         return self.sinks + 1
+
+    @property
+    def min_budget_reason(self) -> tuple[str, str, str]:
+        return (f"its {self.sinks} sink tokens", "sinks", "Lower sinks or raise the budget.")
 
     @property
     def renumbers_positions(self) -> bool:

@@ -27,10 +27,7 @@ and a run holds a lock (`.<out name>.lock` beside it) so two runs on one `--out`
 
 from __future__ import annotations
 
-import dataclasses
-import gzip
 import io
-import json
 import math
 import random
 import time
@@ -42,71 +39,17 @@ from typing import Any
 
 import torch
 
-from ..analysis.quantities import attention_distribution, recall, topk_indices
-from ..checks import finite
+from ..analysis.quantities import recall, topk_indices
 from ..errors import DapqError
-from ..hf.capture import PromptState, greedy_answer, prefill_prompt, queries_at, suffix_attention, trainable
+from ..hf.capture import suffix_attention
 from ..methods.base import get_method
 from ..methods.learned import config_fingerprint, describe_config, save_queries
 from ..methods.scoring import aggregate_groups, pool_scores
 from ..prompts import stop_token_ids
 from ..safefile import FileLock, check_target, ensure_dir, save_figure, save_torch, write_json
-from .corpus import KINDS, N_EVAL_FILES, TRAIN_SEED_BASE, training_files, training_prompts
-from .generic import GENERIC_KINDS, drafts, finish
-
-LOSSES = ("kl", "gold")
-RECIPES = ("generic", "needles")
-EPS = 1e-9
-
-
-@dataclass
-class TrainSettings:
-    """What a training run depends on (a checkpoint resumes only with equal settings)."""
-
-    n_queries: int = 32
-    n_train: int = 60
-    n_val: int = 15
-    lengths: tuple[int, int] = (512, 2048)
-    kinds: tuple[str, ...] = ()  # () = every kind of the recipe
-    answer_tokens: int = 24
-    epochs: int = 8
-    lr: float = 0.01
-    batch: int = 4
-    loss: str = "kl"
-    budget: int = 128
-    init_text: str = "Answer the question using the text above. The answer is:"
-    seed: int = 0
-    recipe: str = "generic"  # dapq.train.generic (task-agnostic, the default) or "needles" (dapq.train.corpus)
-
-    def __post_init__(self) -> None:
-        for name in ("n_queries", "n_train", "n_val", "answer_tokens", "epochs", "batch", "budget"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                option = {"n_train": "--train", "n_val": "--val"}.get(name, f"--{name.replace('_', '-')}")
-                raise DapqError(f"{option} must be an integer >= 1; got {value!r}")
-        if self.recipe not in RECIPES:
-            raise DapqError(f"--recipe must be one of {', '.join(RECIPES)}; got {self.recipe!r}")
-        if self.loss not in LOSSES:
-            raise DapqError(f"--loss must be one of {', '.join(LOSSES)}; got {self.loss!r}")
-        self.lr = finite("--lr", self.lr, low=0, low_open=True, high=10.0)
-        self.lengths = tuple(self.lengths)  # type: ignore[assignment]
-        self.kinds = tuple(self.kinds) or (GENERIC_KINDS if self.recipe == "generic" else KINDS)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-
-@dataclass
-class Example:
-    """One prompt's per-layer targets, and its prefilled state (trainable cache) when it is kept in memory (the
-    needle recipe's few prompts); None: prefilled again when used (the generic recipe's thousands)."""
-
-    id: str
-    ids: list[int]  # the prompt's token ids
-    state: PromptState | None
-    target: list[torch.Tensor]  # per layer [H_kv, L], rows sum to 1
-    gold: list[torch.Tensor]  # per layer [H_kv, budget] key indices
-    answer: str
+from .corpus import N_EVAL_FILES, TRAIN_SEED_BASE, training_files, training_prompts
+from .settings import EPS, TrainSettings
+from .targets import Example, TargetStore, build_example, prompt_state
 
 
 @dataclass(frozen=True)
@@ -201,12 +144,6 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def target_of(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:  # [H_kv, L]
-    """Mean attention distribution of queries [H_q, n, D] over keys [H_kv, L, D] (softmax over the keys only),
-    averaged over the queries (`attention_distribution`) and each KV head's query group."""
-    return aggregate_groups(attention_distribution(queries, keys, scaling)[None], keys.shape[0], "mean")[0]
-
-
 def learned_distribution(probs: torch.Tensor, h_kv: int, length: int) -> torch.Tensor:  # [H_kv, L]
     """From attention probabilities [H_q, n, L + n]: the mean over the n queries of the mass on each prompt key,
     averaged over the group and renormalised over the prompt."""
@@ -239,124 +176,6 @@ def recall_of(probs: list[torch.Tensor], ex: Example) -> float:
         pred = topk_indices(learned_ranking(p, target.shape[0], target.shape[1]), gold.shape[1])
         vals.append(float(recall(gold, pred).mean()))
     return sum(vals) / len(vals)
-
-
-def prompt_state(model: Any, ex: Example) -> PromptState:
-    """The example's prompt cache: the kept one, or a fresh prefill (trainable) when none is kept."""
-    return ex.state if ex.state is not None else trainable(prefill_prompt(model, ex.ids, keep_last=1))
-
-
-def build_example(
-    model: Any, tokenizer: Any, prompt: Any, settings: TrainSettings, stops: set[int], keep_state: bool = True
-) -> Example:
-    state = prefill_prompt(model, prompt.ids, keep_last=1)
-    answer = greedy_answer(model, state, settings.answer_tokens, stops)
-    if not answer:  # the model stopped at once: its first non-stop token stands for the answer
-        answer = greedy_answer(model, state, 1, set(), suppress_ids=stops)
-    length = state.length
-    real = queries_at(model, state, answer, range(length, length + len(answer))).queries
-    target, gold = [], []
-    for i, q in enumerate(real):
-        t = target_of(q, state.keys(i), state.scaling[i])
-        target.append(t)
-        gold.append(topk_indices(t, settings.budget))
-    kept = trainable(state) if keep_state else None
-    return Example(prompt.id, list(prompt.ids), kept, target, gold, tokenizer.decode(answer))
-
-
-class TargetStore:
-    """The generic recipe's targets on disk, built once and reused by every epoch, rerun and try.
-
-    `<out>.targets/` holds `store.json` (what the targets depend on: recipe, lengths, kinds, answer tokens, budget,
-    seed, the model's name and config fingerprint) and one gzipped torch file per prompt (`00042.pt.gz`: the prompt
-    ids, the per-layer targets in float16 and the gold sets; about 0.2 MB for a 2k-token prompt of the bundled
-    model), written as soon as that prompt's targets exist: an interrupted build resumes at the first missing file.
-    Prompt i is the same for any number of prompts (`dapq.train.generic.drafts`), so a larger --train extends a
-    store. Files are read with weights_only=True; a store of other settings is refused."""
-
-    def __init__(self, folder: Path, settings: TrainSettings, model_name: str, fingerprint: str):
-        self.folder = folder
-        self.settings = settings
-        self.key = {
-            "format": 1,
-            "recipe": settings.recipe,
-            "lengths": list(settings.lengths),
-            "kinds": list(settings.kinds),
-            "answer_tokens": settings.answer_tokens,
-            "budget": settings.budget,
-            "seed": settings.seed,
-            "model": model_name,
-            "model_fingerprint": fingerprint,
-        }
-
-    def _check(self) -> None:
-        ensure_dir(self.folder, "the target store")
-        meta = self.folder / "store.json"
-        if meta.is_file():
-            try:
-                recorded = json.loads(meta.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                recorded = None
-            if recorded != self.key:
-                raise DapqError(
-                    f"{self.folder} holds targets of other settings or another model: delete it, or train into "
-                    "another --out."
-                )
-        else:
-            write_json(meta, self.key)
-
-    def path(self, i: int) -> Path:
-        return self.folder / f"{i:05d}.pt.gz"
-
-    def save(self, i: int, ex: Example) -> None:
-        data = {
-            "id": ex.id,
-            "ids": torch.tensor(ex.ids, dtype=torch.int32),
-            "target": torch.stack([t.to(torch.float16) for t in ex.target]),  # [layers, H_kv, L]
-            "gold": torch.stack(ex.gold).to(torch.int32),  # [layers, H_kv, budget]
-            "answer": ex.answer,
-        }
-        save_torch(self.path(i), data, compress=True)
-
-    def load(self, i: int) -> Example:
-        path = self.path(i)
-        try:
-            data = torch.load(io.BytesIO(gzip.decompress(path.read_bytes())), map_location="cpu", weights_only=True)
-            target = [t.float() / t.float().sum(dim=-1, keepdim=True) for t in data["target"]]
-            gold = [g.long() for g in data["gold"]]
-            return Example(data["id"], data["ids"].tolist(), None, target, gold, data["answer"])
-        except Exception as exc:  # torn, foreign or damaged: never trusted
-            raise DapqError(
-                f"{path} is not a complete target file ({type(exc).__name__}): delete it and rerun."
-            ) from None
-
-    def build(
-        self,
-        model: Any,
-        tokenizer: Any,
-        stops: set[int],
-        progress: Callable[[str, int, int], None] | None,
-        log: Callable[[str], None],
-    ) -> list[Example]:
-        """Every prompt's example: loaded when its file exists, else built (the model writes selfqa questions,
-        answers, targets) and written."""
-        self._check()
-        s = self.settings
-        planned = drafts(s.n_train + s.n_val, s.lengths, s.seed, s.kinds)
-        out, built = [], 0
-        for i, draft in enumerate(planned):
-            if self.path(i).is_file():
-                out.append(self.load(i))
-            else:
-                prompt = finish(model, tokenizer, draft, s.lengths[1], stops)
-                ex = build_example(model, tokenizer, prompt, s, stops, keep_state=False)
-                self.save(i, ex)
-                out.append(ex)
-                built += 1
-            if progress:
-                progress("targets", i + 1, len(planned))
-        log(f"targets: {len(planned) - built} read from {self.folder}, {built} built")
-        return out
 
 
 def embeddings_of(model: Any, ids: list[int]) -> torch.Tensor:  # [len(ids), hidden]

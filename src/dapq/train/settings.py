@@ -1,0 +1,54 @@
+"""What a training run of learned pseudo queries depends on (`dapq train-queries`); a checkpoint resumes only with
+equal settings."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from ..checks import finite
+from ..errors import DapqError
+from .corpus import KINDS
+from .generic import GENERIC_KINDS
+
+LOSSES = ("kl", "gold")
+RECIPES = ("generic", "needles")
+EPS = 1e-9
+
+
+@dataclass
+class TrainSettings:
+    """What a training run depends on (a checkpoint resumes only with equal settings)."""
+
+    n_queries: int = 32
+    n_train: int = 60
+    n_val: int = 15
+    lengths: tuple[int, int] = (512, 2048)
+    kinds: tuple[str, ...] = ()  # () = every kind of the recipe
+    answer_tokens: int = 24
+    epochs: int = 8
+    lr: float = 0.01
+    batch: int = 4
+    loss: str = "kl"
+    budget: int = 128
+    init_text: str = "Answer the question using the text above. The answer is:"
+    seed: int = 0
+    recipe: str = "generic"  # dapq.train.generic (task-agnostic, the default) or "needles" (dapq.train.corpus)
+
+    def __post_init__(self) -> None:
+        for name in ("n_queries", "n_train", "n_val", "answer_tokens", "epochs", "batch", "budget"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                option = {"n_train": "--train", "n_val": "--val"}.get(name, f"--{name.replace('_', '-')}")
+                raise DapqError(f"{option} must be an integer >= 1; got {value!r}")
+        if self.recipe not in RECIPES:
+            raise DapqError(f"--recipe must be one of {', '.join(RECIPES)}; got {self.recipe!r}")
+        if self.loss not in LOSSES:
+            raise DapqError(f"--loss must be one of {', '.join(LOSSES)}; got {self.loss!r}")
+        self.lr = finite("--lr", self.lr, low=0, low_open=True, high=10.0)
+        self.lengths = tuple(self.lengths)  # type: ignore[assignment]
+        self.kinds = tuple(self.kinds) or (GENERIC_KINDS if self.recipe == "generic" else KINDS)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

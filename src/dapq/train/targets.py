@@ -1,0 +1,161 @@
+"""The targets learned queries are trained to: for each prompt, the model's own greedy answer's attention over the
+prompt keys, per layer (the mean distribution and its top-B gold set), and the on-disk store that builds them once
+and reuses them across epochs, reruns and tries (the kind of target LookaheadKV, arXiv 2603.10899, trains its
+lookahead tokens to)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..analysis.quantities import attention_distribution, topk_indices
+from ..errors import DapqError
+from ..hf.capture import PromptState, greedy_answer, prefill_prompt, queries_at, trainable
+from ..methods.scoring import aggregate_groups
+from ..safefile import ensure_dir, save_torch, write_json
+from .generic import drafts, finish
+from .settings import TrainSettings
+
+
+@dataclass
+class Example:
+    """One prompt's per-layer targets, and its prefilled state (trainable cache) when it is kept in memory (the
+    needle recipe's few prompts); None: prefilled again when used (the generic recipe's thousands)."""
+
+    id: str
+    ids: list[int]  # the prompt's token ids
+    state: PromptState | None
+    target: list[torch.Tensor]  # per layer [H_kv, L], rows sum to 1
+    gold: list[torch.Tensor]  # per layer [H_kv, budget] key indices
+    answer: str
+
+
+def target_of(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:  # [H_kv, L]
+    """Mean attention distribution of queries [H_q, n, D] over keys [H_kv, L, D] (softmax over the keys only),
+    averaged over the queries (`attention_distribution`) and each KV head's query group."""
+    return aggregate_groups(attention_distribution(queries, keys, scaling)[None], keys.shape[0], "mean")[0]
+
+
+def prompt_state(model: Any, ex: Example) -> PromptState:
+    """The example's prompt cache: the kept one, or a fresh prefill (trainable) when none is kept."""
+    return ex.state if ex.state is not None else trainable(prefill_prompt(model, ex.ids, keep_last=1))
+
+
+def build_example(
+    model: Any, tokenizer: Any, prompt: Any, settings: TrainSettings, stops: set[int], keep_state: bool = True
+) -> Example:
+    state = prefill_prompt(model, prompt.ids, keep_last=1)
+    answer = greedy_answer(model, state, settings.answer_tokens, stops)
+    if not answer:  # the model stopped at once: its first non-stop token stands for the answer
+        answer = greedy_answer(model, state, 1, set(), suppress_ids=stops)
+    length = state.length
+    real = queries_at(model, state, answer, range(length, length + len(answer))).queries
+    target, gold = [], []
+    for i, q in enumerate(real):
+        t = target_of(q, state.keys(i), state.scaling[i])
+        target.append(t)
+        gold.append(topk_indices(t, settings.budget))
+    kept = trainable(state) if keep_state else None
+    return Example(prompt.id, list(prompt.ids), kept, target, gold, tokenizer.decode(answer))
+
+
+class TargetStore:
+    """The generic recipe's targets on disk, built once and reused by every epoch, rerun and try.
+
+    `<out>.targets/` holds `store.json` (what the targets depend on: recipe, lengths, kinds, answer tokens, budget,
+    seed, the model's name and config fingerprint) and one gzipped torch file per prompt (`00042.pt.gz`: the prompt
+    ids, the per-layer targets in float16 and the gold sets; about 0.2 MB for a 2k-token prompt of the bundled
+    model), written as soon as that prompt's targets exist: an interrupted build resumes at the first missing file.
+    Prompt i is the same for any number of prompts (`dapq.train.generic.drafts`), so a larger --train extends a
+    store. Files are read with weights_only=True; a store of other settings is refused."""
+
+    def __init__(self, folder: Path, settings: TrainSettings, model_name: str, fingerprint: str):
+        self.folder = folder
+        self.settings = settings
+        self.key = {
+            "format": 1,
+            "recipe": settings.recipe,
+            "lengths": list(settings.lengths),
+            "kinds": list(settings.kinds),
+            "answer_tokens": settings.answer_tokens,
+            "budget": settings.budget,
+            "seed": settings.seed,
+            "model": model_name,
+            "model_fingerprint": fingerprint,
+        }
+
+    def _check(self) -> None:
+        ensure_dir(self.folder, "the target store")
+        meta = self.folder / "store.json"
+        if meta.is_file():
+            try:
+                recorded = json.loads(meta.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                recorded = None
+            if recorded != self.key:
+                raise DapqError(
+                    f"{self.folder} holds targets of other settings or another model: delete it, or train into "
+                    "another --out."
+                )
+        else:
+            write_json(meta, self.key)
+
+    def path(self, i: int) -> Path:
+        return self.folder / f"{i:05d}.pt.gz"
+
+    def save(self, i: int, ex: Example) -> None:
+        data = {
+            "id": ex.id,
+            "ids": torch.tensor(ex.ids, dtype=torch.int32),
+            "target": torch.stack([t.to(torch.float16) for t in ex.target]),  # [layers, H_kv, L]
+            "gold": torch.stack(ex.gold).to(torch.int32),  # [layers, H_kv, budget]
+            "answer": ex.answer,
+        }
+        save_torch(self.path(i), data, compress=True)
+
+    def load(self, i: int) -> Example:
+        path = self.path(i)
+        try:
+            data = torch.load(io.BytesIO(gzip.decompress(path.read_bytes())), map_location="cpu", weights_only=True)
+            target = [t.float() / t.float().sum(dim=-1, keepdim=True) for t in data["target"]]
+            gold = [g.long() for g in data["gold"]]
+            return Example(data["id"], data["ids"].tolist(), None, target, gold, data["answer"])
+        except Exception as exc:  # torn, foreign or damaged: never trusted
+            raise DapqError(
+                f"{path} is not a complete target file ({type(exc).__name__}): delete it and rerun."
+            ) from None
+
+    def build(
+        self,
+        model: Any,
+        tokenizer: Any,
+        stops: set[int],
+        progress: Callable[[str, int, int], None] | None,
+        log: Callable[[str], None],
+    ) -> list[Example]:
+        """Every prompt's example: loaded when its file exists, else built (the model writes selfqa questions,
+        answers, targets) and written."""
+        self._check()
+        s = self.settings
+        planned = drafts(s.n_train + s.n_val, s.lengths, s.seed, s.kinds)
+        out, built = [], 0
+        for i, draft in enumerate(planned):
+            if self.path(i).is_file():
+                out.append(self.load(i))
+            else:
+                prompt = finish(model, tokenizer, draft, s.lengths[1], stops)
+                ex = build_example(model, tokenizer, prompt, s, stops, keep_state=False)
+                self.save(i, ex)
+                out.append(ex)
+                built += 1
+            if progress:
+                progress("targets", i + 1, len(planned))
+        log(f"targets: {len(planned) - built} read from {self.folder}, {built} built")
+        return out
