@@ -12,25 +12,23 @@ TTFT and the allocator-measured peak per prompt length. Nothing is computed here
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean, median
 from typing import Any
 
+from dapq.runs import load_rows
+
 MiB = 2**20
 
 
 def rows(path: str | None) -> list[dict[str, Any]]:
+    """The rows of a run folder, a results.jsonl or a committed .jsonl.gz (dapq's reader: checked, torn lines cut)."""
     if not path:
         return []
     p = Path(path)
-    if p.is_dir():
-        p = p / "results.jsonl"
-    opener = gzip.open if p.suffix == ".gz" else open
-    with opener(p, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return load_rows(p / "results.jsonl" if p.is_dir() else p, repair=False)
 
 
 def label(row: dict[str, Any]) -> tuple[str, Any]:
