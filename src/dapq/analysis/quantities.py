@@ -1,6 +1,6 @@
 """The paper's analysis quantities as pure tensor math (no transformers): query cosine, recall, attention similarity.
 
-Definitions (the DapQ paper, Tian et al., Sections 3.1-3.3 and Appendix C.2):
+Definitions (the DapQ paper, Tian et al., arXiv 2603.11564, Sections 3.1-3.3 and Appendix C.2):
 - query similarity (Table 1, Fig. 2): cosine between a pseudo query and the real decoding query at the same index
   i of the window (q_pseudo_i vs q_real_i), averaged over tokens, heads and layers;
 - recall (Eq. 1-3): the gold set is the top-B prompt keys by attention summed over the real response's queries;

@@ -1,5 +1,5 @@
 """DapQ: decoding-aligned, position-aware pseudo queries (Tian, Su, Li and Zhang, "Where Matters More Than What:
-Decoding-aligned KV Cache Compression via Position-aware Pseudo Queries", Sections 4.1-4.2).
+Decoding-aligned KV Cache Compression via Position-aware Pseudo Queries", arXiv 2603.11564, Sections 4.1-4.2).
 
 During prefill, N pseudo tokens are appended after the prompt with the position ids L .. L+N-1 that the first N
 generated tokens will occupy. Their queries score every prompt key (Eq. 4, S(j) = sum_i Attention(q_i, k_j)); the

@@ -2,7 +2,7 @@
 Models", arXiv 2507.14204), applied once at the end of prefill with an exact per-layer token budget.
 
 No scoring: which tokens a layer keeps depends only on token order and the layer index. Ladder geometry, as in the
-reference code (GATECH-EIC/LaCache, `kv_cache.py`), for n layers, span s and overlap o:
+reference code (GATECH-EIC/LaCache), for n layers, span s and overlap o:
 
     b = max(1, 1 + ceil((n - s) / (s - o)))      tokens per ladder block
     a = min(ceil(s / (s - o)), b)                tokens of a block each layer keeps (a consecutive slice)

@@ -7,10 +7,11 @@ for one sample (the runner multiplies the mean by 100). `Sample.metric` names an
     from dapq.tasks.metrics import METRICS, score_prediction
     score_prediction("qa_f1", "The Eiffel Tower", ["Eiffel Tower"], {})   # 1.0
 
-Sources (read for facts, re-implemented here): NVIDIA RULER `scripts/eval/synthetic/constants.py`; THUDM LongBench
-`metrics.py` and `eval.py` (v1, with the `rouge` 1.0.1 package and fuzzywuzzy 0.18 it calls), LongBench v2 `pred.py`;
-princeton-nlp HELMET `utils.py` and `data.py` (post-processing); KV-compression papers' needle scoring
-(rouge-score's ROUGE-1 with the Porter stemmer). Tests: tests/test_metrics.py.
+Sources (the papers, and for what they leave to code, the benchmarks' published evaluation code, read for facts and
+re-implemented here): RULER (arXiv 2404.06654, App. B; its synthetic-task constants), LongBench (arXiv 2308.14508,
+Sec. 3; its metrics and eval scripts, with the `rouge` 1.0.1 package and fuzzywuzzy 0.18 they call), LongBench v2
+(arXiv 2412.15204; its answer extraction), HELMET (arXiv 2410.02694, App. B; its post-processing); the
+KV-compression papers' needle scoring (rouge-score's ROUGE-1 with the Porter stemmer). Tests: tests/test_metrics.py.
 """
 
 from __future__ import annotations
