@@ -235,7 +235,7 @@ def evaluate_sample(
     )
     for job, d in zip(jobs, derived):
         job.cache, job.prefill_s = d.cache, d.prefill_s
-    caches = [job.cache for job in jobs if job.cache is not None]
+    caches = [d.cache for d in derived]  # one per job, in the jobs' order
     for ids in decode_batches(caches, config.decode_batch):
         merged = merge([caches[n] for n in ids])
         start = time.perf_counter()
