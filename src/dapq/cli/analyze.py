@@ -95,12 +95,7 @@ def cmd_analyze(args: argparse.Namespace, console: Any) -> int:
     check_model_options(args)
     out = run_dir(args, f"analysis-{kind}", NOT_HASHED)
     # one configuration per folder: the analysis options and the model's fingerprint (run.json, as `dapq eval`)
-    out = open_folder(
-        Observation(**{**obs.__dict__, "config": config}),
-        out,
-        args.model or DEFAULT_MODEL_NAME,
-        models.model_fingerprint(args.model),
-    )
+    out = open_folder(obs, out, args.model or DEFAULT_MODEL_NAME, models.model_fingerprint(args.model))
     md = run_observation(
         obs,
         out,

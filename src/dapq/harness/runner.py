@@ -27,7 +27,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..checks import clean_label
-from ..engine import CompressedCache, append, derive_all, greedy_decode, merge
+from ..engine import append, derive_all, greedy_decode, merge
 from ..errors import DapqError
 from ..methods.base import Method, get_method, method_class
 from ..prompts import stop_token_ids
@@ -202,14 +202,11 @@ def todo_jobs(
 
 @dataclass
 class Job:
-    """One (method, budget) of a sample: its spec, the built method and, once derived, its compressed cache and the
-    seconds of the prefill it was derived from."""
+    """One (method, budget) of a sample: its spec and the built method (its cache comes from `derive_all`)."""
 
     spec: MethodSpec
     budget: int | float | None
     method: Method
-    cache: CompressedCache | None = None
-    prefill_s: float = 0.0
 
 
 def evaluate_sample(
@@ -233,8 +230,6 @@ def evaluate_sample(
     derived = derive_all(
         model, tokenizer, prompts, [job.method for job in jobs], batch_lookahead=config.batch_lookahead
     )
-    for job, d in zip(jobs, derived):
-        job.cache, job.prefill_s = d.cache, d.prefill_s
     caches = [d.cache for d in derived]  # one per job, in the jobs' order
     for ids in decode_batches(caches, config.decode_batch):
         merged = merge([caches[n] for n in ids])
@@ -267,7 +262,7 @@ def evaluate_sample(
                 "kept_mean": stats["kept_mean"],
                 "kv_bytes_compressed": stats["kv_bytes_compressed"],
                 "kv_bytes_peak": stats["kv_bytes_peak"],  # accounted as `generate` accounts it
-                "prefill_s": job.prefill_s,
+                "prefill_s": derived[n].prefill_s,
                 "select_s": stats["select_s"],
                 # a context pass (KVzip) and a draft (SpecKV) run before the first token: TTFT includes them
                 "pass_s": stats.get("pass_s", 0.0),
