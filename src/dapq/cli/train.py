@@ -48,6 +48,24 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--budget", type=int, default=128, help="gold-set size for the gold loss and recall (128)")
     p.add_argument("--seed", type=int, default=0, help="seed of the training prompts (offset from the evaluations')")
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint and start over")
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="capacity step: rank-R adapters active at the pseudo positions only (default 0: embeddings alone)",
+    )
+    p.add_argument(
+        "--lora-modules",
+        default="q_proj,k_proj,v_proj,o_proj",
+        help="the projections the adapters wrap (default q_proj,k_proj,v_proj,o_proj; also gate/up/down_proj)",
+    )
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="adapter scale alpha / rank (default alpha 16)")
+    p.add_argument("--lora-lr", type=float, default=0.002, help="Adam learning rate of the adapters (0.002)")
+    p.add_argument(
+        "--shard",
+        default=None,
+        help="K/N: only build the targets of prompts i with i %% N == K and exit (run N processes, then train)",
+    )
     add_model_options(p)
     p.set_defaults(func=cmd_train)
 
@@ -58,6 +76,16 @@ def _lengths(text: str) -> tuple[int, int]:
     except ValueError:
         raise DapqError(f"--lengths must be LO-HI tokens (e.g. 512-2048); got {text!r}") from None
     return lo, hi
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise DapqError(f"--shard must be K/N with 0 <= K < N (e.g. 0/4); got {text!r}") from None
+    if not 0 <= k < n:
+        raise DapqError(f"--shard must be K/N with 0 <= K < N (e.g. 0/4); got {text!r}")
+    return k, n
 
 
 def cmd_train(args: argparse.Namespace, console: Any) -> int:
@@ -77,7 +105,7 @@ def cmd_train(args: argparse.Namespace, console: Any) -> int:
 
     from ..safefile import FileLock
     from ..train.corpus import training_prompts
-    from ..train.fit import TrainOutputs, train_queries
+    from ..train.fit import TrainOutputs, build_targets, train_queries
     from ..train.generic import drafts
     from ..train.settings import TrainSettings
 
@@ -95,10 +123,18 @@ def cmd_train(args: argparse.Namespace, console: Any) -> int:
         budget=args.budget,
         seed=args.seed,
         recipe=args.recipe,
+        lora_rank=args.lora_rank,
+        lora_modules=tuple(m.strip() for m in args.lora_modules.split(",") if m.strip()),
+        lora_alpha=float(args.lora_alpha),
+        lora_lr=float(args.lora_lr),
     )
+    shard = _shard(args.shard) if args.shard else None
+    if shard is not None and settings.recipe != "generic":
+        raise DapqError("--shard builds the generic recipe's target store; the needle recipe keeps no store.")
     outputs = TrainOutputs.of(out)  # links, folders, foreign files, an unwritable folder: before the model load
-    with FileLock(outputs.lock, str(out)):  # another run on this --out: now, not after the model load
-        pass
+    if shard is None:  # shards build the store side by side; training holds the lock
+        with FileLock(outputs.lock, str(out)):  # another run on this --out: now, not after the model load
+            pass
     model, tok = load_model_from_args(args)
     if settings.recipe == "needles":  # bad kinds / lengths: before any work
         training_prompts(tok, 1, settings.lengths, settings.seed, settings.kinds)
@@ -114,6 +150,18 @@ def cmd_train(args: argparse.Namespace, console: Any) -> int:
                 tasks[label] = bar.add_task(label, total=total)
             bar.update(tasks[label], completed=done)
 
+        if shard is not None:
+            build_targets(
+                model,
+                tok,
+                settings,
+                out,
+                shard,
+                model_name=args.model or DEFAULT_MODEL_NAME,
+                progress=progress,
+                log=bar.console.print,
+            )
+            return 0
         result = train_queries(
             model,
             tok,

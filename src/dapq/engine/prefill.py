@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import DapqError
+from ..hf.adapters import SuffixAdapters, suffix_adapters
 from ..hf.attention import Step, activate
 from ..hf.cache import kv_bytes, make_cache
 from ..methods.base import Method
@@ -96,12 +97,14 @@ def prefill(
     state.set_step(Step(pos=pos, valid=valid, prompt_len=t))
     sync_device(device)
     start = time.perf_counter()
-    with activate(list(info.configs), state), torch.inference_mode():
-        tokens = (
-            {"inputs_embeds": prefill_embeddings(model, method, ids, t)}
-            if n and isinstance(method, EmbeddedSuffix)
-            else {"input_ids": ids}
-        )
+    embedded = bool(n) and isinstance(method, EmbeddedSuffix)
+    adapters = method.suffix_adapters() if embedded else None  # type: ignore[union-attr]
+    with (
+        activate(list(info.configs), state),
+        torch.inference_mode(),
+        suffix_adapters(model, SuffixAdapters.from_dict(adapters) if adapters else None, n),
+    ):
+        tokens = {"inputs_embeds": prefill_embeddings(model, method, ids, t)} if embedded else {"input_ids": ids}
         out = model(
             **tokens,
             position_ids=pos,

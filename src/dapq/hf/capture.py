@@ -33,6 +33,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..errors import DapqError
+from .adapters import SuffixAdapters, suffix_adapters
 from .attention import attention_configs, model_attn_implementation, switched
 
 _RECORD: contextvars.ContextVar[_Record | None] = contextvars.ContextVar("dapq_capture", default=None)
@@ -254,12 +255,17 @@ def trainable(state: PromptState) -> PromptState:
 
 
 def suffix_attention(
-    model: Any, state: PromptState, embeds: torch.Tensor, positions: Iterable[int]
+    model: Any,
+    state: PromptState,
+    embeds: torch.Tensor,
+    positions: Iterable[int],
+    adapters: SuffixAdapters | None = None,
 ) -> list[torch.Tensor]:
     """Feed input embeddings [n, hidden] after the prompt (sequence order, the given position ids) through the model
     with differentiable eager attention; returns every layer's attention probabilities [H_q, n, L + n] (over the
     prompt keys, then the fed tokens' own keys, causal). Gradients reach `embeds` when it requires them (make the
-    state `trainable` first and freeze the model's parameters); the prompt cache is left as it was."""
+    state `trainable` first and freeze the model's parameters), and to `adapters` (low-rank adapters acting on the fed
+    rows only, `dapq.hf.adapters`) when theirs do; the prompt cache is left as it was."""
     pos = torch.tensor([[int(p) for p in positions]], device=embeds.device)
     if pos.shape[1] != embeds.shape[0]:
         raise DapqError(f"suffix_attention needs one position per embedding; got {embeds.shape[0]} and {pos.shape[1]}")
@@ -269,7 +275,10 @@ def suffix_attention(
     rec: list[torch.Tensor | None] = [None] * n_layers(model)
     saved = [(layer.keys, layer.values) for layer in state.cache.layers]
     try:
-        with switched(attention_configs(model), _PROBS_NAME, _PROBS, rec):
+        with (
+            switched(attention_configs(model), _PROBS_NAME, _PROBS, rec),
+            suffix_adapters(model, adapters, len(embeds)),
+        ):
             model(
                 inputs_embeds=embeds[None],
                 position_ids=pos,

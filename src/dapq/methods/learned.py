@@ -19,6 +19,11 @@ vocabulary and RoPE, so the GGUF and the hub release of one model match, while a
 does not). A file of another model is refused with a one-line error; `allow_other_model=True` uses it anyway, with a
 warning. Files written before the fingerprint existed are checked by hidden size only.
 
+Capacity step (optional, LookaheadKV, arXiv 2603.10899, Sec. 3): a file may also hold `adapters`, low-rank
+adapters (rank r, per adapted linear layer A [r, in], B [out, r]) that act only at the N pseudo positions
+(`dapq.hf.adapters`, applied by the engine). The prompt comes first, so its hidden states, keys, values and
+first-token logits stay exactly the model's; only the learned tokens' own path through the layers changes.
+
 Shapes: the layer's queries [B, H_q, T+N, D] (the learned queries are the last N), keys [B, H_c, T+N, D]; scores
 [B, H_q, T]; kept indices [B, H_c, B_tokens] into the prompt [0, T).
 """
@@ -121,7 +126,48 @@ def load_queries(path: str | Path) -> dict[str, Any]:
     emb = data["embeddings"]
     if emb.dim() != 2 or emb.shape[0] < 1 or not torch.isfinite(emb).all():
         raise DapqError(f"{p}: embeddings must be a finite [N, hidden] tensor; got shape {tuple(emb.shape)}.")
+    if data.get("adapters") is not None:
+        check_adapters(data["adapters"], str(p))
     data["sha256"] = hashlib.sha256(raw).hexdigest()
+    return data
+
+
+#: the projections adapters may wrap (the names `dapq.hf.adapters` hooks)
+ADAPTABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def check_adapters(data: Any, where: str) -> dict[str, Any]:
+    """A file's `adapters` entry checked before any model loads: rank >= 1, a scale, known module kinds, and per
+    layer a finite A [r, in] and B [out, r]; anything else is a one-line error naming `where`."""
+    try:
+        rank, _ = int(data["rank"]), float(data["scale"])
+        modules = [str(m) for m in data["modules"]]
+        a, b = dict(data["a"]), dict(data["b"])
+        ok = (
+            rank >= 1
+            and bool(a)
+            and set(a) == set(b)
+            and bool(modules)
+            and all(m in ADAPTABLE for m in modules)
+            and all(name.rsplit(".", 1)[-1] in modules for name in a)
+            and all(
+                isinstance(a[k], torch.Tensor)
+                and isinstance(b[k], torch.Tensor)
+                and a[k].dim() == 2
+                and b[k].dim() == 2
+                and a[k].shape[0] == rank
+                and b[k].shape[1] == rank
+                and bool(torch.isfinite(a[k]).all() and torch.isfinite(b[k]).all())
+                for k in a
+            )
+        )
+    except (KeyError, TypeError, ValueError, AttributeError):
+        ok = False
+    if not ok:
+        raise DapqError(
+            f"{where}: its adapters are malformed (they need a rank, a scale, module kinds and a finite A [r, in] and "
+            "B [out, r] per layer): retrain them with dapq train-queries --lora-rank R."
+        )
     return data
 
 
@@ -237,9 +283,20 @@ class LearnedQueries(ScorerMethod, EmbeddedSuffix):
     def file_hashes(self) -> dict[str, str]:
         return {"queries": self.queries_sha256}
 
+    def suffix_adapters(self) -> dict[str, Any] | None:
+        return self.data().get("adapters")
+
     def embedding_key(self) -> str:  # hashed once: score_key asks for it at every layer
         if self._key is None:
-            self._key = hashlib.sha256(self.data()["embeddings"].float().numpy().tobytes()).hexdigest()[:16]
+            h = hashlib.sha256(self.data()["embeddings"].float().numpy().tobytes())
+            adapters = self.suffix_adapters()
+            if adapters:  # the suffix's content is the embeddings and the adapters on its path
+                h.update(repr((adapters["rank"], adapters["scale"], list(adapters["modules"]))).encode())
+                for name in sorted(adapters["a"]):
+                    h.update(name.encode())
+                    h.update(adapters["a"][name].float().numpy().tobytes())
+                    h.update(adapters["b"][name].float().numpy().tobytes())
+            self._key = h.hexdigest()[:16]
         return self._key
 
     def score_key(self) -> tuple:  # the scores depend on the file's content, not only its name

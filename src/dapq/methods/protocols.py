@@ -20,7 +20,8 @@ A method is a `Method` (budget, layout, `select`). On top of that it may declare
 - `DraftedSuffix` (a `PseudoSuffix`): the suffix tokens are written by a draft model from the prompt; the engine runs
   the draft (`dapq.engine.draft`) and the method only says which draft and how many tokens. SpecKV.
 - `EmbeddedSuffix` (a `PseudoSuffix`): the suffix is given as input embeddings, not token ids; the engine embeds
-  the prompt with the model's own input embeddings and puts the method's vectors at the suffix. Learned queries.
+  the prompt with the model's own input embeddings and puts the method's vectors at the suffix; optionally with
+  low-rank adapters active at the suffix positions only (`suffix_adapters`). Learned queries.
 
 Module-level helpers (`pseudo_length`, `layer_budget`, `renumbers`) answer for any method, declared or not.
 """
@@ -194,6 +195,12 @@ class EmbeddedSuffix(PseudoSuffix):
     @abc.abstractmethod
     def embedding_key(self) -> str:
         """Identifies the embeddings' content (e.g. a hash): recordings share a prefill only for equal keys."""
+
+    def suffix_adapters(self) -> dict[str, Any] | None:
+        """Low-rank adapters that act only at the suffix positions (plain values: `rank`, `scale`, `modules`, and
+        per linear layer `a` [r, in] and `b` [out, r]; the engine applies them with `dapq.hf.adapters`), or None.
+        The prompt's own hidden states, keys, values and logits stay the model's: the suffix comes last."""
+        return None
 
     def pseudo_ids(self, prompt_ids: list[int], vocab_size: int, tokenizer: Any = None) -> list[int]:
         return [0] * self.n_pseudo  # placeholders: the engine replaces their embeddings

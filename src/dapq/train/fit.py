@@ -41,6 +41,7 @@ import torch
 
 from ..analysis.quantities import recall, topk_indices
 from ..errors import DapqError
+from ..hf.adapters import SuffixAdapters, init_adapters
 from ..hf.capture import suffix_attention
 from ..methods.base import get_method
 from ..methods.learned import config_fingerprint, describe_config, save_queries
@@ -127,11 +128,12 @@ def same_but_epochs(recorded: Any, wanted: dict[str, Any]) -> bool:
     return {k: v for k, v in recorded.items() if k != "epochs"} == {k: v for k, v in wanted.items() if k != "epochs"}
 
 
-def check_finite_epoch(row: dict[str, Any], emb: torch.Tensor) -> None:
-    """Training that diverged (a NaN or infinite loss or embedding) stops with a one-line error, never a "best
-    epoch" of garbage."""
+def check_finite_epoch(row: dict[str, Any], emb: torch.Tensor, adapters: SuffixAdapters | None = None) -> None:
+    """Training that diverged (a NaN or infinite loss, embedding or adapter) stops with a one-line error, never a
+    "best epoch" of garbage."""
     bad = [k for k in ("train_loss", "val_loss", "val_recall") if not math.isfinite(row[k])]
-    if bad or not torch.isfinite(emb).all():
+    weights = [emb] + (adapters.parameters() if adapters is not None else [])
+    if bad or not all(bool(torch.isfinite(w).all()) for w in weights):
         what = ", ".join(f"{k} {row[k]}" for k in bad) or "non-finite embeddings"
         raise DapqError(f"Training diverged at epoch {row['epoch']} ({what}): lower --lr and pass --restart.")
 
@@ -161,6 +163,7 @@ def learned_ranking(probs: torch.Tensor, h_kv: int, length: int, kernel: int = 7
 def example_loss(probs: list[torch.Tensor], ex: Example, loss: str) -> torch.Tensor:
     total = torch.zeros(())
     for p, target, gold in zip(probs, ex.target, ex.gold):
+        target, gold = target.to(p.device), gold.to(p.device)  # stored targets live on the CPU, a model may not
         dist = learned_distribution(p, target.shape[0], target.shape[1])
         if loss == "kl":
             per_head = (target * (torch.log(target + EPS) - torch.log(dist + EPS))).sum(dim=-1)
@@ -173,6 +176,7 @@ def example_loss(probs: list[torch.Tensor], ex: Example, loss: str) -> torch.Ten
 def recall_of(probs: list[torch.Tensor], ex: Example) -> float:
     vals = []
     for p, target, gold in zip(probs, ex.target, ex.gold):
+        p, gold = p.cpu(), gold.cpu()
         pred = topk_indices(learned_ranking(p, target.shape[0], target.shape[1]), gold.shape[1])
         vals.append(float(recall(gold, pred).mean()))
     return sum(vals) / len(vals)
@@ -189,17 +193,45 @@ def initial_embeddings(model: Any, tokenizer: Any, settings: TrainSettings) -> t
     return embeddings_of(model, [ids[i % len(ids)] for i in range(settings.n_queries)])
 
 
-def evaluate(model: Any, examples: list[Example], emb_of: Callable[[Example], torch.Tensor], loss: str) -> dict:
+def evaluate(
+    model: Any,
+    examples: list[Example],
+    emb_of: Callable[[Example], torch.Tensor],
+    loss: str,
+    adapters: SuffixAdapters | None = None,
+) -> dict:
     losses, recalls = [], []
     with torch.no_grad():
         for ex in examples:
             emb = emb_of(ex)
             state = prompt_state(model, ex)
             length = state.length
-            probs = [p.float() for p in suffix_attention(model, state, emb, range(length, length + len(emb)))]
+            fed = suffix_attention(model, state, emb, range(length, length + len(emb)), adapters)
+            probs = [p.float() for p in fed]
             losses.append(float(example_loss(probs, ex, loss)))
             recalls.append(recall_of(probs, ex))
     return {"loss": sum(losses) / len(losses), "recall": sum(recalls) / len(recalls)}
+
+
+def build_targets(
+    model: Any,
+    tokenizer: Any,
+    settings: TrainSettings,
+    out: str | Path,
+    shard: tuple[int, int],
+    *,
+    model_name: str = "",
+    progress: Callable[[str, int, int], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> None:
+    """Build one shard of the generic recipe's target store of `out` (`dapq train-queries --shard K/N`): n such
+    processes, then one training run that finds every target stored."""
+    if settings.recipe != "generic":
+        raise DapqError("--shard builds the generic recipe's target store; the needle recipe keeps no store.")
+    outputs = TrainOutputs.of(out)
+    store = TargetStore(outputs.targets, settings, model_name, config_fingerprint(model.config))
+    store.build(model, tokenizer, stop_token_ids(tokenizer), progress, log, shard=shard)
+    log(f"shard {shard[0]}/{shard[1]} of {outputs.targets} built")
 
 
 def train_queries(
@@ -263,14 +295,33 @@ def _train_locked(
     log(f"{len(train)} training and {len(val)} validation prompts with their targets ready in {built_s:.0f} s")
 
     emb = initial_embeddings(model, tokenizer, settings).requires_grad_(True)
-    opt = torch.optim.Adam([emb], lr=settings.lr)
+    adapters = None
+    groups: list[dict[str, Any]] = [{"params": [emb], "lr": settings.lr}]
+    if settings.lora_rank:
+        adapters = init_adapters(
+            model, settings.lora_modules, settings.lora_rank, settings.lora_alpha, seed=TRAIN_SEED_BASE + settings.seed
+        )
+        for t in adapters.parameters():
+            t.requires_grad_(True)
+        groups.append({"params": adapters.parameters(), "lr": settings.lora_lr})
+    opt = torch.optim.Adam(groups)
     history: list[dict[str, Any]] = []
     baselines: dict[str, dict] = {}
     if ckpt is not None:
         if ckpt["embeddings"].shape != emb.shape:
             raise DapqError(f"{ckpt_path}: its embeddings do not fit these settings; pass --restart to start over.")
+        saved = ckpt.get("adapters")
+        if (saved is None) != (adapters is None):
+            raise DapqError(f"{ckpt_path}: its adapters do not fit these settings; pass --restart to start over.")
         with torch.no_grad():
             emb.copy_(ckpt["embeddings"])
+            if adapters is not None:
+                try:
+                    for name in adapters.a:
+                        adapters.a[name].copy_(saved["a"][name])
+                        adapters.b[name].copy_(saved["b"][name])
+                except (KeyError, TypeError, RuntimeError):
+                    raise DapqError(f"{ckpt_path}: its adapters are damaged; pass --restart to start over.") from None
         try:
             opt.load_state_dict(ckpt["optimizer"])
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
@@ -303,7 +354,7 @@ def _train_locked(
             ex = train[j]
             state = prompt_state(model, ex)
             length = state.length
-            probs = suffix_attention(model, state, emb, range(length, length + settings.n_queries))
+            probs = suffix_attention(model, state, emb, range(length, length + settings.n_queries), adapters)
             loss = example_loss([p.float() for p in probs], ex, settings.loss) / settings.batch
             loss.backward()
             total += float(loss.detach()) * settings.batch
@@ -312,7 +363,7 @@ def _train_locked(
                 opt.zero_grad()
             if progress:
                 progress(f"epoch {epoch}/{settings.epochs}", step + 1, len(order))
-        val_metrics = evaluate(model, val, lambda ex: emb.detach(), settings.loss)
+        val_metrics = evaluate(model, val, lambda ex: emb.detach(), settings.loss, adapters)
         row = {
             "epoch": epoch,
             "train_loss": total / len(order),
@@ -320,8 +371,9 @@ def _train_locked(
             "val_recall": val_metrics["recall"],
             "epoch_s": time.perf_counter() - t0,
             "embeddings": emb.detach().clone(),
+            "adapters": adapters.as_dict() if adapters is not None else None,
         }
-        check_finite_epoch(row, emb.detach())
+        check_finite_epoch(row, emb.detach(), adapters)
         history.append(row)
         save_torch(
             ckpt_path,
@@ -330,6 +382,7 @@ def _train_locked(
                 "model": model_name,
                 "epoch": epoch,
                 "embeddings": emb.detach().clone(),
+                "adapters": adapters.as_dict() if adapters is not None else None,
                 "optimizer": opt.state_dict(),
                 "history": history,
                 "baselines": baselines,
@@ -343,7 +396,7 @@ def _train_locked(
         raise DapqError("No epoch was trained: raise --epochs.")
     best = max(history, key=lambda r: (r["val_recall"], -r["val_loss"]))
     seconds = time.perf_counter() - started
-    summary = [{k: v for k, v in r.items() if k != "embeddings"} for r in history]
+    summary = [{k: v for k, v in r.items() if k not in ("embeddings", "adapters")} for r in history]
     meta = {
         "model": model_name,
         "model_fingerprint": config_fingerprint(model.config),
@@ -362,7 +415,10 @@ def _train_locked(
             ),
         },
     }
+    if best.get("adapters") is not None:
+        meta["adapters"] = best["adapters"]
     save_queries(out, best["embeddings"], **meta)
+    meta.pop("adapters", None)
     write_json(outputs.record, meta)
     plot_history(summary, baselines, settings, outputs.plot)
     log(f"best epoch {best['epoch']} (val recall {best['val_recall']:.3f}) written to {out} ({seconds:.0f} s)")

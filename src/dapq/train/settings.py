@@ -9,6 +9,7 @@ from typing import Any
 
 from ..checks import finite
 from ..errors import DapqError
+from ..methods.learned import ADAPTABLE
 from .corpus import KINDS
 from .generic import GENERIC_KINDS
 
@@ -35,6 +36,10 @@ class TrainSettings:
     init_text: str = "Answer the question using the text above. The answer is:"
     seed: int = 0
     recipe: str = "generic"  # dapq.train.generic (task-agnostic, the default) or "needles" (dapq.train.corpus)
+    lora_rank: int = 0  # 0: the embeddings alone; r >= 1: plus rank-r adapters at the pseudo positions only
+    lora_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    lora_alpha: float = 16.0  # adapter scale = alpha / rank
+    lora_lr: float = 0.002
 
     def __post_init__(self) -> None:
         for name in ("n_queries", "n_train", "n_val", "answer_tokens", "epochs", "batch", "budget"):
@@ -47,6 +52,14 @@ class TrainSettings:
         if self.loss not in LOSSES:
             raise DapqError(f"--loss must be one of {', '.join(LOSSES)}; got {self.loss!r}")
         self.lr = finite("--lr", self.lr, low=0, low_open=True, high=10.0)
+        self.lora_lr = finite("--lora-lr", self.lora_lr, low=0, low_open=True, high=10.0)
+        self.lora_alpha = finite("--lora-alpha", self.lora_alpha, low=0, low_open=True, high=1e4)
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise DapqError(f"--lora-rank must be an integer >= 0 (0: no adapters); got {self.lora_rank!r}")
+        self.lora_modules = tuple(self.lora_modules)
+        unknown = [m for m in self.lora_modules if m not in ADAPTABLE]
+        if unknown or not self.lora_modules:
+            raise DapqError(f"--lora-modules must be some of {','.join(ADAPTABLE)}; got {','.join(unknown) or 'none'}")
         self.lengths = tuple(self.lengths)  # type: ignore[assignment]
         self.kinds = tuple(self.kinds) or (GENERIC_KINDS if self.recipe == "generic" else KINDS)
 

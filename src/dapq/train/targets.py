@@ -139,14 +139,24 @@ class TargetStore:
         stops: set[int],
         progress: Callable[[str, int, int], None] | None,
         log: Callable[[str], None],
+        shard: tuple[int, int] | None = None,
     ) -> list[Example]:
         """Every prompt's example: loaded when its file exists, else built (the model writes selfqa questions,
-        answers, targets) and written."""
+        answers, targets) and written. `shard=(k, n)`: only prompts i with i % n == k are built (nothing is loaded
+        or returned), so n processes can build one store side by side (one GPU, or several machines sharing it)."""
         self._check()
         s = self.settings
         planned = drafts(s.n_train + s.n_val, s.lengths, s.seed, s.kinds)
         out, built = [], 0
         for i, draft in enumerate(planned):
+            if shard is not None:
+                if i % shard[1] == shard[0] and not self.path(i).is_file():
+                    prompt = finish(model, tokenizer, draft, s.lengths[1], stops)
+                    self.save(i, build_example(model, tokenizer, prompt, s, stops, keep_state=False))
+                    built += 1
+                if progress:
+                    progress(f"targets, shard {shard[0]}/{shard[1]}", i + 1, len(planned))
+                continue
             if self.path(i).is_file():
                 out.append(self.load(i))
             else:
