@@ -119,6 +119,13 @@ def _lr(value: str):
     return make
 
 
+def _opts(*extra: str):
+    def make(out: Path, outside: Path) -> list[str]:
+        return ["--out", str(out / "q.pt"), *extra]
+
+    return make
+
+
 def _folder_out(out: Path, outside: Path) -> list[str]:
     return ["--out", str(out)]
 
@@ -145,6 +152,12 @@ HOSTILE = [
     ("--lr inf", _lr("inf"), "--lr must be a finite number", True),
     ("--lr nan", _lr("nan"), "--lr must be a finite number", True),
     ("--lr -1", _lr("-1"), "--lr must be > 0", True),
+    ("--lora-rank -1", _opts("--lora-rank", "-1"), "--lora-rank must be an integer >= 0", True),
+    ("--lora-modules lm_head", _opts("--lora-modules", "lm_head"), "--lora-modules must be some of", True),
+    ("--lora-lr nan", _opts("--lora-lr", "nan"), "--lora-lr must be a finite number", True),
+    ("--shard 2/2", _opts("--shard", "2/2"), "--shard must be K/N with 0 <= K < N", True),
+    ("--shard half", _opts("--shard", "half"), "--shard must be K/N", True),
+    ("--shard with needles", _opts("--shard", "0/2", "--recipe", "needles"), "needle recipe keeps no store", True),
 ]
 
 

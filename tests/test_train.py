@@ -165,3 +165,32 @@ def test_generic_recipe_builds_its_targets_once_and_resumes(tmp_path, monkeypatc
     other = TrainSettings(**{**SMALL, "recipe": "generic", "n_train": 4, "n_val": 2, "epochs": 1, "seed": 5})
     with pytest.raises(DapqError, match="holds targets of other settings"):
         train_queries(model, TOK, other, out, log=lambda s: None, restart=True)
+
+
+def test_shards_build_one_store_that_training_then_reads(tmp_path, monkeypatch):
+    """`--shard k/n` processes build disjoint prompts of one store (prompt i by shard i % n) and train nothing; the
+    training run afterwards builds no target again and trains on the same examples as an unsharded store."""
+    from dapq.train import targets
+    from dapq.train.fit import build_targets
+
+    model = build_tiny("llama")
+    settings = TrainSettings(**{**SMALL, "recipe": "generic", "n_train": 3, "n_val": 2, "epochs": 1})
+    built: list[str] = []
+    real = targets.build_example
+    monkeypatch.setattr(targets, "build_example", lambda *a, **k: built.append(a[2].id) or real(*a, **k))
+    out = tmp_path / "s.pt"
+    build_targets(model, TOK, settings, out, (1, 2), log=lambda s: None)
+    store = tmp_path / "s.pt.targets"
+    assert sorted(p.name for p in store.glob("*.pt.gz")) == ["00001.pt.gz", "00003.pt.gz"]
+    assert not out.exists() and not (tmp_path / "s.pt.ckpt").exists()
+    build_targets(model, TOK, settings, out, (0, 2), log=lambda s: None)
+    build_targets(model, TOK, settings, out, (0, 2), log=lambda s: None)  # a finished shard builds nothing more
+    assert len(built) == 5 and len(list(store.glob("*.pt.gz"))) == 5
+    built.clear()
+    sharded = train_queries(model, TOK, settings, out, log=lambda s: None)
+    assert built == [] and sharded.history
+    whole = train_queries(model, TOK, settings, tmp_path / "w.pt", log=lambda s: None)
+    # the same examples (a fresh build keeps float32 targets in memory, the store float16: hence rel=1e-4)
+    assert [r["val_loss"] for r in whole.history] == pytest.approx([r["val_loss"] for r in sharded.history], rel=1e-4)
+    with pytest.raises(DapqError, match="needle recipe keeps no store"):
+        build_targets(model, TOK, TrainSettings(**SMALL), out, (0, 2), log=lambda s: None)
