@@ -133,3 +133,22 @@ def test_bench_command_writes_json(tmp_path, monkeypatch, tiny_prompts):
     assert (out / "ttft.md").read_text().startswith("TTFT"), "markdown table written"
     assert main(["bench", "ttft", "--methods", "nope", "--out", str(out)]) == 2, "unknown method: clear error"
     assert main(["bench", "throughput", "--memory-cap", "lots", "--out", str(out)]) == 2, "bad size: clear error"
+
+
+def test_bench_variants_take_their_parameters(tiny_prompts, tmp_path):
+    """`--methods learned@a --param learned@a.queries=...`: a variant is benched with its own file (here one with
+    adapters) and its row is named by its label; the memory bench records the same KV peak as the plain file's."""
+    from dapq.hf.adapters import init_adapters
+    from dapq.methods.learned import save_queries
+    from helpers import TINY_QUERIES
+
+    model = build_tiny("llama")
+    ad = init_adapters(model, ("q_proj",), 2, 4.0).as_dict()
+    emb = torch.randn(6, 64) * 0.2
+    path = str(save_queries(tmp_path / "ad.pt", emb, adapters=ad))
+    params = {"learned@ad": {"queries": path}, "learned": {"queries": TINY_QUERIES}}
+    method = speed.build_method("learned@ad", 16, params)
+    assert method.suffix_adapters() is not None and method.budget == 16
+    r = speed.bench_memory(model, TOK, [40], ["learned", "learned@ad"], 16, params=params)
+    rows = r["rows"]
+    assert rows["learned@ad"][40]["kv_accounted_peak"] == rows["learned"][40]["kv_accounted_peak"]

@@ -118,9 +118,11 @@ def bench_prompt(tokenizer: Any, length: int, seed: int = 0) -> list[int]:
     return summary_prompt(tokenizer, length, seed)
 
 
-def build_method(name: str, budget: int | float) -> Method:
-    """The method `name` at `budget` (FullKV takes none)."""
-    return get_method(name, budget=budget) if method_class(name).evicts else get_method(name)
+def build_method(name: str, budget: int | float, params: dict[str, dict[str, Any]] | None = None) -> Method:
+    """The method `name` (or a variant `name@label`) at `budget` (FullKV takes none), with `params[name]`."""
+    base = name.partition("@")[0]
+    extra = (params or {}).get(name, {})
+    return get_method(base, budget=budget, **extra) if method_class(base).evicts else get_method(base, **extra)
 
 
 def _check_fits(model: Any, length: int, extra: int) -> None:
@@ -159,6 +161,7 @@ def bench_ttft(
     *,
     repeats: int = 5,
     warmup: int = 1,
+    params: dict[str, dict[str, Any]] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Median TTFT (s) per method and prompt length; row "transformers" is the plain model without the hook.
@@ -174,7 +177,7 @@ def bench_ttft(
         n = len(ids)
         fns: dict[str, Callable[[], Any]] = {"transformers": lambda ids=ids: _plain_prefill(model, ids)}
         for name in methods:
-            method = build_method(name, budget)
+            method = build_method(name, budget, params)
             _check_fits(model, n, extra_positions(method) + 1)
 
             def first_token(method: Method = method, ids: list[int] = ids) -> int:
@@ -209,6 +212,7 @@ def bench_memory(
     methods: list[str],
     budget: int | float,
     *,
+    params: dict[str, dict[str, Any]] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Peak allocated bytes during the compressing prefill, per method and length (see the module docstring)."""
@@ -221,7 +225,7 @@ def bench_memory(
         act, _ = peak_allocated(lambda ids=ids: _plain_prefill(model, ids, use_cache=False), device)
         rows["activations only"][length] = {"prompt_tokens": len(ids), "peak_bytes": act}
         for name in methods:
-            method = build_method(name, budget)
+            method = build_method(name, budget, params)
             _check_fits(model, len(ids), extra_positions(method) + 1)
             compress(model, tokenizer, [ids], method)  # warm-up (first-call allocations are not the method's)
             peak, cc = peak_allocated(lambda m=method, ids=ids: compress(model, tokenizer, [ids], m), device)
@@ -278,6 +282,7 @@ def bench_throughput(
     *,
     repeats: int = 3,
     memory_cap: int | None = None,
+    params: dict[str, dict[str, Any]] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Decode tokens/s per method and batch size, and the memory each batch needs (see the module docstring)."""
@@ -286,7 +291,7 @@ def bench_throughput(
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     rows: dict[str, dict[int, Any]] = {m: {} for m in methods}
     for name in methods:
-        method = build_method(name, budget)
+        method = build_method(name, budget, params)
         _check_fits(model, len(ids), extra_positions(method) + new_tokens)
         cc = compress(model, tokenizer, [ids], method)
         for b in batch_sizes:

@@ -23,6 +23,7 @@ from .args import (
     load_model_from_args,
     parse_budget,
     parse_lengths,
+    parse_method_params,
     parse_names,
     parse_size,
     run_dir,
@@ -42,6 +43,13 @@ def add_parser(sub: Any) -> None:
     kinds = bp.add_subparsers(dest="kind", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--methods", default=ALL_METHODS, help=f"comma-separated method names (default {ALL_METHODS})")
+    common.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="a method parameter (repeatable); variants: --methods learned@mine --param learned@mine.queries=q.pt",
+    )
     common.add_argument("--budget", default="256", help="tokens kept per head (or a ratio < 1); default 256")
     common.add_argument("--out", default=None, help="output folder (default: runs/bench-<kind>-<config hash>)")
     add_model_options(common)
@@ -84,8 +92,12 @@ def cmd_bench(args: argparse.Namespace, console: Any) -> int:
 
     from ..bench import speed
 
+    params = parse_method_params(args.param)
+    unknown = set(params) - set(methods)
+    if unknown:
+        raise DapqError(f"--param names method(s) not in --methods: {', '.join(sorted(unknown))}")
     for name in methods:
-        speed.build_method(name, budget)  # unknown names and bad budgets fail before the model load
+        speed.build_method(name, budget, params)  # unknown names, bad budgets and files fail before the model load
     if args.threads:
         torch.set_num_threads(args.threads)
     out = run_dir(args, f"bench-{args.kind}", NOT_HASHED)
@@ -96,10 +108,18 @@ def cmd_bench(args: argparse.Namespace, console: Any) -> int:
 
     if args.kind == "ttft":
         result = speed.bench_ttft(
-            model, tok, lengths, methods, budget, repeats=args.repeats, warmup=args.warmup, progress=progress
+            model,
+            tok,
+            lengths,
+            methods,
+            budget,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            params=params,
+            progress=progress,
         )
     elif args.kind == "memory":
-        result = speed.bench_memory(model, tok, lengths, methods, budget, progress=progress)
+        result = speed.bench_memory(model, tok, lengths, methods, budget, params=params, progress=progress)
     else:
         result = speed.bench_throughput(
             model,
@@ -111,6 +131,7 @@ def cmd_bench(args: argparse.Namespace, console: Any) -> int:
             budget,
             repeats=args.repeats,
             memory_cap=cap,
+            params=params,
             progress=progress,
         )
     config = {k: v for k, v in vars(args).items() if k not in NOT_HASHED}
