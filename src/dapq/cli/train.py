@@ -45,6 +45,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default 0.01)")
     p.add_argument("--batch", type=int, default=4, help="prompts per optimizer step (default 4)")
     p.add_argument("--loss", default="kl", help="kl (match the distribution, default) or gold (gold-set mass)")
+    p.add_argument(
+        "--target",
+        default="mean",
+        help="mean (the answer's mean attention, default) or copy (only the answer steps that continue a run of the "
+        "prompt)",
+    )
     p.add_argument("--budget", type=int, default=128, help="gold-set size for the gold loss and recall (128)")
     p.add_argument("--seed", type=int, default=0, help="seed of the training prompts (offset from the evaluations')")
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint and start over")
@@ -123,6 +129,7 @@ def cmd_train(args: argparse.Namespace, console: Any) -> int:
         budget=args.budget,
         seed=args.seed,
         recipe=args.recipe,
+        target=args.target,
         lora_rank=args.lora_rank,
         lora_modules=tuple(m.strip() for m in args.lora_modules.split(",") if m.strip()),
         lora_alpha=float(args.lora_alpha),

@@ -15,6 +15,7 @@ from .generic import GENERIC_KINDS
 
 LOSSES = ("kl", "gold")
 RECIPES = ("generic", "needles")
+TARGETS = ("mean", "copy")
 EPS = 1e-9
 
 
@@ -36,6 +37,7 @@ class TrainSettings:
     init_text: str = "Answer the question using the text above. The answer is:"
     seed: int = 0
     recipe: str = "generic"  # dapq.train.generic (task-agnostic, the default) or "needles" (dapq.train.corpus)
+    target: str = "mean"  # the answer's mean attention, or "copy": only the steps that continue a run of the prompt
     lora_rank: int = 0  # 0: the embeddings alone; r >= 1: plus rank-r adapters at the pseudo positions only
     lora_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     lora_alpha: float = 16.0  # adapter scale = alpha / rank
@@ -49,6 +51,8 @@ class TrainSettings:
                 raise DapqError(f"{option} must be an integer >= 1; got {value!r}")
         if self.recipe not in RECIPES:
             raise DapqError(f"--recipe must be one of {', '.join(RECIPES)}; got {self.recipe!r}")
+        if self.target not in TARGETS:
+            raise DapqError(f"--target must be one of {', '.join(TARGETS)}; got {self.target!r}")
         if self.loss not in LOSSES:
             raise DapqError(f"--loss must be one of {', '.join(LOSSES)}; got {self.loss!r}")
         self.lr = finite("--lr", self.lr, low=0, low_open=True, high=10.0)

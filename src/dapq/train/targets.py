@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..analysis.quantities import attention_distribution, topk_indices
+from ..analysis.quantities import attention_distribution, attention_probs, topk_indices
 from ..errors import DapqError
 from ..hf.capture import PromptState, greedy_answer, prefill_prompt, queries_at, trainable
 from ..methods.scoring import aggregate_groups
@@ -37,10 +37,28 @@ class Example:
     answer: str
 
 
-def target_of(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:  # [H_kv, L]
+def target_of(
+    queries: torch.Tensor, keys: torch.Tensor, scaling: float, weights: torch.Tensor | None = None
+) -> torch.Tensor:  # [H_kv, L]
     """Mean attention distribution of queries [H_q, n, D] over keys [H_kv, L, D] (softmax over the keys only),
-    averaged over the queries (`attention_distribution`) and each KV head's query group."""
-    return aggregate_groups(attention_distribution(queries, keys, scaling)[None], keys.shape[0], "mean")[0]
+    averaged over the queries (`attention_distribution`; `weights` [n]: a weighted mean instead) and each KV head's
+    query group."""
+    if weights is None:
+        dist = attention_distribution(queries, keys, scaling)
+    else:
+        w = weights.to(queries.device, torch.float32)
+        dist = torch.einsum("hnl,n->hl", attention_probs(queries, keys, scaling).float(), w / w.sum())
+    return aggregate_groups(dist[None], keys.shape[0], "mean")[0]
+
+
+def copy_weights(prompt_ids: list[int], answer: list[int]) -> torch.Tensor | None:  # [n]
+    """The `copy` target's weights over the answer's n teacher-forced queries: query j (fed token a_j) writes
+    a_{j+1}, and counts when the pair (a_j, a_{j+1}) occurs in the prompt, i.e. when that step continues a run of
+    the context (copying, the steps whose keys must survive eviction; induction heads, Olsson et al., arXiv
+    2209.11895). None when no step copies (the plain mean is used then)."""
+    pairs = set(zip(prompt_ids, prompt_ids[1:]))
+    w = [1.0 if (answer[j], answer[j + 1]) in pairs else 0.0 for j in range(len(answer) - 1)] + [0.0]
+    return torch.tensor(w) if any(w) else None
 
 
 def prompt_state(model: Any, ex: Example) -> PromptState:
@@ -58,8 +76,9 @@ def build_example(
     length = state.length
     real = queries_at(model, state, answer, range(length, length + len(answer))).queries
     target, gold = [], []
+    weights = copy_weights(list(prompt.ids), answer) if settings.target == "copy" else None
     for i, q in enumerate(real):
-        t = target_of(q, state.keys(i), state.scaling[i])
+        t = target_of(q, state.keys(i), state.scaling[i], weights)
         target.append(t)
         gold.append(topk_indices(t, settings.budget))
     kept = trainable(state) if keep_state else None
@@ -90,6 +109,8 @@ class TargetStore:
             "model": model_name,
             "model_fingerprint": fingerprint,
         }
+        if settings.target != "mean":  # stores of the plain mean keep their old key
+            self.key["target"] = settings.target
 
     def _check(self) -> None:
         ensure_dir(self.folder, "the target store")
