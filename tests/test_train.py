@@ -4,6 +4,7 @@ checkpoints resume to the same result, and the written file serves the `learned`
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,3 +195,24 @@ def test_shards_build_one_store_that_training_then_reads(tmp_path, monkeypatch):
     assert [r["val_loss"] for r in whole.history] == pytest.approx([r["val_loss"] for r in sharded.history], rel=1e-4)
     with pytest.raises(DapqError, match="needle recipe keeps no store"):
         build_targets(model, TOK, TrainSettings(**SMALL), out, (0, 2), log=lambda s: None)
+
+
+def test_copy_target_weights_the_steps_that_continue_the_prompt():
+    from dapq.train.targets import copy_weights
+
+    # query j is fed a_j and writes a_{j+1}: only (2, 3) is a pair of the prompt, so only query 1 counts
+    assert copy_weights([1, 2, 3, 4, 5], [9, 2, 3, 7]).tolist() == [0.0, 1.0, 0.0, 0.0]
+    assert copy_weights([1, 2, 3], [3, 2, 1]) is None  # nothing copied: the plain mean is used
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(4, 3, 16, generator=g), torch.randn(2, 30, 16, generator=g)
+    one = target_of(q, k, 0.25, torch.tensor([0.0, 1.0, 0.0]))
+    ref = torch.stack([torch.softmax(q[h, 1] @ k[h // 2].T * 0.25, -1) for h in range(4)]).view(2, 2, 30).mean(1)
+    assert torch.allclose(one, ref, atol=1e-6)
+    assert torch.allclose(target_of(q, k, 0.25, torch.ones(3)), target_of(q, k, 0.25), atol=1e-6)
+    settings = TrainSettings(**{**SMALL, "recipe": "generic", "target": "copy"})
+    from dapq.train.targets import TargetStore
+
+    assert TargetStore(Path("x"), settings, "", "").key["target"] == "copy"
+    assert "target" not in TargetStore(Path("x"), TrainSettings(**{**SMALL, "recipe": "generic"}), "", "").key
+    with pytest.raises(DapqError, match="--target must be one of"):
+        TrainSettings(target="max")
