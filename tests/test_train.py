@@ -173,6 +173,12 @@ def test_shards_build_one_store_that_training_then_reads(tmp_path, monkeypatch):
     training run afterwards builds no target again and trains on the same examples as an unsharded store."""
     from dapq.train import targets
     from dapq.train.fit import build_targets
+    from dapq.train.targets import shard_of
+
+    # every kind is spread over every shard (12 shards, 4 kinds: a plain i % 12 gives shard 0 only selfqa)
+    for n in (2, 3, 4, 12):
+        kinds_of = [{i % 4 for i in range(480) if shard_of(i, n, 4) == k} for k in range(n)]
+        assert all(k == {0, 1, 2, 3} for k in kinds_of), n
 
     model = build_tiny("llama")
     settings = TrainSettings(**{**SMALL, "recipe": "generic", "n_train": 3, "n_val": 2, "epochs": 1})
@@ -182,7 +188,8 @@ def test_shards_build_one_store_that_training_then_reads(tmp_path, monkeypatch):
     out = tmp_path / "s.pt"
     build_targets(model, TOK, settings, out, (1, 2), log=lambda s: None)
     store = tmp_path / "s.pt.targets"
-    assert sorted(p.name for p in store.glob("*.pt.gz")) == ["00001.pt.gz", "00003.pt.gz"]
+    want = [f"{i:05d}.pt.gz" for i in range(5) if shard_of(i, 2, len(settings.kinds)) == 1]
+    assert want and sorted(p.name for p in store.glob("*.pt.gz")) == want
     assert not out.exists() and not (tmp_path / "s.pt.ckpt").exists()
     build_targets(model, TOK, settings, out, (0, 2), log=lambda s: None)
     build_targets(model, TOK, settings, out, (0, 2), log=lambda s: None)  # a finished shard builds nothing more

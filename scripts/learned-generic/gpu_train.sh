@@ -11,7 +11,7 @@
 set -u
 OUT=${OUT:-runs/gpu-out}
 DEVICE=${DEVICE:-cuda}
-K=${K:-12}
+K=${K:-12}  # shards: every kind is spread over all of them (dapq.train.targets.shard_of)
 PLAN=${PLAN:-4000}
 VAL=${VAL:-100}
 BUILD_S=${BUILD_S:-200}

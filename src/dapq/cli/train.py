@@ -70,7 +70,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--shard",
         default=None,
-        help="K/N: only build the targets of prompts i with i %% N == K and exit (run N processes, then train)",
+        help="K/N: only build the targets of shard K of N (every kind spread over the shards) and exit (run N "
+        "processes side by side, then train)",
     )
     add_model_options(p)
     p.set_defaults(func=cmd_train)

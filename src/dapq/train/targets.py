@@ -85,6 +85,13 @@ def build_example(
     return Example(prompt.id, list(prompt.ids), kept, target, gold, tokenizer.decode(answer))
 
 
+def shard_of(i: int, n: int, n_kinds: int) -> int:
+    """The shard (of n) that builds prompt i. Kinds come in turn (prompt i is of kind i % n_kinds), so a plain
+    i % n would give some shards one slow kind only (selfqa writes a question first) and leave the store's prefix
+    ragged; shifting by one shard every round of kinds spreads every kind over every shard."""
+    return (i + i // max(1, n_kinds)) % n
+
+
 class TargetStore:
     """The generic recipe's targets on disk, built once and reused by every epoch, rerun and try.
 
@@ -163,15 +170,16 @@ class TargetStore:
         shard: tuple[int, int] | None = None,
     ) -> list[Example]:
         """Every prompt's example: loaded when its file exists, else built (the model writes selfqa questions,
-        answers, targets) and written. `shard=(k, n)`: only prompts i with i % n == k are built (nothing is loaded
-        or returned), so n processes can build one store side by side (one GPU, or several machines sharing it)."""
+        answers, targets) and written. `shard=(k, n)`: only the prompts of shard k of n are built (`shard_of`;
+        nothing is loaded or returned), so n processes can build one store side by side (one GPU, or several
+        machines sharing it)."""
         self._check()
         s = self.settings
         planned = drafts(s.n_train + s.n_val, s.lengths, s.seed, s.kinds)
         out, built = [], 0
         for i, draft in enumerate(planned):
             if shard is not None:
-                if i % shard[1] == shard[0] and not self.path(i).is_file():
+                if shard_of(i, shard[1], len(s.kinds)) == shard[0] and not self.path(i).is_file():
                     prompt = finish(model, tokenizer, draft, s.lengths[1], stops)
                     self.save(i, build_example(model, tokenizer, prompt, s, stops, keep_state=False))
                     built += 1
