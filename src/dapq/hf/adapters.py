@@ -110,8 +110,8 @@ def suffix_adapters(model: Any, adapters: SuffixAdapters | None, n_last: int) ->
             x = args[0][..., -n_last:, :]
             aa, bb = a.to(x.device), b.to(x.device)
             delta = (x.to(aa.dtype) @ aa.T) @ bb.T * adapters.scale  # [..., n_last, out]
-            tail = output[..., -n_last:, :] + delta.to(output.dtype)
-            return torch.cat([output[..., :-n_last, :], tail], dim=-2)
+            output[..., -n_last:, :] += delta.to(output.dtype)  # in place: no copy of the prompt's rows
+            return output
 
         return hook
 
