@@ -364,3 +364,18 @@ def test_the_kvpress_comparison_is_a_script_not_a_command(capsys):
         main(["bench", "vs-kvpress"])
     assert exit.value.code == 2 and "invalid choice" in capsys.readouterr().err
     assert (Path(__file__).resolve().parents[1] / "scripts" / "kvpress" / "vs_kvpress.py").is_file()
+
+
+def test_bench_params_are_hashed_only_when_given():
+    """`dapq bench --param` came after bench folders were pinned: without it the folder is the pinned one, with it
+    another (two files benched under one label never share a folder)."""
+    plain = build_parser().parse_args(["bench", "memory", "--lengths", "1k"])
+    given = build_parser().parse_args(
+        ["bench", "memory", "--lengths", "1k", "--methods", "learned@a", "--param", "learned@a.queries=a.pt"]
+    )
+    other = build_parser().parse_args(
+        ["bench", "memory", "--lengths", "1k", "--methods", "learned@a", "--param", "learned@a.queries=b.pt"]
+    )
+    dirs = [run_dir(a, "bench-memory", bench_cli.NOT_HASHED) for a in (plain, given, other)]
+    assert dirs[0] == Path("runs") / PINNED["bench memory --lengths 1k"]
+    assert len(set(dirs)) == 3

@@ -251,6 +251,9 @@ def method_params(name: str, items: list[str], option: str = "--param") -> dict[
 
 
 UNHASHED_EVERYWHERE = ("cache_dir", "ray", "workers", "gpus_per_worker", "threads_per_worker")
+#: options added after their command's folders were in use: hashed only when given, so the folder of a command
+#: that does not use them stays the one it always was
+HASHED_WHEN_SET = ("bench_params",)
 
 
 def run_dir(args: argparse.Namespace, prefix: str, exclude: tuple[str, ...]) -> Path:
@@ -263,7 +266,7 @@ def run_dir(args: argparse.Namespace, prefix: str, exclude: tuple[str, ...]) -> 
 
     # where GGUF conversions are cached and how a sweep is scheduled do not change its rows
     skip = (*exclude, *UNHASHED_EVERYWHERE)
-    config = {k: v for k, v in vars(args).items() if k not in skip}
+    config = {k: v for k, v in vars(args).items() if k not in skip and (v or k not in HASHED_WHEN_SET)}
     return Path("runs") / f"{prefix}-{config_hash(config)}"
 
 

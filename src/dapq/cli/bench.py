@@ -45,6 +45,7 @@ def add_parser(sub: Any) -> None:
     common.add_argument("--methods", default=ALL_METHODS, help=f"comma-separated method names (default {ALL_METHODS})")
     common.add_argument(
         "--param",
+        dest="bench_params",
         action="append",
         default=[],
         metavar="METHOD.KEY=VALUE",
@@ -92,7 +93,7 @@ def cmd_bench(args: argparse.Namespace, console: Any) -> int:
 
     from ..bench import speed
 
-    params = parse_method_params(args.param)
+    params = parse_method_params(args.bench_params)
     unknown = set(params) - set(methods)
     if unknown:
         raise DapqError(f"--param names method(s) not in --methods: {', '.join(sorted(unknown))}")
