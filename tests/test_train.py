@@ -26,6 +26,16 @@ SMALL = dict(
 )
 
 
+def count_builds(monkeypatch) -> list[str]:
+    """The ids of the prompts whose targets are built from now on (dapq.train.targets.build_example wrapped)."""
+    import dapq.train.targets as targets
+
+    built: list[str] = []
+    real = targets.build_example
+    monkeypatch.setattr(targets, "build_example", lambda *a, **k: built.append(a[2].id) or real(*a, **k))
+    return built
+
+
 def shingles(text: str, n: int = 8) -> set[tuple[str, ...]]:
     words = re.sub(r"\s+", " ", text).split(" ")
     return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
@@ -144,9 +154,7 @@ def test_generic_recipe_builds_its_targets_once_and_resumes(tmp_path, monkeypatc
     assert all(d.context[:200] not in evaluation for d in plan)
     model = build_tiny("llama")
     settings = TrainSettings(**{**SMALL, "recipe": "generic", "n_train": 4, "n_val": 2, "epochs": 1})
-    built: list[str] = []
-    real = targets.build_example
-    monkeypatch.setattr(targets, "build_example", lambda *a, **k: built.append(a[2].id) or real(*a, **k))
+    built = count_builds(monkeypatch)
     out = tmp_path / "g.pt"
     result = train_queries(model, TOK, settings, out, log=lambda s: None)
     store = tmp_path / "g.pt.targets"
@@ -169,9 +177,8 @@ def test_generic_recipe_builds_its_targets_once_and_resumes(tmp_path, monkeypatc
 
 
 def test_shards_build_one_store_that_training_then_reads(tmp_path, monkeypatch):
-    """`--shard k/n` processes build disjoint prompts of one store (prompt i by shard i % n) and train nothing; the
+    """`--shard k/n` processes build disjoint prompts of one store (`shard_of`) and train nothing; the
     training run afterwards builds no target again and trains on the same examples as an unsharded store."""
-    from dapq.train import targets
     from dapq.train.fit import build_targets
     from dapq.train.targets import shard_of
 
@@ -182,9 +189,7 @@ def test_shards_build_one_store_that_training_then_reads(tmp_path, monkeypatch):
 
     model = build_tiny("llama")
     settings = TrainSettings(**{**SMALL, "recipe": "generic", "n_train": 3, "n_val": 2, "epochs": 1})
-    built: list[str] = []
-    real = targets.build_example
-    monkeypatch.setattr(targets, "build_example", lambda *a, **k: built.append(a[2].id) or real(*a, **k))
+    built = count_builds(monkeypatch)
     out = tmp_path / "s.pt"
     build_targets(model, TOK, settings, out, (1, 2), log=lambda s: None)
     store = tmp_path / "s.pt.targets"

@@ -112,7 +112,7 @@ def cmd_train(args: argparse.Namespace, console: Any) -> int:
 
     from ..safefile import FileLock
     from ..train.corpus import training_prompts
-    from ..train.fit import TrainOutputs, build_targets, train_queries
+    from ..train.fit import TrainOutputs, build_targets, check_shardable, train_queries
     from ..train.generic import drafts
     from ..train.settings import TrainSettings
 
@@ -137,8 +137,8 @@ def cmd_train(args: argparse.Namespace, console: Any) -> int:
         lora_lr=float(args.lora_lr),
     )
     shard = _shard(args.shard) if args.shard else None
-    if shard is not None and settings.recipe != "generic":
-        raise DapqError("--shard builds the generic recipe's target store; the needle recipe keeps no store.")
+    if shard is not None:
+        check_shardable(settings)  # before the model load
     outputs = TrainOutputs.of(out)  # links, folders, foreign files, an unwritable folder: before the model load
     if shard is None:  # shards build the store side by side; training holds the lock
         with FileLock(outputs.lock, str(out)):  # another run on this --out: now, not after the model load

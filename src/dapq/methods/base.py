@@ -254,6 +254,27 @@ def recent_mask(inp: LayerInputs, n: int) -> torch.Tensor:  # [B, T] bool
     return mask & inp.valid[:, :t]
 
 
+class KeepsRecent:
+    """A scorer that also force-keeps its `keep_recent` most recent prompt tokens (DapQ, learned queries): the budget
+    must hold them and one scored token. Put it before `ScorerMethod` among the bases; the method declares the
+    `keep_recent` field (an int >= 0) itself."""
+
+    @property
+    def min_budget(self) -> int:
+        return self.keep_recent + 1  # type: ignore[attr-defined]
+
+    @property
+    def min_budget_reason(self) -> tuple[str, str, str]:
+        return (
+            f"its {self.keep_recent} most recent prompt tokens",  # type: ignore[attr-defined]
+            "keep_recent",
+            "Lower keep_recent or raise the budget.",
+        )
+
+    def forced_keep(self, inp: LayerInputs) -> torch.Tensor | None:  # [B, T] bool
+        return recent_mask(inp, self.keep_recent) if self.keep_recent else None  # type: ignore[attr-defined]
+
+
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     """Validate a string hyperparameter against its choices."""
     if value not in choices:

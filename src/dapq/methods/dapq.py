@@ -29,7 +29,7 @@ from typing import Any
 
 from ..errors import DapqError
 from ..lazy import torch
-from .base import LayerInputs, ScorerMethod, positive_int, recent_mask, register
+from .base import KeepsRecent, LayerInputs, ScorerMethod, positive_int, register
 from .protocols import PseudoSuffix
 from .scoring import suffix_scores
 
@@ -40,7 +40,7 @@ DEFAULT_FIXED_TEXT = "Sorry, I don't know. "
 
 @register("dapq")
 @dataclass
-class DapQ(ScorerMethod, PseudoSuffix):
+class DapQ(KeepsRecent, ScorerMethod, PseudoSuffix):
     """DapQ with every knob of the paper's method and ablations.
 
     Fields: `n_pseudo` N (32), `content` (see module docstring), `fixed_text` (Fix_C sentence), `seed` (random
@@ -80,18 +80,6 @@ class DapQ(ScorerMethod, PseudoSuffix):
             raise DapqError(f"insert_part must be None, 1, 2 or 3; got {self.insert_part!r}")
         if self.insert_part is not None and self.position_offset:
             raise DapqError("insert_part and position_offset are two different ablations: set only one of them.")
-
-    @property
-    def min_budget(self) -> int:
-        return self.keep_recent + 1
-
-    @property
-    def min_budget_reason(self) -> tuple[str, str, str]:
-        return (
-            f"its {self.keep_recent} most recent prompt tokens",
-            "keep_recent",
-            "Lower keep_recent or raise the budget.",
-        )
 
     @property
     def n_pseudo(self) -> int:
@@ -144,6 +132,3 @@ class DapQ(ScorerMethod, PseudoSuffix):
 
     def query_head_scores(self, inp: LayerInputs) -> torch.Tensor:  # [B, H_q, T]
         return suffix_scores(inp, self.include_pseudo_keys)
-
-    def forced_keep(self, inp: LayerInputs) -> torch.Tensor | None:
-        return recent_mask(inp, self.keep_recent) if self.keep_recent else None

@@ -41,7 +41,7 @@ from typing import Any
 from ..errors import DapqError
 from ..lazy import torch
 from ..safefile import save_torch
-from .base import LayerInputs, ScorerMethod, positive_int, recent_mask, register
+from .base import KeepsRecent, LayerInputs, ScorerMethod, positive_int, register
 from .protocols import EmbeddedSuffix
 from .scoring import suffix_scores
 
@@ -182,7 +182,7 @@ def save_queries(path: str | Path, embeddings: torch.Tensor, **meta: Any) -> Pat
 
 @register("learned")
 @dataclass
-class LearnedQueries(ScorerMethod, EmbeddedSuffix):
+class LearnedQueries(KeepsRecent, ScorerMethod, EmbeddedSuffix):
     """Learned pseudo queries. Fields: `queries` (a file from `dapq train-queries`; None: the shipped queries of
         the bundled model; a shipped model name such as "qwen2.5-coder-0.5b-instruct": the queries shipped for it),
         `include_pseudo_keys` (True: the softmax includes the learned queries' own keys, as the prefill computes it and
@@ -213,18 +213,6 @@ class LearnedQueries(ScorerMethod, EmbeddedSuffix):
         self._warned = False
         self._key: str | None = None
         self.queries_sha256 = self.data()["sha256"]  # a missing or foreign file fails here, before any model load
-
-    @property
-    def min_budget(self) -> int:
-        return self.keep_recent + 1
-
-    @property
-    def min_budget_reason(self) -> tuple[str, str, str]:
-        return (
-            f"its {self.keep_recent} most recent prompt tokens",
-            "keep_recent",
-            "Lower keep_recent or raise the budget.",
-        )
 
     @property
     def path(self) -> Path:
@@ -304,6 +292,3 @@ class LearnedQueries(ScorerMethod, EmbeddedSuffix):
 
     def query_head_scores(self, inp: LayerInputs) -> torch.Tensor:  # [B, H_q, T]
         return suffix_scores(inp, self.include_pseudo_keys)
-
-    def forced_keep(self, inp: LayerInputs) -> torch.Tensor | None:
-        return recent_mask(inp, self.keep_recent) if self.keep_recent else None

@@ -213,6 +213,12 @@ def evaluate(
     return {"loss": sum(losses) / len(losses), "recall": sum(recalls) / len(recalls)}
 
 
+def check_shardable(settings: TrainSettings) -> None:
+    """`--shard` builds a target store, which only the generic recipe keeps."""
+    if settings.recipe != "generic":
+        raise DapqError("--shard builds the generic recipe's target store; the needle recipe keeps no store.")
+
+
 def build_targets(
     model: Any,
     tokenizer: Any,
@@ -226,8 +232,7 @@ def build_targets(
 ) -> None:
     """Build one shard of the generic recipe's target store of `out` (`dapq train-queries --shard K/N`): n such
     processes, then one training run that finds every target stored."""
-    if settings.recipe != "generic":
-        raise DapqError("--shard builds the generic recipe's target store; the needle recipe keeps no store.")
+    check_shardable(settings)
     outputs = TrainOutputs.of(out)
     store = TargetStore(outputs.targets, settings, model_name, config_fingerprint(model.config))
     store.build(model, tokenizer, stop_token_ids(tokenizer), progress, log, shard=shard)
@@ -415,10 +420,8 @@ def _train_locked(
             ),
         },
     }
-    if best.get("adapters") is not None:
-        meta["adapters"] = best["adapters"]
-    save_queries(out, best["embeddings"], **meta)
-    meta.pop("adapters", None)
+    adapters_of_best = {"adapters": best["adapters"]} if best.get("adapters") is not None else {}
+    save_queries(out, best["embeddings"], **meta, **adapters_of_best)  # tensors: in the file, not in the JSON record
     write_json(outputs.record, meta)
     plot_history(summary, baselines, settings, outputs.plot)
     log(f"best epoch {best['epoch']} (val recall {best['val_recall']:.3f}) written to {out} ({seconds:.0f} s)")
