@@ -7,7 +7,9 @@
 #      on attention + MLP; each writes its best epoch by validation recall (a run stopped mid-epoch writes the best
 #      finished one).
 # Everything lands in $OUT (queries files, their .json records, logs). Environment: DEVICE (cuda), K (12 shard
-# processes), PLAN (4000 prompts at most), VAL (100), BUILD_S (200), TRAIN_S (240), EPOCHS (3).
+# processes), PLAN (4000 prompts at most), VAL (100), BUILD_S (200), TRAIN_S (240), EPOCHS (3), TARGET (mean or
+# copy: `dapq train-queries --target`), VARIANTS (the names of the runs below to train, default all three),
+# TRAIN_MAX (train on at most this many of the built prompts, so that an epoch fits TRAIN_S).
 set -u
 OUT=${OUT:-runs/gpu-out}
 DEVICE=${DEVICE:-cuda}
@@ -17,13 +19,18 @@ VAL=${VAL:-100}
 BUILD_S=${BUILD_S:-200}
 TRAIN_S=${TRAIN_S:-240}
 EPOCHS=${EPOCHS:-3}
+TARGET=${TARGET:-mean}
+VARIANTS=${VARIANTS:-emb lora8 lora16mlp}
+TRAIN_MAX=${TRAIN_MAX:-100000}
 WORK=${WORK:-runs/gpu-work}
 mkdir -p "$OUT" "$WORK"
-COMMON=(--device "$DEVICE" --dtype float32 --lengths 512-2048)
+COMMON=(--device "$DEVICE" --dtype float32 --lengths 512-2048 --target "$TARGET")
 stamp() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/gpu.log"; }
 
 stamp "start: $(python3 -c 'import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.is_available())')"
-python3 -c "from dapq.models import load_model; import time; t=time.time(); load_model(None, device='$DEVICE', dtype='float32'); print(f'model load {time.time()-t:.1f} s')" 2>&1 | tail -1 | tee -a "$OUT/gpu.log"
+if [ "${LOAD_CHECK:-1}" = 1 ]; then  # time one model load alone (LOAD_CHECK=0 skips it)
+  python3 -c "from dapq.models import load_model; import time; t=time.time(); load_model(None, device='$DEVICE', dtype='float32'); print(f'model load {time.time()-t:.1f} s')" 2>&1 | tail -1 | tee -a "$OUT/gpu.log"
+fi
 
 stamp "building targets with $K shards for ${BUILD_S} s"
 for k in $(seq 0 $((K - 1))); do
@@ -39,9 +46,14 @@ print(i)")
 stamp "built $built target files; the longest complete prefix holds $prefix prompts"
 tail -n 3 "$WORK/shard0.log" >> "$OUT/gpu.log"
 TRAIN=$((prefix - VAL))
+if [ "$TRAIN" -gt "$TRAIN_MAX" ]; then TRAIN=$TRAIN_MAX; fi
 if [ "$TRAIN" -lt "${MIN_TRAIN:-50}" ]; then stamp "too few prompts to train"; exit 1; fi
 
-variants=("emb:--lora-rank 0" "lora8:--lora-rank 8" "lora16mlp:--lora-rank 16 --lora-lr 0.001 --lora-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+all_variants=("emb:--lora-rank 0" "lora8:--lora-rank 8" "lora16mlp:--lora-rank 16 --lora-lr 0.001 --lora-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+variants=()
+for v in "${all_variants[@]}"; do
+  for want in $VARIANTS; do [ "${v%%:*}" = "$want" ] && variants+=("$v"); done
+done
 for v in "${variants[@]}"; do
   name=${v%%:*}
   cp -r "$WORK/store.pt.targets" "$WORK/$name.pt.targets"
