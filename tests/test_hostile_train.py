@@ -155,9 +155,7 @@ HOSTILE = [
     ("--lora-rank -1", _opts("--lora-rank", "-1"), "--lora-rank must be an integer >= 0", True),
     ("--lora-modules lm_head", _opts("--lora-modules", "lm_head"), "--lora-modules must be some of", True),
     ("--lora-lr nan", _opts("--lora-lr", "nan"), "--lora-lr must be a finite number", True),
-    ("--shard 2/2", _opts("--shard", "2/2"), "--shard must be K/N with 0 <= K < N", True),
-    ("--shard half", _opts("--shard", "half"), "--shard must be K/N", True),
-    ("--shard with needles", _opts("--shard", "0/2", "--recipe", "needles"), "needle recipe keeps no store", True),
+    ("--build-only with needles", _opts("--build-only", "--recipe", "needles"), "needle recipe keeps no store", True),
 ]
 
 

@@ -176,37 +176,84 @@ def test_generic_recipe_builds_its_targets_once_and_resumes(tmp_path, monkeypatc
         train_queries(model, TOK, other, out, log=lambda s: None, restart=True)
 
 
-def test_shards_build_one_store_that_training_then_reads(tmp_path, monkeypatch):
-    """`--shard k/n` processes build disjoint prompts of one store (`shard_of`) and train nothing; the
-    training run afterwards builds no target again and trains on the same examples as an unsharded store."""
+def test_build_only_fills_one_store_that_training_then_reads(tmp_path, monkeypatch):
+    """`--build-only` processes build the missing prompts of one store, skipping a prompt whose claim another
+    process holds, and train nothing; the training run afterwards builds no target again and trains on the same
+    examples as an unshared store."""
+    from dapq.safefile import FileLock
     from dapq.train.fit import build_targets
-    from dapq.train.targets import shard_of
-
-    # every kind is spread over every shard (12 shards, 4 kinds: a plain i % 12 gives shard 0 only selfqa)
-    for n in (2, 3, 4, 12):
-        kinds_of = [{i % 4 for i in range(480) if shard_of(i, n, 4) == k} for k in range(n)]
-        assert all(k == {0, 1, 2, 3} for k in kinds_of), n
 
     model = build_tiny("llama")
     settings = TrainSettings(**{**SMALL, "recipe": "generic", "n_train": 3, "n_val": 2, "epochs": 1})
     built = count_builds(monkeypatch)
     out = tmp_path / "s.pt"
-    build_targets(model, TOK, settings, out, (1, 2), log=lambda s: None)
     store = tmp_path / "s.pt.targets"
-    want = [f"{i:05d}.pt.gz" for i in range(5) if shard_of(i, 2, len(settings.kinds)) == 1]
-    assert want and sorted(p.name for p in store.glob("*.pt.gz")) == want
+    store.mkdir()
+    held = FileLock(store / "00001.claim")  # another process at work on prompt 1 (a separate open file: flock)
+    assert held.acquire()
+    build_targets(model, TOK, settings, out, log=lambda s: None)
+    assert sorted(p.name for p in store.glob("*.pt.gz")) == [f"{i:05d}.pt.gz" for i in (0, 2, 3, 4)]
+    assert [p.name for p in store.glob("*.claim")] == ["00001.claim"]  # the builder's own claims are gone
     assert not out.exists() and not (tmp_path / "s.pt.ckpt").exists()
-    build_targets(model, TOK, settings, out, (0, 2), log=lambda s: None)
-    build_targets(model, TOK, settings, out, (0, 2), log=lambda s: None)  # a finished shard builds nothing more
+    held.release()
+    build_targets(model, TOK, settings, out, log=lambda s: None)  # the claim is free: prompt 1 now
+    build_targets(model, TOK, settings, out, log=lambda s: None)  # a full store builds nothing more
     assert len(built) == 5 and len(list(store.glob("*.pt.gz"))) == 5
     built.clear()
-    sharded = train_queries(model, TOK, settings, out, log=lambda s: None)
-    assert built == [] and sharded.history
+    shared = train_queries(model, TOK, settings, out, log=lambda s: None)
+    assert built == [] and shared.history
     whole = train_queries(model, TOK, settings, tmp_path / "w.pt", log=lambda s: None)
     # the same examples (a fresh build keeps float32 targets in memory, the store float16: hence rel=1e-4)
-    assert [r["val_loss"] for r in whole.history] == pytest.approx([r["val_loss"] for r in sharded.history], rel=1e-4)
+    assert [r["val_loss"] for r in whole.history] == pytest.approx([r["val_loss"] for r in shared.history], rel=1e-4)
     with pytest.raises(DapqError, match="needle recipe keeps no store"):
-        build_targets(model, TOK, TrainSettings(**SMALL), out, (0, 2), log=lambda s: None)
+        build_targets(model, TOK, TrainSettings(**SMALL), out, log=lambda s: None)
+
+
+def test_builders_side_by_side_build_each_prompt_once(tmp_path, monkeypatch):
+    """Three builders at once build every prompt exactly once. Threads stand in for processes (each claim is a
+    separate open file, so flock excludes them as it would two processes); the model's work is replaced by a slow
+    stand-in, since one model is not shared by processes. A claim that is a symbolic link is refused, not
+    followed."""
+    import threading
+    import time
+
+    import dapq.train.targets as targets
+    from dapq.train.fit import build_targets
+
+    built: list[str] = []
+
+    def slow_example(model, tokenizer, prompt, *rest, **kw):
+        built.append(prompt.id)
+        time.sleep(0.02)
+        return targets.Example(prompt.id, [1, 2, 3], None, [torch.full((1, 3), 1 / 3)], [torch.zeros(1, 2)], "a")
+
+    monkeypatch.setattr(targets, "finish", lambda model, tok, draft, *a: draft)
+    monkeypatch.setattr(targets, "build_example", slow_example)
+    model = build_tiny("llama")
+    settings = TrainSettings(**{**SMALL, "recipe": "generic", "n_train": 20, "n_val": 4, "epochs": 1})
+    out = tmp_path / "s.pt"
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            build_targets(model, TOK, settings, out, log=lambda s: None)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    store = tmp_path / "s.pt.targets"
+    assert len(list(store.glob("*.pt.gz"))) == 24 and not list(store.glob("*.claim"))
+    assert len(built) == 24 and len(set(built)) == 24  # no prompt built twice
+    bigger = TrainSettings(**{**SMALL, "recipe": "generic", "n_train": 21, "n_val": 4, "epochs": 1})
+    (store / "00024.claim").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(DapqError, match="cannot be opened"):
+        build_targets(model, TOK, bigger, out, log=lambda s: None)
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_copy_target_weights_the_steps_that_continue_the_prompt():

@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # One GPU session of the generic recipe at scale (docs/results/learned-generic.md, "Thousands of prompts"):
-#   1. K `dapq train-queries --shard k/K` processes build one target store side by side until BUILD_S seconds;
+#   1. K `dapq train-queries --build-only` processes fill one target store side by side until BUILD_S seconds (each
+#      claims the next prompt not yet built, so the store fills in order);
 #   2. the longest fully built prefix of the store is split into training and validation prompts (the last VAL);
 #   3. three training runs on copies of that store, side by side, until TRAIN_S seconds: the embeddings alone, and
 #      the capacity step (adapters at the pseudo positions) of rank 8 on the attention projections and of rank 16
 #      on attention + MLP; each writes its best epoch by validation recall (a run stopped mid-epoch writes the best
 #      finished one).
-# Everything lands in $OUT (queries files, their .json records, logs). Environment: DEVICE (cuda), K (12 shard
+# Everything lands in $OUT (queries files, their .json records, logs). Environment: DEVICE (cuda), K (12 builder
 # processes), PLAN (4000 prompts at most), VAL (100), BUILD_S (200), TRAIN_S (240), EPOCHS (3), TARGET (mean or
 # copy: `dapq train-queries --target`), VARIANTS (the names of the runs below to train, default all three),
 # TRAIN_MAX (train on at most this many of the built prompts, so that an epoch fits TRAIN_S).
 set -u
 OUT=${OUT:-runs/gpu-out}
 DEVICE=${DEVICE:-cuda}
-K=${K:-12}  # shards: every kind is spread over all of them (dapq.train.targets.shard_of)
+K=${K:-12}  # builder processes
 PLAN=${PLAN:-4000}
 VAL=${VAL:-100}
 BUILD_S=${BUILD_S:-200}
@@ -32,10 +33,10 @@ if [ "${LOAD_CHECK:-1}" = 1 ]; then  # time one model load alone (LOAD_CHECK=0 s
   python3 -c "from dapq.models import load_model; import time; t=time.time(); load_model(None, device='$DEVICE', dtype='float32'); print(f'model load {time.time()-t:.1f} s')" 2>&1 | tail -1 | tee -a "$OUT/gpu.log"
 fi
 
-stamp "building targets with $K shards for ${BUILD_S} s"
+stamp "building targets with $K processes for ${BUILD_S} s"
 for k in $(seq 0 $((K - 1))); do
   OMP_NUM_THREADS=1 timeout "$BUILD_S" python3 -m dapq train-queries --out "$WORK/store.pt" --train "$((PLAN - VAL))" \
-    --val "$VAL" "${COMMON[@]}" --shard "$k/$K" > "$WORK/shard$k.log" 2>&1 &
+    --val "$VAL" "${COMMON[@]}" --build-only > "$WORK/build$k.log" 2>&1 &
 done
 wait
 built=$(ls "$WORK/store.pt.targets" | grep -c '\.pt\.gz$')
@@ -44,7 +45,7 @@ import pathlib; d = pathlib.Path('$WORK/store.pt.targets'); i = 0
 while (d / f'{i:05d}.pt.gz').is_file(): i += 1
 print(i)")
 stamp "built $built target files; the longest complete prefix holds $prefix prompts"
-tail -n 3 "$WORK/shard0.log" >> "$OUT/gpu.log"
+tail -n 3 "$WORK/build0.log" >> "$OUT/gpu.log"
 TRAIN=$((prefix - VAL))
 if [ "$TRAIN" -gt "$TRAIN_MAX" ]; then TRAIN=$TRAIN_MAX; fi
 if [ "$TRAIN" -lt "${MIN_TRAIN:-50}" ]; then stamp "too few prompts to train"; exit 1; fi

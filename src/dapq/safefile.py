@@ -249,18 +249,22 @@ def truncate(path: str | os.PathLike, size: int) -> None:
 
 class FileLock:
     """An exclusive, non-blocking lock (flock on `path`, a lock file never followed through a link): a second
-    process writing the same output is refused with a one-line error that names `what` and the holder."""
+    process writing the same output is refused with a one-line error that names `what` and the holder.
+    `remove=True` deletes the lock file on release (while still holding it), for claims of which many are taken."""
 
-    def __init__(self, path: str | os.PathLike, what: str = "this output"):
+    def __init__(self, path: str | os.PathLike, what: str = "this output", *, remove: bool = False):
         self.path = Path(path)
         self.what = what
+        self.remove = remove
         self._fd: int | None = None
 
-    def __enter__(self) -> FileLock:
+    def acquire(self) -> bool:
+        """Take the lock: True, or False where another process holds it (a lock file that cannot be opened is a
+        DapqError). Not POSIX: no lock, always True."""
         try:
             import fcntl
-        except ImportError:  # not POSIX: no lock
-            return self
+        except ImportError:
+            return True
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
         try:
             fd = os.open(self.path, flags, 0o644)
@@ -272,15 +276,26 @@ class FileLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            self._holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)
-            raise DapqError(f"{self.what} is being written by {holder}: wait for it, or use another --out.") from None
+            return False
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
         self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            if self.remove:  # unlinked while held: a process that opened it before retries on a dead file and skips
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> FileLock:
+        if not self.acquire():
+            raise DapqError(f"{self.what} is being written by {self._holder}: wait for it, or use another --out.")
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self.release()

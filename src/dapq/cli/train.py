@@ -68,10 +68,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--lora-alpha", type=float, default=16.0, help="adapter scale alpha / rank (default alpha 16)")
     p.add_argument("--lora-lr", type=float, default=0.002, help="Adam learning rate of the adapters (0.002)")
     p.add_argument(
-        "--shard",
-        default=None,
-        help="K/N: only build the targets of shard K of N (every kind spread over the shards) and exit (run N "
-        "processes side by side, then train)",
+        "--build-only",
+        action="store_true",
+        help="fill the target store and exit, claiming one prompt at a time: run as many such processes side by "
+        "side as the device holds, then train",
     )
     add_model_options(p)
     p.set_defaults(func=cmd_train)
@@ -83,16 +83,6 @@ def _lengths(text: str) -> tuple[int, int]:
     except ValueError:
         raise DapqError(f"--lengths must be LO-HI tokens (e.g. 512-2048); got {text!r}") from None
     return lo, hi
-
-
-def _shard(text: str) -> tuple[int, int]:
-    try:
-        k, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise DapqError(f"--shard must be K/N with 0 <= K < N (e.g. 0/4); got {text!r}") from None
-    if not 0 <= k < n:
-        raise DapqError(f"--shard must be K/N with 0 <= K < N (e.g. 0/4); got {text!r}")
-    return k, n
 
 
 def cmd_train(args: argparse.Namespace, console: Any) -> int:
@@ -112,7 +102,7 @@ def cmd_train(args: argparse.Namespace, console: Any) -> int:
 
     from ..safefile import FileLock
     from ..train.corpus import training_prompts
-    from ..train.fit import TrainOutputs, build_targets, check_shardable, train_queries
+    from ..train.fit import TrainOutputs, build_targets, check_buildable, train_queries
     from ..train.generic import drafts
     from ..train.settings import TrainSettings
 
@@ -136,11 +126,10 @@ def cmd_train(args: argparse.Namespace, console: Any) -> int:
         lora_alpha=float(args.lora_alpha),
         lora_lr=float(args.lora_lr),
     )
-    shard = _shard(args.shard) if args.shard else None
-    if shard is not None:
-        check_shardable(settings)  # before the model load
+    if args.build_only:
+        check_buildable(settings)  # before the model load
     outputs = TrainOutputs.of(out)  # links, folders, foreign files, an unwritable folder: before the model load
-    if shard is None:  # shards build the store side by side; training holds the lock
+    if not args.build_only:  # builders fill the store side by side; training holds the lock
         with FileLock(outputs.lock, str(out)):  # another run on this --out: now, not after the model load
             pass
     model, tok = load_model_from_args(args)
@@ -158,13 +147,12 @@ def cmd_train(args: argparse.Namespace, console: Any) -> int:
                 tasks[label] = bar.add_task(label, total=total)
             bar.update(tasks[label], completed=done)
 
-        if shard is not None:
+        if args.build_only:
             build_targets(
                 model,
                 tok,
                 settings,
                 out,
-                shard,
                 model_name=args.model or DEFAULT_MODEL_NAME,
                 progress=progress,
                 log=bar.console.print,

@@ -213,10 +213,10 @@ def evaluate(
     return {"loss": sum(losses) / len(losses), "recall": sum(recalls) / len(recalls)}
 
 
-def check_shardable(settings: TrainSettings) -> None:
-    """`--shard` builds a target store, which only the generic recipe keeps."""
+def check_buildable(settings: TrainSettings) -> None:
+    """`--build-only` fills a target store, which only the generic recipe keeps."""
     if settings.recipe != "generic":
-        raise DapqError("--shard builds the generic recipe's target store; the needle recipe keeps no store.")
+        raise DapqError("--build-only fills the generic recipe's target store; the needle recipe keeps no store.")
 
 
 def build_targets(
@@ -224,19 +224,18 @@ def build_targets(
     tokenizer: Any,
     settings: TrainSettings,
     out: str | Path,
-    shard: tuple[int, int],
     *,
     model_name: str = "",
     progress: Callable[[str, int, int], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> None:
-    """Build one shard of the generic recipe's target store of `out` (`dapq train-queries --shard K/N`): n such
-    processes, then one training run that finds every target stored."""
-    check_shardable(settings)
+    """Fill the generic recipe's target store of `out` and train nothing (`dapq train-queries --build-only`): any
+    number of such processes side by side, each building the next unclaimed prompt, then one training run that
+    finds every target stored."""
+    check_buildable(settings)
     outputs = TrainOutputs.of(out)
     store = TargetStore(outputs.targets, settings, model_name, config_fingerprint(model.config))
-    store.build(model, tokenizer, stop_token_ids(tokenizer), progress, log, shard=shard)
-    log(f"shard {shard[0]}/{shard[1]} of {outputs.targets} built")
+    store.build(model, tokenizer, stop_token_ids(tokenizer), progress, log, build_only=True)
 
 
 def train_queries(

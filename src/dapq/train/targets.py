@@ -19,7 +19,7 @@ from ..analysis.quantities import attention_distribution, attention_probs, topk_
 from ..errors import DapqError
 from ..hf.capture import PromptState, greedy_answer, prefill_prompt, queries_at, trainable
 from ..methods.scoring import aggregate_groups
-from ..safefile import ensure_dir, save_torch, write_json
+from ..safefile import FileLock, ensure_dir, save_torch, write_json
 from .generic import drafts, finish
 from .settings import TrainSettings
 
@@ -83,13 +83,6 @@ def build_example(
         gold.append(topk_indices(t, settings.budget))
     kept = trainable(state) if keep_state else None
     return Example(prompt.id, list(prompt.ids), kept, target, gold, tokenizer.decode(answer))
-
-
-def shard_of(i: int, n: int, n_kinds: int) -> int:
-    """The shard (of n) that builds prompt i. Kinds come in turn (prompt i is of kind i % n_kinds), so a plain
-    i % n would give some shards one slow kind only (selfqa writes a question first) and leave the store's prefix
-    ragged; shifting by one shard every round of kinds spreads every kind over every shard."""
-    return (i + i // max(1, n_kinds)) % n
 
 
 class TargetStore:
@@ -167,24 +160,21 @@ class TargetStore:
         stops: set[int],
         progress: Callable[[str, int, int], None] | None,
         log: Callable[[str], None],
-        shard: tuple[int, int] | None = None,
+        build_only: bool = False,
     ) -> list[Example]:
         """Every prompt's example: loaded when its file exists, else built (the model writes selfqa questions,
-        answers, targets) and written. `shard=(k, n)`: only the prompts of shard k of n are built (`shard_of`;
-        nothing is loaded or returned), so n processes can build one store side by side (one GPU, or several
-        machines sharing it)."""
+        answers, targets) and written. `build_only`: build the missing prompts only, each after claiming it (a
+        lock per prompt, `<i>.claim`, released when built or when the process dies), so that any number of
+        processes can fill one store side by side, in order (one GPU holds many): nothing is loaded or returned."""
         self._check()
         s = self.settings
         planned = drafts(s.n_train + s.n_val, s.lengths, s.seed, s.kinds)
         out, built = [], 0
         for i, draft in enumerate(planned):
-            if shard is not None:
-                if shard_of(i, shard[1], len(s.kinds)) == shard[0] and not self.path(i).is_file():
-                    prompt = finish(model, tokenizer, draft, s.lengths[1], stops)
-                    self.save(i, build_example(model, tokenizer, prompt, s, stops, keep_state=False))
-                    built += 1
+            if build_only:
+                built += self._build_claimed(i, draft, model, tokenizer, stops)
                 if progress:
-                    progress(f"targets, shard {shard[0]}/{shard[1]}", i + 1, len(planned))
+                    progress("targets (build only)", i + 1, len(planned))
                 continue
             if self.path(i).is_file():
                 out.append(self.load(i))
@@ -196,5 +186,25 @@ class TargetStore:
                 built += 1
             if progress:
                 progress("targets", i + 1, len(planned))
+        if build_only:
+            stored = sum(self.path(i).is_file() for i in range(len(planned)))
+            log(f"targets: {built} built by this process; {stored} of {len(planned)} stored in {self.folder}")
+            return out
         log(f"targets: {len(planned) - built} read from {self.folder}, {built} built")
         return out
+
+    def _build_claimed(self, i: int, draft: Any, model: Any, tokenizer: Any, stops: set[int]) -> int:
+        """Build prompt i unless it is stored or another process holds its claim; 1 when built here."""
+        if self.path(i).is_file():
+            return 0
+        claim = FileLock(self.folder / f"{i:05d}.claim", remove=True)
+        if not claim.acquire():
+            return 0
+        try:
+            if self.path(i).is_file():  # finished by the claim's previous holder
+                return 0
+            prompt = finish(model, tokenizer, draft, self.settings.lengths[1], stops)
+            self.save(i, build_example(model, tokenizer, prompt, self.settings, stops, keep_state=False))
+            return 1
+        finally:
+            claim.release()
