@@ -236,3 +236,30 @@ def test_compacting_finished_rows_does_not_change_the_tokens():
     compacted = greedy_decode(cc_b, cc_b.first_logits, 10, stops, compact=True)
     assert compacted == plain, f"compacted {compacted} != plain {plain}"
     assert cc_b.cache.layers[0].keys.shape[0] < len(prompts), "finished rows should have been dropped from the cache"
+
+
+def test_progress_prints_plain_lines_when_no_terminal_reads_it():
+    """A sweep or training run logged to a file (`nohup dapq eval ... > log`) shows its progress as plain lines:
+    one every `every` seconds and one when a task ends, where rich alone prints nothing until the end. A terminal
+    gets the live bar and no such lines."""
+    import io
+
+    from rich.console import Console
+
+    from dapq.harness.runner import sweep_progress
+
+    def lines(terminal: bool, every: float) -> list[str]:
+        buf = io.StringIO()
+        console = Console(file=buf, force_terminal=terminal, width=100)
+        with sweep_progress(console, every=every) as bar:
+            task = bar.add_task("rows", total=6)
+            for _ in range(6):
+                time.sleep(0.02)
+                bar.advance(task)
+        return [line for line in buf.getvalue().splitlines() if line.startswith("rows:")]
+
+    logged = lines(False, every=0.05)
+    assert 2 <= len(logged) <= 5 and logged[-1].startswith("rows: 6/6 (") and "left" in logged[0]
+    once = lines(False, every=3600)  # a short task: only its end
+    assert len(once) == 1 and once[0].startswith("rows: 6/6 (")
+    assert lines(True, every=0.0) == []

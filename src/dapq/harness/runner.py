@@ -146,15 +146,53 @@ def run(
         return _run_locked(model, tokenizer, samples, methods, budgets, fields, out, config, console, total)
 
 
-def sweep_progress(console: Console) -> Progress:
-    """The one progress bar of a sweep: rows done of all, elapsed, ETA."""
-    return Progress(
+class _LoggedProgress(Progress):
+    """A rich Progress that, on a console that is no terminal (a log file, `nohup`), also prints one plain line per
+    task every `every` seconds and when the task finishes, where rich would print nothing until the end."""
+
+    def __init__(self, *columns: Any, every: float = 60.0, **kwargs: Any):
+        super().__init__(*columns, **kwargs)
+        self.every = every
+        self._printed: dict[Any, float] = {}
+
+    def update(self, task_id: Any, **kwargs: Any) -> None:
+        super().update(task_id, **kwargs)
+        self._log_line(task_id)
+
+    def advance(self, task_id: Any, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._log_line(task_id)
+
+    def _log_line(self, task_id: Any) -> None:
+        if self.console.is_terminal:
+            return
+        task = self._tasks[task_id]
+        now = time.monotonic()
+        finished = task.total is not None and task.completed >= task.total
+        last = self._printed.setdefault(task_id, now - self.every if finished else now)
+        if now - last < self.every and not finished:
+            return
+        if finished and last == float("inf"):
+            return
+        eta = task.time_remaining
+        tail = f", about {eta / 60:.1f} min left" if eta is not None and not finished else ""
+        total = f"/{task.total:.0f}" if task.total is not None else ""
+        elapsed = task.elapsed or 0.0
+        self.console.print(f"{task.description}: {task.completed:.0f}{total} ({elapsed / 60:.1f} min{tail})")
+        self._printed[task_id] = float("inf") if finished else now
+
+
+def sweep_progress(console: Console, every: float = 60.0) -> Progress:
+    """The one progress bar of a sweep: rows done of all, elapsed, ETA; on a console that is no terminal, a plain
+    line every `every` seconds instead."""
+    return _LoggedProgress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
+        every=every,
     )
 
 
