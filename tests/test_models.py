@@ -273,3 +273,30 @@ def test_load_tokenizer_is_load_models_tokenizer(bundled):
     text = "The keeper wrote down every ship that passed."
     assert build_prompt(tok, text, "What did she write?") == build_prompt(bundled[1], text, "What did she write?")
     assert tok.pad_token_id == bundled[1].pad_token_id and tok.chat_template == bundled[1].chat_template
+
+
+def test_processes_started_together_convert_once(tmp_path, fake_convert):
+    """Several processes loading one GGUF at once (builders on one GPU) convert it once: a second waits for the
+    conversion lock, then finds the entry written and serves it. The lock file is gone afterwards."""
+    import threading
+
+    from dapq.safefile import FileLock
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + b"c" * 100)
+    root = tmp_path / "cache"
+    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    (root / "models").mkdir(parents=True)
+    lock = root / "models" / f".{gguf_cache.entry_path(root, digest).name}.converting"
+    held = FileLock(lock, remove=True)  # the first process, converting (a separate open file: flock excludes it)
+    assert held.acquire()
+    got: list[Path] = []
+    waiter = threading.Thread(target=lambda: got.append(gguf_cache.gguf_folder([gguf], gguf.name, root)))
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive() and not fake_convert  # it waits instead of converting a second time
+    first = gguf_cache.convert([gguf], root, gguf.name, digest)  # what the holder does, then releases
+    held.release()
+    waiter.join(10)
+    assert got == [first] and len(fake_convert) == 1
+    assert not lock.exists() and [p.name for p in (root / "models").iterdir()] == [first.name]

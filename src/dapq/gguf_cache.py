@@ -412,17 +412,31 @@ def gguf_folder(sources: Sequence[Path], name: str, root: Path, sha256: str | No
             f"{name}: the file's sha256 is {digest}, expected {sha256}. The installed packages are not the expected "
             "file: reinstall them (see `dapq models`)."
         )
-    state, problem = entry_state(root, digest, deep=True)
     entry = entry_path(root, digest)
+    state, problem = entry_state(root, digest, deep=True)
     if state == OK:
         return entry
-    if state == DAMAGED:
-        raise DapqError(
-            f"{entry} is damaged ({problem}): delete that folder and rerun; it is rebuilt from the GGUF file."
-        )
-    if state == UNVERIFIABLE:
-        print(f"{entry}: {problem}, so it cannot be verified: converting {name} again.", file=sys.stderr, flush=True)
-    return convert(sources, root, name, digest)
+    from .safefile import FileLock, ensure_dir
+
+    # one conversion at a time: processes started together (several builders on one GPU) wait for the first
+    models = ensure_dir(root / "models", "the GGUF cache folder (--cache-dir or DAPQ_CACHE_DIR)")
+    lock = FileLock(models / f".{entry.name}.converting", remove=True)
+    if not lock.acquire():
+        print(f"{name}: another process is converting it; waiting for it ...", file=sys.stderr, flush=True)
+        lock.acquire(wait=True)
+    try:
+        state, problem = entry_state(root, digest, deep=True)  # the process we waited for may have written it
+        if state == OK:
+            return entry
+        if state == DAMAGED:
+            raise DapqError(
+                f"{entry} is damaged ({problem}): delete that folder and rerun; it is rebuilt from the GGUF file."
+            )
+        if state == UNVERIFIABLE:
+            print(f"{entry}: {problem}, so it cannot be verified: converting {name} again.", file=sys.stderr)
+        return convert(sources, root, name, digest)
+    finally:
+        lock.release()
 
 
 def _versions() -> dict[str, str]:

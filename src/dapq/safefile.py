@@ -258,9 +258,9 @@ class FileLock:
         self.remove = remove
         self._fd: int | None = None
 
-    def acquire(self) -> bool:
-        """Take the lock: True, or False where another process holds it (a lock file that cannot be opened is a
-        DapqError). Not POSIX: no lock, always True."""
+    def acquire(self, wait: bool = False) -> bool:
+        """Take the lock: True, or False where another process holds it (`wait`: block until it is free instead).
+        A lock file that cannot be opened is a DapqError. Not POSIX: no lock, always True."""
         try:
             import fcntl
         except ImportError:
@@ -274,7 +274,7 @@ class FileLock:
                 "another path."
             ) from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self._holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)
