@@ -151,6 +151,9 @@ class _LoggedProgress(Progress):
     task every `every` seconds and when the task finishes, where rich would print nothing until the end."""
 
     def __init__(self, *columns: Any, every: float = 60.0, **kwargs: Any):
+        console = kwargs.get("console")
+        if console is not None and not console.is_terminal:  # no live bar: rich would hold every line until the end
+            kwargs["disable"] = True
         super().__init__(*columns, **kwargs)
         self.every = every
         self._printed: dict[Any, float] = {}
@@ -179,6 +182,7 @@ class _LoggedProgress(Progress):
         total = f"/{task.total:.0f}" if task.total is not None else ""
         elapsed = task.elapsed or 0.0
         self.console.print(f"{task.description}: {task.completed:.0f}{total} ({elapsed / 60:.1f} min{tail})")
+        self.console.file.flush()  # a file's output is block-buffered: the line is meant to be read now
         self._printed[task_id] = float("inf") if finished else now
 
 
