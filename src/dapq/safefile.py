@@ -257,6 +257,7 @@ class FileLock:
         self.what = what
         self.remove = remove
         self._fd: int | None = None
+        self._holder = "another process"  # who held it, when acquire() found it taken
 
     def acquire(self, wait: bool = False) -> bool:
         """Take the lock: True, or False where another process holds it (`wait`: block until it is free instead).
