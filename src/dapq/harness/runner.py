@@ -156,7 +156,8 @@ class _LoggedProgress(Progress):
             kwargs["disable"] = True
         super().__init__(*columns, **kwargs)
         self.every = every
-        self._printed: dict[Any, float] = {}
+        self._printed: dict[Any, float] = {}  # task -> when its last line was printed
+        self._ended: set[Any] = set()  # tasks whose final line is printed
 
     def update(self, task_id: Any, **kwargs: Any) -> None:
         super().update(task_id, **kwargs)
@@ -167,23 +168,21 @@ class _LoggedProgress(Progress):
         self._log_line(task_id)
 
     def _log_line(self, task_id: Any) -> None:
-        if self.console.is_terminal:
+        if not self.disable or task_id in self._ended:  # a terminal has the live bar
             return
         task = self._tasks[task_id]
         now = time.monotonic()
-        finished = task.total is not None and task.completed >= task.total
-        last = self._printed.setdefault(task_id, now - self.every if finished else now)
-        if now - last < self.every and not finished:
-            return
-        if finished and last == float("inf"):
+        if not task.finished and now - self._printed.setdefault(task_id, now) < self.every:
             return
         eta = task.time_remaining
-        tail = f", about {eta / 60:.1f} min left" if eta is not None and not finished else ""
+        tail = f", about {eta / 60:.1f} min left" if eta is not None and not task.finished else ""
         total = f"/{task.total:.0f}" if task.total is not None else ""
         elapsed = task.elapsed or 0.0
         self.console.print(f"{task.description}: {task.completed:.0f}{total} ({elapsed / 60:.1f} min{tail})")
         self.console.file.flush()  # a file's output is block-buffered: the line is meant to be read now
-        self._printed[task_id] = float("inf") if finished else now
+        self._printed[task_id] = now
+        if task.finished:
+            self._ended.add(task_id)
 
 
 def sweep_progress(console: Console, every: float = 60.0) -> Progress:
