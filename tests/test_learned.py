@@ -161,5 +161,69 @@ def test_shipped_queries_by_model_name_and_the_hint_for_a_model_that_has_them():
     )  # fmt: skip
     assert shipped_for(config) == "qwen2.5-coder-0.5b-instruct"
     assert qwen.suffix_embeddings(config).shape == (32, 896)
+    # no argument: the file shipped for the model it runs on (what the engine and the harness apply)
+    default = LearnedQueries(budget=64).for_model(config)
+    assert default.path == qwen.path and default.queries_sha256 == qwen.queries_sha256
     with pytest.raises(DapqError, match="pass queries=qwen2.5-coder-0.5b-instruct"):
-        LearnedQueries(budget=64).suffix_embeddings(config)
+        LearnedQueries(budget=64, queries="smollm2-135m-instruct").suffix_embeddings(config)  # named: never swapped
+    with pytest.raises(DapqError, match="pass queries=qwen2.5-coder-0.5b-instruct"):
+        LearnedQueries(budget=64).suffix_embeddings(config)  # not resolved for the model: refused, never guessed
+
+
+@pytest.fixture
+def shipped_tiny(tmp_path, monkeypatch):
+    """A package folder of shipped queries holding the bundled model's file (the default) and one trained for the
+    tiny llama ("tiny-llama"); returns that file's path."""
+    import shutil
+
+    from dapq.methods import learned
+    from dapq.methods.learned import config_fingerprint, describe_config
+
+    folder = tmp_path / "shipped"
+    folder.mkdir()
+    shutil.copy(learned.SHIPPED, folder / learned.SHIPPED.name)
+    config = build_tiny("llama").config
+    emb = torch.randn(5, config.hidden_size, generator=torch.Generator().manual_seed(11)) * 0.2
+    path = save_queries(
+        folder / "tiny-llama.pt",
+        emb,
+        model="tiny-llama",
+        model_fingerprint=config_fingerprint(config),
+        model_config=describe_config(config),
+    )
+    monkeypatch.setattr(learned, "SHIPPED_DIR", folder)
+    monkeypatch.setattr(learned, "SHIPPED", folder / learned.SHIPPED.name)
+    return path
+
+
+def test_learned_without_a_file_uses_the_queries_shipped_for_the_model(shipped_tiny, tmp_path):
+    """`learned` with no argument runs on every model dapq ships queries for: the engine (serving, generate) and the
+    harness (rows, run.json) take that model's file; the reported key stays `learned`; a model without shipped
+    queries is still refused with the one-line error."""
+    import hashlib
+    import json
+
+    from dapq.harness.runner import MethodSpec, run
+    from dapq.runs import RunConfig, load_rows
+    from helpers import toy_samples
+
+    llama = build_tiny("llama")
+    prompt = random_prompt(L, 4)
+    cc = compress(llama, TOK, [prompt], get_method("learned", budget=10))
+    explicit = compress(llama, TOK, [prompt], get_method("learned", budget=10, queries=str(shipped_tiny)))
+    want = reference_sets(llama, prompt, load_queries(shipped_tiny)["embeddings"], 10)
+    for i in want:
+        assert kept(cc, i) == kept(explicit, i) == want[i], f"layer {i}"
+    assert "queries='tiny-llama'" in cc.stats["method"]
+    with pytest.raises(DapqError, match="trained for smollm2-135m-instruct"):  # no queries shipped for it
+        compress(build_tiny("qwen2"), TOK, [prompt], get_method("learned", budget=10))
+
+    spec = MethodSpec.of("learned").for_model(llama.config)
+    assert spec.key == "learned" and dict(spec.params) == {"queries": "tiny-llama"}
+    assert MethodSpec.of("learned", queries=str(shipped_tiny)).for_model(llama.config).key.startswith("learned,")
+    sha = hashlib.sha256(shipped_tiny.read_bytes()).hexdigest()
+    path = run(llama, TOK, toy_samples(1), [MethodSpec.of("learned")], [10], tmp_path / "run", config=RunConfig("t"))
+    (row,) = load_rows(path)
+    assert row["method_key"] == "learned" and row["method_config"]["queries"] == "tiny-llama"
+    assert row["method_config"]["queries_sha256"] == sha
+    assert json.loads((path.parent / "run.json").read_text())["method_files"] == {"learned": {"queries": sha}}

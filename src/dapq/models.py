@@ -31,6 +31,7 @@ __all__ = [
     "bundled_model_path",
     "check_device",
     "gguf_sources",
+    "load_config",
     "load_model",
     "load_tokenizer",
     "model_fingerprint",
@@ -181,6 +182,27 @@ def load_tokenizer(
         sources, _, known = gguf
         return with_pad_token(gguf_cache.load_uncached(sources, known.sha256 if known is not None else None)[1])
     return with_pad_token(AutoTokenizer.from_pretrained(folder))
+
+
+def load_config(
+    name_or_path: str | None = None,
+    *,
+    cache_dir: str | os.PathLike | bool | None = None,
+    trust_remote_code: bool = False,
+) -> Any | None:
+    """The transformers config `load_model` would give the model, without its weights (a GGUF file is converted
+    into the cache first, as `load_model` would), or None where it cannot be had without the weights (GGUF caching
+    off) or cannot be read (the model load then says why)."""
+    from transformers import AutoConfig
+
+    gguf = gguf_sources(name_or_path)
+    try:
+        if gguf is None:
+            return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        folder = gguf_entry(gguf, cache_dir)
+        return None if folder is None else AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError):
+        return None
 
 
 def gguf_entry(

@@ -140,6 +140,20 @@ def method_specs(names: str, params: list[str]) -> list[Any]:
     return specs
 
 
+def specs_for_model(args: argparse.Namespace, specs: list[Any]) -> list[Any]:
+    """`specs` with the parameters their methods take from --model's config (`MethodSpec.for_model`), read without
+    the weights, and only when a method takes any: so run.json and the resume check, before the model load, record
+    the files that will run. (The runner resolves again with the loaded model; Ray's driver with a worker's.)"""
+    from .. import models
+    from ..harness.runner import for_model
+    from ..methods.base import Method, method_class
+
+    if all(method_class(s.name).model_defaults.__func__ is Method.model_defaults.__func__ for s in specs):
+        return specs
+    config = models.load_config(args.model, cache_dir=getattr(args, "cache_dir", None))
+    return specs if config is None else for_model(specs, config)
+
+
 def eval_plan(args: argparse.Namespace) -> tuple[list[str], Any]:
     """The task names and TaskArgs of an `eval` command line, checked by the benchmark's family (no model, no data
     read)."""
@@ -204,6 +218,7 @@ def cmd_eval(args: argparse.Namespace, console: Any) -> int:
     check_positive(args.max_prompt_tokens, "--max-prompt-tokens")
     check_model_options(args)
     out = run_dir(args, args.bench, NOT_HASHED)
+    specs = specs_for_model(args, specs)  # e.g. `learned`: the queries dapq ships for --model
     config = with_method_files(run_config(args, args.bench), specs, budgets)  # learned queries' hashes: run.json
     out = open_run(out, config, new_run=args.new_run, check_only=True)  # a settings clash, before the model load
     if on_ray is not None:

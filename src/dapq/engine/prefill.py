@@ -76,6 +76,7 @@ def prefill(
 ) -> CompressedCache:
     """Prefill `prompts` (token id lists, one per row) with the method's pseudo suffix; compress layer by layer
     (or, `recording=True`, keep the full prompt KV and every layer's LayerInputs, see `dapq.engine.replay`)."""
+    method = method.for_model(model.config)  # e.g. `learned` without a file: the queries shipped for this model
     info = model_info(model)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise DapqError("Empty prompt: every row needs at least one token.")

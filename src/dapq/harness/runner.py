@@ -60,6 +60,20 @@ class MethodSpec:
     def uses_budget(self) -> bool:
         return method_class(self.name).evicts
 
+    def for_model(self, model_config: Any) -> MethodSpec:
+        """This spec with the parameters its method takes from the model (`Method.model_defaults`, e.g. `learned`'s
+        shipped queries for that model) written out, so row keys and run.json record what ran; the reported key is
+        unchanged (a plain `learned` stays `learned`)."""
+        extra = method_class(self.name).model_defaults(dict(self.params), model_config)
+        if not extra:
+            return self
+        return MethodSpec(self.name, tuple(sorted({**dict(self.params), **extra}.items())), self.key)
+
+
+def for_model(methods: list[MethodSpec], model_config: Any) -> list[MethodSpec]:
+    """`methods` resolved for the model with `model_config` (`MethodSpec.for_model`)."""
+    return [spec.for_model(model_config) for spec in methods]
+
 
 def with_method_files(config: RunConfig, methods: list[MethodSpec], budgets: list[int | float]) -> RunConfig:
     """`config` with the content hashes of the files the methods read (`Method.file_hashes`, e.g. learned queries)
@@ -138,6 +152,7 @@ def run(
         raise DapqError(f"mode must be query_aware or question_agnostic; got {config.mode!r}")
     if not methods:
         raise DapqError("No methods to evaluate.")
+    methods = for_model(methods, model.config)  # e.g. `learned`: the queries shipped for this model
     # every method x budget built (validated) before the long run starts; their fields are part of the resume key
     fields = method_fields(methods, budgets)
     config = with_method_files(config, methods, budgets).with_model(model)

@@ -40,11 +40,13 @@ from .ray_cluster import ray_module, ray_session
 from .runner import (
     MethodSpec,
     evaluate_sample,
+    for_model,
     method_fields,
     row_meta,
     rows_per_sample,
     sweep_progress,
     todo_jobs,
+    with_method_files,
 )
 
 MAX_ATTEMPTS = 2  # a sample that fails this many times is written as error rows
@@ -99,6 +101,7 @@ class Worker:
             "attn": getattr(self.model.config, "_attn_implementation", None),
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "model_config": self.model.config,  # the driver resolves the methods' model defaults with it
         }
 
     def evaluate(self, sample: Sample, todo: list, config: RunConfig, meta: dict[str, Any]) -> dict[str, Any]:
@@ -254,7 +257,12 @@ class Scheduler:
             )
         dtype, device, attn = kinds.pop()
         self.stats = {n: WorkerStats(name=f"worker {n}", host=self.infos[n]["host"]) for n in range(self.n_workers)}
-        return dataclasses.replace(self.sweep.config, dtype=dtype, device=device, attn=attn)
+        sweep = self.sweep
+        methods = for_model(sweep.methods, self.infos[0]["model_config"])  # e.g. `learned`: the model's own queries
+        if methods != sweep.methods:
+            sweep.methods, sweep.fields = methods, method_fields(methods, sweep.budgets)
+            sweep.config = with_method_files(sweep.config, methods, sweep.budgets)
+        return dataclasses.replace(sweep.config, dtype=dtype, device=device, attn=attn)
 
     def run(self, out_dir: str | Path) -> RaySummary:
         sweep = self.sweep

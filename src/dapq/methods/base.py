@@ -173,6 +173,20 @@ class Method:
         """Indices into [0, T) kept per cache head, and their validity: ([B, H_c, k], [B, H_c, k])."""
         raise NotImplementedError
 
+    # --- the model it runs on -----------------------------------------------------------------------------
+    @classmethod
+    def model_defaults(cls, params: dict[str, Any], model_config: Any) -> dict[str, Any]:
+        """Parameters that depend on the model the method runs on, for those `params` (the given ones) leave at their
+        default: {name: value} (default: none). E.g. `learned` without `queries` takes the queries dapq ships for
+        this model. Applied by `for_model` (an instance) and `MethodSpec.for_model` (the harness, before row keys)."""
+        return {}
+
+    def for_model(self, model_config: Any) -> Method:
+        """This method, or a copy with `model_defaults` filled in for the model with `model_config`."""
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        extra = self.model_defaults(given, model_config)
+        return dataclasses.replace(self, **extra) if extra else self
+
     def file_hashes(self) -> dict[str, str]:
         """The content hashes of the files this method reads (parameter name -> sha256); a run folder records them
         in run.json, so a file retrained under the same name is a new configuration, never mixed with the old."""

@@ -10,8 +10,10 @@ key axis (kernel 7) and reduced over the GQA group, the top-B prompt tokens per 
 entries are dropped: one prefill, DapQ's memory peak.
 
 `queries`: a file written by `dapq train-queries` (a dict with `embeddings` [N, hidden] float32 and what they were
-trained for), or None for the queries shipped in the package for the bundled model (SmolLM2-135M-Instruct,
-`learned_queries/smollm2-135m-instruct.pt`, trained as docs/results/front.md says).
+trained for), a shipped model name (`shipped_names()`), or None: the queries shipped in the package for the model
+the method runs on (`model_defaults`, applied by the engine and the harness once the model is known: the bundled
+SmolLM2-135M-Instruct's `learned_queries/smollm2-135m-instruct.pt`, trained as docs/results/front.md says, and
+Qwen2.5-Coder-0.5B-Instruct's, as docs/results/learned-generic.md says); a model without shipped queries is refused.
 
 A queries file records the model it was trained for: `model` (a name) and `model_fingerprint`
 (`config_fingerprint`: a hash of the architecture fields of the model's config, i.e. the family, sizes, heads,
@@ -30,6 +32,7 @@ Shapes: the layer's queries [B, H_q, T+N, D] (the learned queries are the last N
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -89,14 +92,24 @@ def shipped_names() -> list[str]:
 
 def shipped_for(model_config: Any) -> str | None:
     """The name of the shipped queries trained for this model's architecture, if any."""
-    fingerprint = config_fingerprint(model_config)
-    for name in shipped_names():
+    files = sorted(SHIPPED_DIR.glob("*.pt"))
+    stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _shipped_by_fingerprint(str(SHIPPED_DIR), stamp).get(config_fingerprint(model_config))
+
+
+@functools.lru_cache(maxsize=4)
+def _shipped_by_fingerprint(folder: str, stamp: tuple) -> dict[str, str]:
+    """{model fingerprint: shipped queries name} of the files in `folder` (read again when `stamp`, their names,
+    sizes and times, changes): every engine call asks, and loading each file each time would cost."""
+    found: dict[str, str] = {}
+    for name, _, _ in stamp:
         try:
-            if load_queries(SHIPPED_DIR / f"{name}.pt").get("model_fingerprint") == fingerprint:
-                return name
+            fingerprint = load_queries(Path(folder) / name).get("model_fingerprint")
         except DapqError:
             continue
-    return None
+        if fingerprint:
+            found.setdefault(str(fingerprint), Path(name).stem)
+    return found
 
 
 def load_queries(path: str | Path) -> dict[str, Any]:
@@ -183,8 +196,9 @@ def save_queries(path: str | Path, embeddings: torch.Tensor, **meta: Any) -> Pat
 @register("learned")
 @dataclass
 class LearnedQueries(KeepsRecent, ScorerMethod, EmbeddedSuffix):
-    """Learned pseudo queries. Fields: `queries` (a file from `dapq train-queries`; None: the shipped queries of
-        the bundled model; a shipped model name such as "qwen2.5-coder-0.5b-instruct": the queries shipped for it),
+    """Learned pseudo queries. Fields: `queries` (a file from `dapq train-queries`; None: the queries dapq ships for
+        the model it runs on, the bundled model's until a model is known; a shipped model name such as
+        "qwen2.5-coder-0.5b-instruct": the queries shipped for it),
         `include_pseudo_keys` (True: the softmax includes the learned queries' own keys, as the prefill computes it and
         as they were trained), `keep_recent` (0), `pooling`/`kernel` (max, 7), plus budget, layout, gqa, and
         `allow_other_model` (False: a file trained for another model is an error; True: used with a warning). N is the
@@ -213,6 +227,18 @@ class LearnedQueries(KeepsRecent, ScorerMethod, EmbeddedSuffix):
         self._warned = False
         self._key: str | None = None
         self.queries_sha256 = self.data()["sha256"]  # a missing or foreign file fails here, before any model load
+
+    @classmethod
+    def model_defaults(cls, params: dict[str, Any], model_config: Any) -> dict[str, Any]:
+        """Without `queries`, the queries dapq ships for this model (`shipped_for`), so `learned` needs no argument
+        on every model dapq ships queries for; {} for the bundled model (its file is the default) and for a model
+        without shipped queries (the default file then refuses it with a one-line error)."""
+        if params.get("queries") is not None:
+            return {}
+        name = shipped_for(model_config)
+        if name is None or SHIPPED_DIR / f"{name}.pt" == SHIPPED:
+            return {}
+        return {"queries": name}
 
     @property
     def path(self) -> Path:
