@@ -248,10 +248,11 @@ def test_progress_prints_plain_lines_when_no_terminal_reads_it():
 
     from dapq.harness.runner import sweep_progress
 
-    def lines(terminal: bool, every: float) -> list[str]:
+    def lines(terminal: bool, every: float, window: float = 30.0) -> list[str]:
         buf = io.StringIO()
         console = Console(file=buf, force_terminal=terminal, width=100)
         with sweep_progress(console, every=every) as bar:
+            bar.speed_estimate_period = window  # rich's rate: the rows of the last `window` seconds
             task = bar.add_task("rows", total=6)
             for _ in range(6):
                 time.sleep(0.02)
@@ -260,6 +261,8 @@ def test_progress_prints_plain_lines_when_no_terminal_reads_it():
 
     logged = lines(False, every=0.05)
     assert 2 <= len(logged) <= 5 and logged[-1].startswith("rows: 6/6 (") and "left" in logged[0]
+    sparse = lines(False, every=0.05, window=1e-6)  # rows further apart than rich's window: the mean rate's ETA
+    assert "left" in sparse[0] and all("min left" in line for line in sparse[:-1])
     once = lines(False, every=3600)  # a short task: only its end
     assert len(once) == 1 and once[0].startswith("rows: 6/6 (")
     assert lines(True, every=0.0) == []

@@ -189,7 +189,9 @@ class _LoggedProgress(Progress):
         now = time.monotonic()
         if not task.finished and now - self._printed.setdefault(task_id, now) < self.every:
             return
-        eta = task.time_remaining
+        eta = task.time_remaining  # rich's, from the last 30 s: None when rows come further apart than that
+        if eta is None and task.completed and task.total is not None and task.elapsed:
+            eta = task.elapsed * (task.total - task.completed) / task.completed  # the whole run's mean rate
         tail = f", about {eta / 60:.1f} min left" if eta is not None and not task.finished else ""
         total = f"/{task.total:.0f}" if task.total is not None else ""
         elapsed = task.elapsed or 0.0
