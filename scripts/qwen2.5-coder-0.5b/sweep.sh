@@ -2,8 +2,8 @@
 # The second model's results (docs/results/qwen2.5-coder-0.5b.md; rerun to resume): Qwen2.5-Coder-0.5B-Instruct,
 # installed from its six registry parts (`dapq models` prints the command). NIAH at 1k-4k with 5 depths, RULER 2k on
 # niah_single_1/2/3 and niah_multikey_1 (10 samples each), FullKV and every eviction method at budgets 64/128/256,
-# then the analysis suite's Table 1 / Figure 3 at 4k. `learned` is left out: its shipped queries are SmolLM2's
-# (hidden size 576; Qwen's is 896), and none are trained for this model. Two cores: run the NIAH and RULER lines as
+# then the analysis suite's Table 1 / Figure 3 at 4k. `learned` is left out here: when these rows were made only
+# SmolLM2's queries were shipped; Qwen's (shipped since) are evaluated in docs/results/learned-generic.md. Two cores: run the NIAH and RULER lines as
 # two 1-thread processes (PART=niah / PART=ruler), each with OMP_NUM_THREADS=1. PART=bundled runs the same two grids
 # on the bundled SmolLM2 (plus `learned`, whose shipped queries are for it), for the side-by-side orderings.
 cd "$(dirname "$0")/../.."  # the repository root
