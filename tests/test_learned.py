@@ -227,3 +227,23 @@ def test_learned_without_a_file_uses_the_queries_shipped_for_the_model(shipped_t
     assert row["method_key"] == "learned" and row["method_config"]["queries"] == "tiny-llama"
     assert row["method_config"]["queries_sha256"] == sha
     assert json.loads((path.parent / "run.json").read_text())["method_files"] == {"learned": {"queries": sha}}
+
+
+def test_dapq_eval_resolves_learned_for_its_model_before_the_run_json_check(shipped_tiny, monkeypatch):
+    """`dapq eval` writes and checks run.json before the model load: it reads --model's config (no weights) only
+    when a method takes parameters from it, and resolves `learned` there, so resuming a folder of another model's
+    `learned` rows is not a false settings clash; an explicit file is kept."""
+    from argparse import Namespace
+
+    from dapq import models
+    from dapq.cli.evaluate import method_specs, specs_for_model
+
+    read = []
+    monkeypatch.setattr(models, "load_config", lambda name, **kw: read.append(name) or build_tiny("llama").config)
+    args = Namespace(model="tiny", cache_dir=None)
+    specs = method_specs("full,learned,learned@mine", [f"learned@mine.queries={shipped_tiny}"])
+    out = specs_for_model(args, specs)
+    assert [s.key for s in out] == ["full", "learned", "learned@mine"] and read == ["tiny"]
+    assert dict(out[1].params) == {"queries": "tiny-llama"} and out[0] == specs[0] and out[2] == specs[2]
+    plain = method_specs("full,snapkv", [])
+    assert specs_for_model(args, plain) == plain and read == ["tiny"]  # no method depends on the model: not read
