@@ -173,6 +173,10 @@ def test_cli_models_json(capsys, tmp_path):
     assert set(rows) == set(KNOWN_MODELS)
     assert rows["qwen2.5-coder-0.5b-instruct"]["install"] == QWEN.install_command()
     assert rows["qwen2.5-coder-0.5b-instruct"]["installed"] == QWEN.installed()
+    from dapq.methods.learned import shipped_names
+
+    assert all(r["learned_queries"] == (name in shipped_names()) for name, r in rows.items())
+    assert all(r["learned_queries"] for r in rows.values())  # both offline models have shipped queries
     assert all(r["cached"] is None for r in rows.values())  # an empty cache folder
 
 

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
+
+#: where the package keeps the learned queries it ships, one `<model name>.pt` each (`dapq.methods.learned`); read
+#: as a path so that `dapq models` imports no method (and no torch)
+SHIPPED_QUERIES = Path(__file__).resolve().parent.parent / "methods" / "learned_queries"
 
 
 def add_parser(sub: Any) -> None:
@@ -62,6 +67,7 @@ def model_rows(cache_dir: str | None = None) -> list[dict[str, Any]]:
                 "entry": str(entry) if entry else None,
                 "install": model.install_command(),
                 "sha256": model.sha256,
+                "learned_queries": (SHIPPED_QUERIES / f"{model.name}.pt").is_file(),
                 "note": model.note,
             }
         )
@@ -77,7 +83,7 @@ def cmd_models(args: argparse.Namespace, console: Any) -> int:
         return 0
     table = Table(title="offline models (dapq ... --model NAME)")
     table.add_column("name", no_wrap=True)
-    for col in ("model", "installed", "converted"):
+    for col in ("model", "installed", "converted", "learned queries"):
         table.add_column(col, overflow="fold")
     for r in rows:
         installed = "yes" if r["installed"] else f"no ({len(r['missing'])} package(s) missing)"
@@ -86,7 +92,8 @@ def cmd_models(args: argparse.Namespace, console: Any) -> int:
             "damaged": f"DAMAGED ({r['cache_problem']}): see below",
             "old": f"no: {r['cache_problem']}; the next load converts again",
         }.get(r["cache_state"], "no: first load converts" if r["installed"] else "-")
-        table.add_row(r["name"], f"{r['title']}: {r['architecture']}", installed, converted)
+        learned = "shipped (`learned` needs no file)" if r["learned_queries"] else "none: dapq train-queries"
+        table.add_row(r["name"], f"{r['title']}: {r['architecture']}", installed, converted, learned)
     console.print(table)
     for r in rows:  # whole lines, never wrapped, so the folder can be copied
         if r["cache_state"] == "damaged":
