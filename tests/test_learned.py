@@ -247,3 +247,41 @@ def test_dapq_eval_resolves_learned_for_its_model_before_the_run_json_check(ship
     assert dict(out[1].params) == {"queries": "tiny-llama"} and out[0] == specs[0] and out[2] == specs[2]
     plain = method_specs("full,snapkv", [])
     assert specs_for_model(args, plain) == plain and read == ["tiny"]  # no method depends on the model: not read
+
+
+def test_a_ray_driver_resolves_learned_with_its_workers_model(shipped_tiny):
+    """On Ray the driver has no model: it takes the config a worker loaded (`Worker.describe`) and resolves the
+    methods with it before any row key or run.json is made (a stand-in for Ray runs the worker in this process)."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from dapq.harness.runner import MethodSpec
+    from dapq.harness.scheduler import Scheduler, Sweep, WorkerSpec
+    from dapq.runs import RunConfig
+    from helpers import tiny_loader, toy_samples
+
+    class StandInRay:
+        exceptions = SimpleNamespace(RayActorError=RuntimeError)
+
+        def remote(self, **_):
+            def wrap(cls):
+                def start(spec):
+                    worker = cls(spec)
+                    return SimpleNamespace(describe=SimpleNamespace(remote=worker.describe))
+
+                return SimpleNamespace(remote=start)
+
+            return wrap
+
+        def get(self, refs):
+            return refs  # `describe.remote()` ran the call already
+
+    sweep = Sweep(toy_samples(1), [MethodSpec.of("full"), MethodSpec.of("learned")], [10], RunConfig("tiny"))
+    assert sweep.fields[("learned", "10")]["queries"] is None  # the driver alone: not resolved yet
+    scheduler = Scheduler(StandInRay(), WorkerSpec(loader=tiny_loader), 1, 0, sweep, Console(), None, 0.0)
+    config = scheduler.start_workers()
+    assert [s.key for s in sweep.methods] == ["full", "learned"]
+    assert sweep.fields[("learned", "10")]["queries"] == "tiny-llama"
+    assert config.method_files == {"learned": {"queries": hashlib.sha256(shipped_tiny.read_bytes()).hexdigest()}}
