@@ -215,6 +215,11 @@ def test_learned_without_a_file_uses_the_queries_shipped_for_the_model(shipped_t
     for i in want:
         assert kept(cc, i) == kept(explicit, i) == want[i], f"layer {i}"
     assert "queries='tiny-llama'" in cc.stats["method"]
+    from dapq.engine import generate
+
+    sample = toy_samples(1)[0]
+    out = generate(llama, TOK, sample.context, sample.question, get_method("learned", budget=10), max_new_tokens=2)
+    assert "queries='tiny-llama'" in out.stats["method"]
     with pytest.raises(DapqError, match="trained for smollm2-135m-instruct"):  # no queries shipped for it
         compress(build_tiny("qwen2"), TOK, [prompt], get_method("learned", budget=10))
 

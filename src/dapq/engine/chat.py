@@ -27,7 +27,7 @@ from .decode import Sampling, append, greedy_decode
 from .decode_time import DecodeCompression
 from .model_info import model_info
 from .prefill import compress
-from .serve import GenerationOutput, check_questions, resolve_method
+from .serve import GenerationOutput, check_questions, method_for
 
 _ANSWER_MARK = "\x00DAPQ-ANSWER\x00"
 _PLACEHOLDER = "?"
@@ -51,7 +51,7 @@ class Chat:
         if not isinstance(document, str) or not document.strip():
             raise DapqError("The document is empty: pass the text to talk about.")
         self.model, self.tokenizer = model, tokenizer
-        self.method = resolve_method(method, **params)
+        self.method = method_for(model, method, **params)
         self.document, self.separator = document, separator
         self.use_chat = tokenizer.chat_template is not None if chat_template is None else chat_template
         self.stops = stop_token_ids(tokenizer, stop)

@@ -35,7 +35,7 @@ from ..methods.base import Method
 from .decode import CompressedCache
 from .decode_time import DecodeCompression, DecodeEvictor
 from .prefill import compress
-from .serve import resolve_method
+from .serve import method_for
 
 #: the keywords dapq sets itself on a decoding step (the caller's values are replaced)
 OURS = ("input_ids", "position_ids", "attention_mask", "cache_position", "past_key_values", "use_cache")
@@ -193,7 +193,7 @@ def compressing(
     Method, a registered name with `params`, or None for FullKV). `tokenizer` is the model's: methods read its pad,
     stop and special tokens. `decode_compression` also keeps the cache within the budget while generating
     (`dapq.engine.decode_time`). Yields the session; `session.last.stats` holds the latest compression's stats."""
-    method = resolve_method(method, **params)
+    method = method_for(model, method, **params)
     if tokenizer is None or not hasattr(tokenizer, "get_vocab"):
         raise DapqError("dapq.compressing needs the model's tokenizer: compressing(model, method, tokenizer=tok).")
     if isinstance(getattr(model.forward, "__self__", None), Session):

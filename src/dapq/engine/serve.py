@@ -50,6 +50,12 @@ def resolve_method(method: Method | str | None, **params: Any) -> Method:
     return method
 
 
+def method_for(model: Any, method: Method | str | None, **params: Any) -> Method:
+    """`resolve_method`'s method for `model`: with the parameters it takes from the model filled in
+    (`Method.for_model`, e.g. `learned` without a file: the queries dapq ships for this model)."""
+    return resolve_method(method, **params).for_model(model.config)
+
+
 def _as_rows(context: str | list[str], question: str | list[str]) -> tuple[list[str], list[str], bool]:
     def strings(value: Any, what: str) -> list[str] | None:
         if isinstance(value, str):
@@ -102,7 +108,7 @@ def generate(
     (`dapq.DecodeCompression(interval, window)`) keeps the cache within the method's budget while generating.
     Returns text, token ids and stats (prompt length, kept tokens per layer, KV bytes before/after, timings).
     """
-    method = resolve_method(method)
+    method = method_for(model, method)
     if mode not in MODES:
         raise DapqError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -164,7 +170,7 @@ def answer_many(
     `sampling`: a seeded one starts from its seed for each question, so each answer is reproducible alone), and the
     cache is restored to its compressed state before the next question.
     """
-    method = resolve_method(method)
+    method = method_for(model, method)
     if not questions:
         raise DapqError("answer_many needs at least one question.")
     if not isinstance(context, str) or not isinstance(questions, (list, tuple)):
