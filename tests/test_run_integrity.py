@@ -175,6 +175,7 @@ def _tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file() and not p.is_symlink()}
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # an empty figure draws no legend (matplotlib warned)
 def test_report_on_a_hostile_folder_writes_nothing_outside_it(tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()

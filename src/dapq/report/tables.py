@@ -269,7 +269,8 @@ def budget_curve(rows: list[dict[str, Any]], out_dir: Path, name: str = "accurac
     ax.minorticks_off()
     ax.set_xlabel("budget (tokens per head per layer)")
     ax.set_ylabel("average score")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # rows with no score for any task average draw nothing to name
+        ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = out_dir / f"{safe_name(name)}.png"
