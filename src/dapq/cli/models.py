@@ -10,12 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
-
-#: where the package keeps the learned queries it ships, one `<model name>.pt` each (`dapq.methods.learned`); read
-#: as a path so that `dapq models` imports no method (and no torch)
-SHIPPED_QUERIES = Path(__file__).resolve().parent.parent / "methods" / "learned_queries"
 
 
 def add_parser(sub: Any) -> None:
@@ -38,6 +33,9 @@ def model_rows(cache_dir: str | None = None) -> list[dict[str, Any]]:
     from ..catalog import KNOWN_MODELS
     from ..errors import DapqError
     from ..gguf_cache import DAMAGED, MISSING, OK, UNVERIFIABLE, cache_root, entry_path, entry_state, file_sha256
+    from ..methods.learned import shipped_names  # file names only; torch stays unloaded
+
+    shipped = set(shipped_names())
 
     root = cache_root(cache_dir)
     words = {OK: "converted", DAMAGED: "damaged", UNVERIFIABLE: "old"}
@@ -67,7 +65,7 @@ def model_rows(cache_dir: str | None = None) -> list[dict[str, Any]]:
                 "entry": str(entry) if entry else None,
                 "install": model.install_command(),
                 "sha256": model.sha256,
-                "learned_queries": (SHIPPED_QUERIES / f"{model.name}.pt").is_file(),
+                "learned_queries": model.name in shipped,
                 "note": model.note,
             }
         )
