@@ -92,7 +92,7 @@ def shipped_names() -> list[str]:
 
 def shipped_for(model_config: Any) -> str | None:
     """The name of the shipped queries trained for this model's architecture, if any."""
-    files = sorted(SHIPPED_DIR.glob("*.pt"))
+    files = [SHIPPED_DIR / f"{name}.pt" for name in shipped_names()]
     stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     return _shipped_by_fingerprint(str(SHIPPED_DIR), stamp).get(config_fingerprint(model_config))
 
