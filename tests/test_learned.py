@@ -234,6 +234,28 @@ def test_learned_without_a_file_uses_the_queries_shipped_for_the_model(shipped_t
     assert json.loads((path.parent / "run.json").read_text())["method_files"] == {"learned": {"queries": sha}}
 
 
+def test_bench_records_the_queries_file_it_measured(shipped_tiny, tmp_path, monkeypatch):
+    """`dapq bench` results name each method as it ran: a plain `learned` resolved to the model's shipped file, a
+    variant with its own file, each with the sha256 of the file's bytes (in the JSON and under the markdown table)."""
+    import hashlib
+
+    from dapq.bench import speed
+
+    monkeypatch.setattr(speed, "bench_prompt", lambda tok, length, seed=0: random_prompt(length, seed + 1))
+    llama = build_tiny("llama")
+    other = save_queries(tmp_path / "other.pt", torch.randn(4, llama.config.hidden_size) * 0.2)
+    params = {"learned@other": {"queries": str(other)}}
+    r = speed.bench_memory(llama, TOK, [40], ["full", "learned", "learned@other"], 16, params=params)
+    rec = r["methods"]
+    assert rec["learned"]["config"]["queries"] == "tiny-llama" and rec["learned"]["method"] == "learned"
+    assert rec["learned"]["files"] == {"queries": hashlib.sha256(shipped_tiny.read_bytes()).hexdigest()}
+    assert rec["learned@other"]["files"] == {"queries": hashlib.sha256(other.read_bytes()).hexdigest()}
+    assert rec["full"]["files"] == {} and rec["learned"]["config"]["budget"] == 16
+    md = speed.markdown(r)
+    assert f"learned: queries sha256 {rec['learned']['files']['queries']}" in md
+    assert f"learned@other: queries sha256 {rec['learned@other']['files']['queries']}" in md
+
+
 def test_dapq_eval_resolves_learned_for_its_model_before_the_run_json_check(shipped_tiny, monkeypatch):
     """`dapq eval` writes and checks run.json before the model load: it reads --model's config (no weights) only
     when a method takes parameters from it, and resolves `learned` there, so resuming a folder of another model's

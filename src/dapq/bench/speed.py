@@ -6,7 +6,8 @@
 
 Rules: the device is synchronised before every clock read; warm-up runs are excluded; every number is the median
 of `repeats` runs (TTFT: interleaved across methods, the minimum recorded too); the machine, thread count and
-versions go into the JSON next to the numbers.
+versions go into the JSON next to the numbers, and so does every method's configuration as it ran (`learned`
+without `queries` resolved to the model's shipped file) with the sha256 of each file it read.
 
 - TTFT: prompt ids -> first token, i.e. `compress` (prefill through the hook, selection, LAQ's lookahead stage) and
   the argmax. The row `transformers` is the plain model forward (no hook, DynamicCache) for the hook's overhead.
@@ -26,6 +27,7 @@ scripts/kvpress/vs_kvpress.py (docs/results/kvpress.md).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import statistics
@@ -118,11 +120,24 @@ def bench_prompt(tokenizer: Any, length: int, seed: int = 0) -> list[int]:
     return summary_prompt(tokenizer, length, seed)
 
 
-def build_method(name: str, budget: int | float, params: dict[str, dict[str, Any]] | None = None) -> Method:
-    """The method `name` (or a variant `name@label`) at `budget` (FullKV takes none), with `params[name]`."""
+def build_method(
+    name: str, budget: int | float, params: dict[str, dict[str, Any]] | None = None, model_config: Any = None
+) -> Method:
+    """The method `name` (or a variant `name@label`) at `budget` (FullKV takes none), with `params[name]`; with
+    `model_config`, its defaults for that model filled in (`learned` without `queries`: the model's shipped file)."""
     base = name.partition("@")[0]
     extra = (params or {}).get(name, {})
-    return get_method(base, budget=budget, **extra) if method_class(base).evicts else get_method(base, **extra)
+    method = get_method(base, budget=budget, **extra) if method_class(base).evicts else get_method(base, **extra)
+    return method if model_config is None else method.for_model(model_config)
+
+
+def method_records(methods: dict[str, Method]) -> dict[str, dict[str, Any]]:
+    """What each benchmarked method was: its class name, every field (as a row's `method_config`) and the sha256 of
+    every file it read, so a result names the queries file it measured, not only `learned`."""
+    return {
+        name: {"method": m.name, "config": dataclasses.asdict(m), "files": m.file_hashes()}
+        for name, m in methods.items()
+    }
 
 
 def _check_fits(model: Any, length: int, extra: int) -> None:
@@ -172,12 +187,13 @@ def bench_ttft(
     device = model.get_input_embeddings().weight.device
     rows: dict[str, dict[int, Any]] = {"transformers": {}}
     rows.update({m: {} for m in methods})
+    built = {name: build_method(name, budget, params, model.config) for name in methods}
     for length in lengths:
         ids = bench_prompt(tokenizer, length)
         n = len(ids)
         fns: dict[str, Callable[[], Any]] = {"transformers": lambda ids=ids: _plain_prefill(model, ids)}
         for name in methods:
-            method = build_method(name, budget, params)
+            method = built[name]
             _check_fits(model, n, extra_positions(method) + 1)
 
             def first_token(method: Method = method, ids: list[int] = ids) -> int:
@@ -202,7 +218,15 @@ def bench_ttft(
             full = rows.get("full", {}).get(length) or rows["transformers"][length]
             cell["vs_full_pct"] = 100.0 * (cell["ttft_s"] / full["ttft_s"] - 1.0)
             cell["vs_full_min_pct"] = 100.0 * (cell["min_s"] / full["min_s"] - 1.0)
-    return {"kind": "ttft", "budget": budget, "lengths": lengths, "repeats": repeats, "warmup": warmup, "rows": rows}
+    return {
+        "kind": "ttft",
+        "budget": budget,
+        "lengths": lengths,
+        "repeats": repeats,
+        "warmup": warmup,
+        "methods": method_records(built),
+        "rows": rows,
+    }
 
 
 def bench_memory(
@@ -219,13 +243,14 @@ def bench_memory(
     device = model.get_input_embeddings().weight.device
     rows: dict[str, dict[int, Any]] = {"activations only": {}}
     rows.update({m: {} for m in methods})
+    built = {name: build_method(name, budget, params, model.config) for name in methods}
     for length in lengths:
         ids = bench_prompt(tokenizer, length)
         _plain_prefill(model, ids, use_cache=False)  # warm-up
         act, _ = peak_allocated(lambda ids=ids: _plain_prefill(model, ids, use_cache=False), device)
         rows["activations only"][length] = {"prompt_tokens": len(ids), "peak_bytes": act}
         for name in methods:
-            method = build_method(name, budget, params)
+            method = built[name]
             _check_fits(model, len(ids), extra_positions(method) + 1)
             compress(model, tokenizer, [ids], method)  # warm-up (first-call allocations are not the method's)
             peak, cc = peak_allocated(lambda m=method, ids=ids: compress(model, tokenizer, [ids], m), device)
@@ -242,7 +267,7 @@ def bench_memory(
             del cc
             if progress:
                 progress(f"memory {name} {len(ids)} tokens: peak {peak / MiB:.1f} MiB (activations {act / MiB:.1f})")
-    return {"kind": "memory", "budget": budget, "lengths": lengths, "rows": rows}
+    return {"kind": "memory", "budget": budget, "lengths": lengths, "methods": method_records(built), "rows": rows}
 
 
 def _replicate(cc: Any, batch: int) -> Any:
@@ -290,8 +315,9 @@ def bench_throughput(
     ids = bench_prompt(tokenizer, context)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     rows: dict[str, dict[int, Any]] = {m: {} for m in methods}
+    built = {name: build_method(name, budget, params, model.config) for name in methods}
     for name in methods:
-        method = build_method(name, budget, params)
+        method = built[name]
         _check_fits(model, len(ids), extra_positions(method) + new_tokens)
         cc = compress(model, tokenizer, [ids], method)
         for b in batch_sizes:
@@ -352,6 +378,7 @@ def bench_throughput(
         "weights_bytes": weights,
         "memory_cap": memory_cap,
         "max_batch": max_batch,
+        "methods": method_records(built),
         "rows": rows,
     }
 
@@ -416,4 +443,11 @@ def markdown(result: dict[str, Any]) -> str:
                 if est is not None:
                     line += f"; about {est} by a straight line through the measured memory"
                 lines.append(line)
+    files = [
+        f"- {name}: {param} sha256 {sha}"
+        for name, rec in result.get("methods", {}).items()
+        for param, sha in rec["files"].items()
+    ]
+    if files:
+        lines += ["", "Files the methods read:", "", *files]
     return "\n".join(lines) + "\n"
