@@ -128,6 +128,11 @@ def test_bad_pairs_are_one_line_errors():
     for text in ("x", "x,x", "x,", "x,y,z"):
         with pytest.raises(DapqError, match="two different method keys"):
             parse_pair(text, ["x", "y", "z"])
+    keys = ["learned", "speckv,draft=self", "laq"]  # a key with parameters holds a comma
+    assert parse_pair("learned,speckv,draft=self", keys) == ("learned", "speckv,draft=self")
+    assert parse_pair("speckv,draft=self, laq", keys) == ("speckv,draft=self", "laq")
+    with pytest.raises(DapqError, match="can be read as"):
+        parse_pair("a,b,c", ["a", "b", "c", "a,b", "b,c"])
     rows = _grid()
     with pytest.raises(DapqError, match="two rows"):
         paired(rows + [rows[1]], "x", "y")

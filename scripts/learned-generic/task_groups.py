@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from dapq.errors import DapqError
-from dapq.report.paired import PAIRED_HEADERS, paired, paired_cells
+from dapq.report.paired import PAIRED_HEADERS, paired, paired_cells, parse_pair
 from dapq.report.tables import load_all, task_label
 
 
@@ -41,7 +41,7 @@ def main() -> int:
             print("| " + " | ".join(PAIRED_HEADERS) + " |")
             print("|---" * len(PAIRED_HEADERS) + "|")
             for pair in args.paired:
-                a, _, b = pair.partition(",")
+                a, b = parse_pair(pair, sorted({r["method_key"] for r in rows}))
                 for p in paired(subset, a, b, n_boot=args.bootstrap):
                     print("| " + " | ".join(paired_cells(p)) + " |")
     except DapqError as exc:

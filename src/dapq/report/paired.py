@@ -40,16 +40,28 @@ class Paired:
 
 
 def parse_pair(text: str, methods: list[str]) -> tuple[str, str]:
-    """'A,B' -> (A, B), both method keys of the rows; a one-line error that lists them otherwise."""
-    parts = [p.strip() for p in str(text).split(",")]
-    if len(parts) != 2 or not all(parts) or parts[0] == parts[1]:
-        raise DapqError(f"--paired takes two different method keys as A,B (e.g. learned,laq); got {text!r}.")
-    missing = [p for p in parts if p not in methods]
-    if missing:
+    """'A,B' -> (A, B), both method keys of the rows; a one-line error that lists them otherwise.
+
+    A key may hold commas itself (a method with parameters: `speckv,draft=self`), so the text is split at the one
+    comma that leaves two keys of the rows on either side."""
+    text = str(text)
+    cuts = [i for i, c in enumerate(text) if c == ","]
+    splits = [(text[:i].strip(), text[i + 1 :].strip()) for i in cuts]
+    found = [(a, b) for a, b in splits if a in methods and b in methods and a != b]
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
         raise DapqError(
-            f"--paired: no rows of {', '.join(missing)} in these results. Methods there: {', '.join(methods)}."
+            f"--paired {text!r} can be read as {' or '.join(f'{a} | {b}' for a, b in found)}; "
+            "rename a variant with @label (e.g. --methods speckv@self) so the keys hold no comma."
         )
-    return parts[0], parts[1]
+    if len(splits) != 1 or not all(splits[0]) or splits[0][0] == splits[0][1]:
+        raise DapqError(
+            f"--paired takes two different method keys as A,B (e.g. learned,laq); got {text!r}. "
+            f"Methods there: {', '.join(methods)}."
+        )
+    missing = [k for k in splits[0] if k not in methods]
+    raise DapqError(f"--paired: no rows of {', '.join(missing)} in these results. Methods there: {', '.join(methods)}.")
 
 
 def _scores(rows: list[dict[str, Any]], method: str) -> dict[Any, dict[tuple[str, str], float]]:
