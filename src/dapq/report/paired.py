@@ -53,7 +53,8 @@ def parse_pair(text: str, methods: list[str]) -> tuple[str, str]:
     if len(found) > 1:
         raise DapqError(
             f"--paired {text!r} can be read as {' or '.join(f'{a} | {b}' for a, b in found)}; "
-            "rename a variant with @label (e.g. --methods speckv@self) so the keys hold no comma."
+            "name the variant with @label so no key holds a comma "
+            "(--methods speckv@self --param speckv@self.draft=self)."
         )
     if len(splits) != 1 or not all(splits[0]) or splits[0][0] == splits[0][1]:
         raise DapqError(
