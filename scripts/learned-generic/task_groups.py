@@ -28,6 +28,8 @@ def main() -> int:
     args = ap.parse_args()
     try:
         rows = load_all(args.path)
+        methods = list(dict.fromkeys(r["method_key"] for r in rows))
+        compared = [parse_pair(text, methods) for text in args.paired]
         groups: dict[str, set[str]] = {}
         for g in args.group:
             name, _, tasks = g.partition("=")
@@ -40,8 +42,7 @@ def main() -> int:
             print(f"\n### {name} ({len(tasks & present)} tasks: {', '.join(sorted(tasks & present))})\n")
             print("| " + " | ".join(PAIRED_HEADERS) + " |")
             print("|---" * len(PAIRED_HEADERS) + "|")
-            for pair in args.paired:
-                a, b = parse_pair(pair, sorted({r["method_key"] for r in rows}))
+            for a, b in compared:
                 for p in paired(subset, a, b, n_boot=args.bootstrap):
                     print("| " + " | ".join(paired_cells(p)) + " |")
     except DapqError as exc:
