@@ -203,6 +203,14 @@ def _legacy_and_new_rows(tmp: Path) -> list[str]:
     return [str(tmp / "old.jsonl"), str(_good(tmp)), "--out", str(tmp / "out.jsonl.gz")]
 
 
+def _samples_outside_every_row(tmp: Path) -> list[str]:
+    return [str(_good(tmp)), "--samples", "5-9", "--out", str(tmp / "out.jsonl.gz")]
+
+
+def _samples_malformed(tmp: Path) -> list[str]:
+    return [str(_good(tmp)), "--samples", "9-5", "--out", str(tmp / "out.jsonl.gz")]
+
+
 HOSTILE: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "--out a link to an input": (_out_link_to_input, "is the input"),
     "--out a link to a file outside": (_out_link_outside, "symbolic link"),
@@ -226,6 +234,8 @@ HOSTILE: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "only error rows": (_only_error_rows, "no result rows"),
     "two configurations": (_two_configurations, "dtype 'float32' / 'bfloat16'"),
     "rows with and without config_id": (_legacy_and_new_rows, "rows without config_id (model=m1"),
+    "--samples that keep no row": (_samples_outside_every_row, "2 outside --samples"),
+    "--samples HI below LO": (_samples_malformed, "--samples takes N"),
 }
 
 
@@ -357,3 +367,56 @@ def test_merge_help_imports_no_model_code():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------------------------- --samples
+def test_sample_index_reads_the_last_s_part_of_an_id():
+    from dapq.runs.merge import sample_index
+
+    assert sample_index("ruler-niah_single_1-L2048-s0") == 0
+    assert sample_index("unseen-code-L4096-s17") == 17
+    assert sample_index("niah-L2048-d50-s3-kvf") == 3  # a NIAH cell of seed 3
+    assert sample_index("niah-L2048-d50") == 0  # seed 0 writes no -s part
+    assert sample_index("ruler-vt-s9-L2048-s12") == 12  # the last one counts
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("5", (0, 4)), ("1", (0, 0)), ("5-9", (5, 9)), (" 0 - 4 ", (0, 4)), ("7-7", (7, 7))],
+)
+def test_parse_samples(text, expected):
+    from dapq.runs.merge import parse_samples
+
+    assert parse_samples(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0", "9-5", "-1", "a", "1-", "2.5", "1,2"])
+def test_parse_samples_refuses_bad_ranges(text):
+    from dapq.errors import DapqError
+    from dapq.runs.merge import parse_samples
+
+    with pytest.raises(DapqError, match="--samples takes N"):
+        parse_samples(text)
+
+
+def test_samples_keeps_only_those_indices_of_every_task_and_method(tmp_path, capsys):
+    rows = [
+        row(f"ruler-{task}-L2048-s{i}", method=m, budget=b, task=f"ruler/{task}")
+        for task in ("vt", "cwe")
+        for i in range(12)
+        for m, b in (("full", None), ("snapkv", 64), ("snapkv", 128))
+    ]
+    src = run_folder(tmp_path / "runs" / "all", rows)
+    out = tmp_path / "s5-9.jsonl.gz"
+    rc, printed, err = merge(capsys, str(src), "--samples", "5-9", "--out", str(out))
+    assert rc == 0, err
+    kept = read_gz(out)
+    expected = [r for r in rows if 5 <= int(r["sample_id"].rsplit("-s", 1)[1]) <= 9]
+    assert kept == expected  # the same rows, in reading order
+    assert "72 rows in" in printed and "42 rows outside samples 5-9 dropped" in printed and "30 rows out" in printed
+    first = tmp_path / "first5.jsonl.gz"
+    assert merge(capsys, str(src), "--samples", "5", "--out", str(first))[0] == 0
+    assert {r["sample_id"].rsplit("-s", 1)[1] for r in read_gz(first)} == {"0", "1", "2", "3", "4"}
+    plain = tmp_path / "plain.jsonl.gz"
+    rc, printed, _ = merge(capsys, str(src), "--out", str(plain))
+    assert rc == 0 and "outside" not in printed and len(read_gz(plain)) == 72

@@ -168,3 +168,70 @@ def test_cli_paired_bad_input_exits_2(tmp_path, capsys):
     assert main(["report", str(run), "--paired", "x,y", "--bootstrap", "0"]) == 2
     assert main(["report", "--front", str(run), "--paired", "x,y"]) == 2
     assert not (run / "report.md").exists(), "a refused call writes nothing"
+
+
+# -------------------------------------------------------------------------------------------------------- --group
+def _group_rows(md: str, title: str) -> list[str]:
+    """The table rows of the paired section whose heading holds `title`."""
+    out, inside = [], False
+    for line in md.splitlines():
+        if line.startswith("### "):
+            inside = title in line
+        elif inside and line.startswith("| x |"):
+            out.append(line)
+    return out
+
+
+def test_cli_group_pairs_within_each_group_and_the_rest(tmp_path, capsys):
+    grid = _grid(per_task={"a": 7, "b": 12, "c": 4, "d": 5})
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in grid))
+    argv = ["report", str(run), "--paired", "x,y", "--bootstrap", "300", "--group", "ab=a,b"]
+    assert main(argv) == 0
+    md = (run / "report.md").read_text()
+    ab = _group_rows(md, "task group ab (2 tasks: a, b)")
+    rest = _group_rows(md, "task group the rest (2 tasks: c, d)")
+    assert len(ab) == 2 and len(rest) == 2, md
+    # each group's rows are `paired` on that group's rows alone, computed here independently of the report
+    for lines, tasks in ((ab, {"a", "b"}), (rest, {"c", "d"})):
+        subset = [r for r in grid if r["task"].split("/")[1] in tasks]
+        for line, p in zip(lines, paired(subset, "x", "y", n_boot=300), strict=True):
+            n = sum(1 for r in subset if r["method_key"] == "x" and r["budget"] == p.budget)
+            assert line.startswith(f"| x | y | {p.budget} | 2 | {n} | {p.diff:+.2f} | [{p.low:+.2f}, {p.high:+.2f}] |")
+    # the overall table is still there, over all four tasks
+    overall = paired(grid, "x", "y", n_boot=300)[0]
+    assert f"| x | y | 64 | 4 | 28 | {overall.diff:+.2f} |" in md
+    # a group's difference is not the overall one (the groups split the tasks)
+    assert ab[0] != rest[0]
+
+
+def test_group_of_every_task_leaves_no_rest(tmp_path, capsys):
+    run = _folder(tmp_path)
+    assert main(["report", str(run), "--paired", "x,y", "--bootstrap", "50", "--group", "g=a,b,c"]) == 0
+    md = (run / "report.md").read_text()
+    assert "task group g (3 tasks: a, b, c)" in md and "the rest" not in md
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--group", "ab=a,b"], "--group only goes with --paired"),
+        (["--paired", "x,y", "--group", "a,b"], "--group takes NAME=task"),
+        (["--paired", "x,y", "--group", "ab="], "--group takes NAME=task"),
+        (["--paired", "x,y", "--group", "=a"], "--group takes NAME=task"),
+        (["--paired", "x,y", "--group", "ab=a,zz"], "no rows of task zz in these results. Tasks there: a, b, c"),
+        (["--paired", "x,y", "--group", "g1=a", "--group", "g2=a,b"], "task a is in both g1 and g2"),
+        (["--paired", "x,y", "--group", "g=a", "--group", "g=b"], "the name 'g' is given twice"),
+        (["--paired", "x,y", "--group", "the rest=a"], "give yours another name"),
+        (["--front", "--group", "g=a"], "do not go with --front"),
+    ],
+)
+def test_cli_bad_groups_are_one_line_errors(tmp_path, capsys, argv, expected):
+    run = _folder(tmp_path)
+    argv = ["report", *argv[:1], str(run), *argv[1:]] if argv[0] == "--front" else ["report", str(run), *argv]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and expected in err, err
+    assert not (run / "report.md").exists(), "a refused call writes nothing"

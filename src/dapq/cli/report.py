@@ -2,6 +2,7 @@
 
 dapq report runs/ruler-1a2b3c4d5e
 dapq report runs/ruler-1a2b3c4d5e --paired learned,laq --paired learned,snapkv
+dapq report runs/ruler-1a2b3c4d5e --paired learned,laq --group needles=niah_multiquery,niah_multivalue
 dapq report --front runs/ruler-1a2b3c4d5e runs/ruler-... --ttft ttft.json --memory memory.json --out docs/front
 """
 
@@ -65,6 +66,13 @@ def add_parser(sub: Any) -> None:
         "difference, 95%% task-stratified paired-bootstrap interval, wins/losses/ties); repeat it for more pairs",
     )
     rp.add_argument(
+        "--group",
+        metavar="NAME=task,...",
+        action="append",
+        help="with --paired: the paired comparisons again within these tasks (task names as in the tables), and "
+        "within every task no group names ('the rest'); repeat it for more groups",
+    )
+    rp.add_argument(
         "--bootstrap",
         metavar="N",
         type=int,
@@ -81,9 +89,11 @@ def cmd_report(args: argparse.Namespace, console: Any) -> int:
     from ..extras import check_extra
 
     if args.front:
-        given = [f"--{name}" for name in ("paired", "bootstrap") if getattr(args, name) is not None]
+        given = [f"--{name}" for name in ("paired", "group", "bootstrap") if getattr(args, name) is not None]
         if given:
             raise DapqError(f"{', '.join(given)} do not go with --front: drop them, or report one run without --front.")
+    if args.group is not None and not args.paired:
+        raise DapqError("--group only goes with --paired A,B (the groups split the paired comparisons): add --paired.")
     if args.bootstrap is not None and not args.paired:
         raise DapqError("--bootstrap only goes with --paired A,B: add --paired or drop it.")
     if args.bootstrap is not None and args.bootstrap < 1:
@@ -114,5 +124,5 @@ def cmd_report(args: argparse.Namespace, console: Any) -> int:
     from ..report.paired import DEFAULT_BOOT
     from ..report.tables import write_report
 
-    write_report(args.paths[0], console, pairs=args.paired, n_boot=args.bootstrap or DEFAULT_BOOT)
+    write_report(args.paths[0], console, pairs=args.paired, n_boot=args.bootstrap or DEFAULT_BOOT, groups=args.group)
     return 0

@@ -65,6 +65,44 @@ def parse_pair(text: str, methods: list[str]) -> tuple[str, str]:
     raise DapqError(f"--paired: no rows of {', '.join(missing)} in these results. Methods there: {', '.join(methods)}.")
 
 
+REST = "the rest"  # the group of every task no --group names
+
+
+def parse_group(text: str) -> tuple[str, list[str]]:
+    """'NAME=task,task,...' (`dapq report --group`) -> (NAME, tasks in order); a one-line DapqError otherwise."""
+    name, sep, listed = str(text).partition("=")
+    name = name.strip()
+    tasks = list(dict.fromkeys(t.strip() for t in listed.split(",") if t.strip()))
+    if not sep or not name or not tasks:
+        raise DapqError(
+            f"--group takes NAME=task,task,... (e.g. needle-shaped=niah_multiquery,niah_multivalue); got {text!r}."
+        )
+    if name == REST:
+        raise DapqError(f"--group: {REST!r} is the group of every task no --group names; give yours another name.")
+    return name, tasks
+
+
+def check_groups(groups: list[tuple[str, list[str]]], present: set[str]) -> None:
+    """Groups (`parse_group`) that name tasks of the rows (`present`), each task in one group, each name once; a
+    one-line DapqError that lists the tasks there otherwise."""
+    names = [name for name, _ in groups]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise DapqError(f"--group: the name {twice[0]!r} is given twice; give each group its own name.")
+    owner: dict[str, str] = {}
+    for name, tasks in groups:
+        missing = [t for t in tasks if t not in present]
+        if missing:
+            raise DapqError(
+                f"--group {name}: no rows of task {', '.join(missing)} in these results. Tasks there: "
+                f"{', '.join(sorted(present))}."
+            )
+        for t in tasks:
+            if t in owner:
+                raise DapqError(f"--group: task {t} is in both {owner[t]} and {name}; put each task in one group.")
+            owner[t] = name
+
+
 def _scores(rows: list[dict[str, Any]], method: str) -> dict[Any, dict[tuple[str, str], float]]:
     """{budget: {(task, sample_id): score}} of one method; one row per prompt and budget, or an error."""
     out: dict[Any, dict[tuple[str, str], float]] = defaultdict(dict)

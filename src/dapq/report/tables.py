@@ -28,7 +28,16 @@ from ..runs import RESULTS, RUN_FILE, load_rows
 from ..safefile import save_figure, write_text
 from ..tasks.metrics import row_score_max
 from .markdown import LABEL_LIMIT, md_cell
-from .paired import DEFAULT_BOOT, PAIRED_HEADERS, paired, paired_cells, parse_pair
+from .paired import (
+    DEFAULT_BOOT,
+    PAIRED_HEADERS,
+    REST,
+    check_groups,
+    paired,
+    paired_cells,
+    parse_group,
+    parse_pair,
+)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+=-]+")
 
@@ -280,16 +289,26 @@ def budget_curve(rows: list[dict[str, Any]], out_dir: Path, name: str = "accurac
 
 
 def write_report(
-    path: str | Path, console: Console | None = None, pairs: Iterable[str] | None = None, n_boot: int = DEFAULT_BOOT
+    path: str | Path,
+    console: Console | None = None,
+    pairs: Iterable[str] | None = None,
+    n_boot: int = DEFAULT_BOOT,
+    groups: Iterable[str] | None = None,
 ) -> Path:
     """Print the tables; write report.md and the figures into the results folder. `pairs` ('A,B' each): after each
-    length's tables, A against B on the prompts both scored, with a paired-bootstrap interval (`dapq.report.paired`)."""
+    length's tables, A against B on the prompts both scored, with a paired-bootstrap interval (`dapq.report.paired`).
+    `groups` ('NAME=task,task,...' each, with `pairs`): the same comparisons again within each group of tasks, and
+    within the tasks no group names ("the rest")."""
     console = console or Console()
     rows = load_all(path)
     if not rows:
         raise DapqError(f"The results under {path} are empty.")
     present = list(dict.fromkeys(r["method_key"] for r in rows))
     compared = [parse_pair(text, present) for text in pairs or []]
+    grouped = [parse_group(text) for text in groups or []]
+    if grouped and not compared:
+        raise DapqError("--group only goes with --paired A,B (the groups split the paired comparisons): add --paired.")
+    check_groups(grouped, {task_label(r) for r in rows})
     out_dir = Path(path) if Path(path).is_dir() else Path(path).parent
     configs = config_groups(rows)
     figures: list[Path] = []
@@ -308,6 +327,8 @@ def write_report(
             md += markdown_tables(group) + "\n"
             if compared:
                 md += paired_tables(group, compared, console, n_boot) + "\n"
+                for name, subset in task_groups(group, grouped):
+                    md += paired_tables(subset, compared, console, n_boot, group=name) + "\n"
             name = f"{prefix}accuracy_vs_budget" + (f"_L{length}" if length is not None else "")
             curve = budget_curve(group, out_dir, name)
             if curve is not None:
@@ -319,20 +340,48 @@ def write_report(
     return report
 
 
+def task_groups(
+    rows: list[dict[str, Any]], groups: list[tuple[str, list[str]]]
+) -> list[tuple[str, list[dict[str, Any]]]]:
+    """(group, its rows) for each group of tasks (`parse_group`) that has rows here, then (REST, the rows of every
+    other task) when there are any; nothing when no group is given."""
+    if not groups:
+        return []
+    out = []
+    named: set[str] = set()
+    for name, tasks in groups:
+        named |= set(tasks)
+        subset = [r for r in rows if task_label(r) in tasks]
+        if subset:
+            tasks_here = sorted({task_label(r) for r in subset})
+            out.append((f"{name} ({len(tasks_here)} tasks: {', '.join(tasks_here)})", subset))
+    rest = [r for r in rows if task_label(r) not in named]
+    if rest:
+        tasks_here = sorted({task_label(r) for r in rest})
+        out.append((f"{REST} ({len(tasks_here)} tasks: {', '.join(tasks_here)})", rest))
+    return out
+
+
 def paired_tables(
-    rows: list[dict[str, Any]], compared: list[tuple[str, str]], console: Console, n_boot: int = DEFAULT_BOOT
+    rows: list[dict[str, Any]],
+    compared: list[tuple[str, str]],
+    console: Console,
+    n_boot: int = DEFAULT_BOOT,
+    group: str | None = None,
 ) -> str:
-    """Print and return (markdown) the paired comparisons of `compared` on these rows (one length of one config)."""
+    """Print and return (markdown) the paired comparisons of `compared` on these rows (one length of one config;
+    `group`: the task group they are, named in the title)."""
     found = [p for a, b in compared for p in paired(rows, a, b, n_boot=n_boot)]
+    where = f", task group {group}" if group else ""
     if not found:
-        console.print("paired: no prompt scored by both methods of a pair here")
+        console.print(f"paired{where}: no prompt scored by both methods of a pair here")
         return ""
-    table = Table(title=f"paired: A - B on the prompts both scored ({n_boot} task-stratified bootstrap draws)")
+    table = Table(title=f"paired{where}: A - B on the prompts both scored ({n_boot} task-stratified bootstrap draws)")
     for col in PAIRED_HEADERS:
         table.add_column(escape(col), justify="left" if col in ("A", "B") else "right")
     lines = [
-        f"### Paired comparisons (A - B on the prompts both scored; 95% interval of {n_boot} task-stratified "
-        "paired bootstrap draws)",
+        f"### Paired comparisons{md_cell(where)} (A - B on the prompts both scored; 95% interval of {n_boot} "
+        "task-stratified paired bootstrap draws)",
         "",
         "| " + " | ".join(PAIRED_HEADERS) + " |",
         "|---" * len(PAIRED_HEADERS) + "|",

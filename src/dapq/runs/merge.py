@@ -31,6 +31,7 @@ import gzip
 import io
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,8 +48,10 @@ __all__ = [
     "gzip_rows",
     "merge_files",
     "merge_rows",
+    "parse_samples",
     "read_input",
     "row_config",
+    "sample_index",
 ]
 
 #: the fields that identify a row's configuration when it carries no config_id (as `dapq report` groups such rows)
@@ -76,12 +79,18 @@ class MergeResult:
     errors: int = 0
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     out: Path | None = None
+    samples: tuple[int, int] | None = None  # the sample indices kept (`--samples`), None: every sample
+    outside: int = 0  # rows dropped as outside `samples`
 
     def line(self) -> str:
         """The one summary line: rows in, duplicates, error rows dropped, rows out, configurations."""
         n = len(self.configs)
+        outside = ""
+        if self.samples is not None:
+            lo, hi = self.samples
+            outside = f"{self.outside} rows outside samples {lo}-{hi} dropped, "
         text = (
-            f"{self.rows_in} rows in, {self.duplicates} duplicates, {self.errors} error rows dropped, "
+            f"{self.rows_in} rows in, {self.duplicates} duplicates, {self.errors} error rows dropped, {outside}"
             f"{len(self.rows)} rows out, {n} configuration{'s' if n != 1 else ''}"
         )
         return text + (f" -> {self.out}" if self.out is not None else "")
@@ -185,10 +194,42 @@ def _clash(configs: dict[str, dict[str, Any]], where: dict[str, list[str]]) -> D
     )
 
 
-def merge_rows(inputs: Iterable[MergeInput], keep_apart: bool = False) -> MergeResult:
+_SAMPLE = re.compile(r"-s(\d+)(?=-|$)")
+
+
+def sample_index(sample_id: str) -> int:
+    """A row's sample index: the number of the last `-s<N>` part of its sample_id (`ruler-vt-L2048-s7` -> 7; with the
+    default seed 0, `dapq eval --samples N` draws 0 .. N-1); an id without one is sample 0 (a NIAH cell of seed 0)."""
+    found = _SAMPLE.findall(str(sample_id))
+    return int(found[-1]) if found else 0
+
+
+def parse_samples(text: str) -> tuple[int, int]:
+    """`--samples` of `dapq merge`: 'N' -> (0, N - 1), the samples `dapq eval --samples N` draws; 'LO-HI' -> (LO, HI),
+    both kept; a one-line DapqError otherwise."""
+    value = str(text).strip()
+    m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", value)
+    if (
+        m is None
+        or (m.group(2) is None and int(m.group(1)) < 1)
+        or (m.group(2) is not None and int(m.group(2)) < int(m.group(1)))
+    ):
+        raise DapqError(
+            f"--samples takes N (the first N samples, as dapq eval --samples N) or LO-HI (sample indices, both kept, "
+            f"LO <= HI), e.g. 5 or 5-9; got {text!r}."
+        )
+    if m.group(2) is None:
+        return 0, int(m.group(1)) - 1
+    return int(m.group(1)), int(m.group(2))
+
+
+def merge_rows(
+    inputs: Iterable[MergeInput], keep_apart: bool = False, samples: tuple[int, int] | None = None
+) -> MergeResult:
     """The rows of `inputs` in reading order, error rows dropped, the first row of each (configuration, row_key)
-    kept. More than one configuration is a one-line DapqError unless `keep_apart`."""
-    result = MergeResult(rows=[])
+    kept; with `samples` (LO, HI) only the rows whose `sample_index` lies in LO..HI. More than one configuration is a
+    one-line DapqError unless `keep_apart`."""
+    result = MergeResult(rows=[], samples=samples)
     where: dict[str, list[str]] = {}
     seen: set[tuple] = set()
     for source in inputs:
@@ -196,6 +237,9 @@ def merge_rows(inputs: Iterable[MergeInput], keep_apart: bool = False) -> MergeR
             result.rows_in += 1
             if row.get("error"):
                 result.errors += 1
+                continue
+            if samples is not None and not samples[0] <= sample_index(row["sample_id"]) <= samples[1]:
+                result.outside += 1
                 continue
             config = row_config(row, source.settings)
             if config not in result.configs:
@@ -249,18 +293,25 @@ def check_out(out: str | os.PathLike, inputs: Iterable[MergeInput]) -> Path:
     return check_target(p, "gzip")
 
 
-def merge_files(paths: Sequence[str | os.PathLike], out: str | os.PathLike, keep_apart: bool = False) -> MergeResult:
-    """Read `paths`, merge their rows (`merge_rows`) and write them to `out` as gzipped JSON lines (`gzip_rows`,
-    through `dapq.safefile.write_bytes`). Nothing is written when anything is refused."""
+def merge_files(
+    paths: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    keep_apart: bool = False,
+    samples: tuple[int, int] | None = None,
+) -> MergeResult:
+    """Read `paths`, merge their rows (`merge_rows`, `samples`: keep only those sample indices) and write them to
+    `out` as gzipped JSON lines (`gzip_rows`, through `dapq.safefile.write_bytes`). Nothing is written when anything
+    is refused."""
     if not paths:
         raise DapqError("no inputs: pass run folders or .jsonl / .jsonl.gz results files.")
     inputs = [read_input(p) for p in paths]  # read-only: nothing is written before everything is checked
     check_out(out, inputs)
-    result = merge_rows(inputs, keep_apart=keep_apart)
+    result = merge_rows(inputs, keep_apart=keep_apart, samples=samples)
     if not result.rows:
+        outside = f", {result.outside} outside --samples" if samples is not None else ""
         raise DapqError(
-            f"the inputs hold no result rows ({result.rows_in} rows in, {result.errors} error rows): nothing written "
-            f"to {out}."
+            f"the inputs hold no result rows ({result.rows_in} rows in, {result.errors} error rows{outside}): nothing "
+            f"written to {out}."
         )
     result.out = write_bytes(out, gzip_rows(result.rows), kind="gzip")
     return result
