@@ -155,6 +155,15 @@ def test_control_characters_never_reach_the_terminal_markdown_or_figures(world, 
     for text in (out.out, out.err, written):
         assert "\x1b" not in text and "\x07" not in text and BIDI not in text
     assert "snap[2J]0;ownedkv" in written  # the printable rest of the label is kept
+    # a task group named with rich markup, and "the rest" holding the task above: the titles show both as text
+    argv = ["report", str(folder), "--paired", "dapq,full", "--group", "g[red]x[/red]=cwe"]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    written = (folder / "report.md").read_text()
+    for text in (out.out, out.err, written):
+        assert "\x1b" not in text and "\x07" not in text and BIDI not in text
+    assert "task group g[red]x[/red] (1 tasks: cwe)" in written and "task group the rest (1 tasks: vt" in written
+    assert "g[red]x[/red]" in out.out.replace("\n", "")
     # a method key with ESC asked for by name is an error without the escape
     assert main(["report", str(folder), "--paired", f"nope{ESC},full"]) == 2
     err = capsys.readouterr().err

@@ -92,8 +92,6 @@ def cmd_report(args: argparse.Namespace, console: Any) -> int:
         given = [f"--{name}" for name in ("paired", "group", "bootstrap") if getattr(args, name) is not None]
         if given:
             raise DapqError(f"{', '.join(given)} do not go with --front: drop them, or report one run without --front.")
-    if args.group is not None and not args.paired:
-        raise DapqError("--group only goes with --paired A,B (the groups split the paired comparisons): add --paired.")
     if args.bootstrap is not None and not args.paired:
         raise DapqError("--bootstrap only goes with --paired A,B: add --paired or drop it.")
     if args.bootstrap is not None and args.bootstrap < 1:

@@ -374,9 +374,11 @@ def paired_tables(
     found = [p for a, b in compared for p in paired(rows, a, b, n_boot=n_boot)]
     where = f", task group {group}" if group else ""
     if not found:
-        console.print(f"paired{where}: no prompt scored by both methods of a pair here")
+        console.print(f"paired{escape(where)}: no prompt scored by both methods of a pair here")
         return ""
-    table = Table(title=f"paired{where}: A - B on the prompts both scored ({n_boot} task-stratified bootstrap draws)")
+    table = Table(
+        title=f"paired{escape(where)}: A - B on the prompts both scored ({n_boot} task-stratified bootstrap draws)"
+    )
     for col in PAIRED_HEADERS:
         table.add_column(escape(col), justify="left" if col in ("A", "B") else "right")
     lines = [
