@@ -3,7 +3,7 @@
 dapq merge runs/est4k-a runs/est4k-b --out docs/results/estimators/ruler-4k.jsonl.gz
 dapq merge runs/a docs/results/front/ruler-2k.jsonl.gz --out merged.jsonl.gz
 dapq merge runs/qwen runs/smollm2 --keep-apart --out both.jsonl.gz   # two configurations in one file
-dapq merge runs/ruler-all --samples 5 --out first5.jsonl.gz           # only samples 0-4 of every task (5-9: 5-9)
+dapq merge runs/ruler-all --samples 5 --out first5.jsonl.gz           # only samples 0-4 of every task (5-9: 5 to 9)
 
 Rows are deduplicated by (sample, method, budget, method config), the first one read wins; error rows are dropped;
 the same rows give the same bytes. Inputs of different configurations are refused unless --keep-apart
