@@ -347,18 +347,14 @@ def task_groups(
     other task) when there are any; nothing when no group is given."""
     if not groups:
         return []
+    named = {t for _, tasks in groups for t in tasks}
+    parts = [(name, [r for r in rows if task_label(r) in tasks]) for name, tasks in groups]
+    parts.append((REST, [r for r in rows if task_label(r) not in named]))
     out = []
-    named: set[str] = set()
-    for name, tasks in groups:
-        named |= set(tasks)
-        subset = [r for r in rows if task_label(r) in tasks]
+    for name, subset in parts:
         if subset:
             tasks_here = sorted({task_label(r) for r in subset})
             out.append((f"{name} ({len(tasks_here)} tasks: {', '.join(tasks_here)})", subset))
-    rest = [r for r in rows if task_label(r) not in named]
-    if rest:
-        tasks_here = sorted({task_label(r) for r in rest})
-        out.append((f"{REST} ({len(tasks_here)} tasks: {', '.join(tasks_here)})", rest))
     return out
 
 
