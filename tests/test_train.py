@@ -275,3 +275,31 @@ def test_copy_target_weights_the_steps_that_continue_the_prompt():
     assert "target" not in TargetStore(Path("x"), TrainSettings(**{**SMALL, "recipe": "generic"}), "", "").key
     with pytest.raises(DapqError, match="--target must be one of"):
         TrainSettings(target="max")
+
+
+def test_recon_target_is_kvzips_reconstruction_attention(monkeypatch):
+    """`--target recon`: each layer's target is, per KV head, the largest attention a prompt key gets from any token
+    of KVzip's reconstruction request and repeat (softmax over the prompt keys, max over the query group), divided
+    by its sum; checked against the eager model's own attention weights over prompt + request as one sequence."""
+    import dapq.train.targets as targets
+    from dapq import get_method
+
+    monkeypatch.setattr(targets, "RECON_BLOCK", 7)  # several blocks of reconstruction queries
+    model = build_tiny("llama_eager")
+    ids = random_prompt(60, seed=3)
+    settings = TrainSettings(**{**SMALL, "target": "recon", "budget": 16})
+    prompt = type("P", (), {"id": "p", "ids": ids})()
+    ex = targets.build_example(model, TOK, prompt, settings, set(), keep_state=False)
+    (chunk,) = get_method("kvzip", budget=16).pass_chunks(ids, TOK)
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([ids + chunk.ids]), output_attentions=True)
+    h_kv = model.config.num_key_value_heads
+    for layer, att in enumerate(out.attentions):  # [1, H_q, S, S]
+        rows = att[0, :, len(ids) :, : len(ids)].float()  # the request's queries over the prompt keys
+        rows = rows / rows.sum(-1, keepdim=True)  # softmax over the prompt keys alone
+        best = rows.amax(dim=1).view(h_kv, -1, len(ids)).amax(dim=1)  # [H_kv, L]
+        assert torch.allclose(ex.target[layer], best / best.sum(-1, keepdim=True), atol=1e-5)
+        top = torch.sort(ex.target[layer], dim=-1, descending=True, stable=True).indices[:, :16]
+        assert torch.equal(ex.gold[layer], top)
+    assert ex.answer == "" and ex.state is None
+    assert targets.TargetStore(Path("x"), settings, "", "").key["target"] == "recon"

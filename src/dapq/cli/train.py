@@ -48,8 +48,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--target",
         default="mean",
-        help="mean (the answer's mean attention, default) or copy (only the answer steps that continue a run of the "
-        "prompt)",
+        help="mean (the answer's mean attention, default), copy (only the answer steps that continue a run of the "
+        "prompt) or recon (KVzip's reconstruction importance: no answer asked)",
     )
     p.add_argument("--budget", type=int, default=128, help="gold-set size for the gold loss and recall (128)")
     p.add_argument("--seed", type=int, default=0, help="seed of the training prompts (offset from the evaluations')")

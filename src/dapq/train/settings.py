@@ -15,7 +15,7 @@ from .generic import GENERIC_KINDS
 
 LOSSES = ("kl", "gold")
 RECIPES = ("generic", "needles")
-TARGETS = ("mean", "copy")
+TARGETS = ("mean", "copy", "recon")
 EPS = 1e-9
 
 
@@ -37,7 +37,8 @@ class TrainSettings:
     init_text: str = "Answer the question using the text above. The answer is:"
     seed: int = 0
     recipe: str = "generic"  # dapq.train.generic (task-agnostic, the default) or "needles" (dapq.train.corpus)
-    target: str = "mean"  # the answer's mean attention, or "copy": only the steps that continue a run of the prompt
+    target: str = "mean"  # the answer's mean attention; "copy": only its steps that continue a run of the prompt;
+    # "recon": KVzip's reconstruction importance (no answer at all)
     lora_rank: int = 0  # 0: the embeddings alone; r >= 1: plus rank-r adapters at the pseudo positions only
     lora_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     lora_alpha: float = 16.0  # adapter scale = alpha / rank

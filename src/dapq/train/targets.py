@@ -1,7 +1,11 @@
 """The targets learned queries are trained to: for each prompt, the model's own greedy answer's attention over the
 prompt keys, per layer (the mean distribution and its top-B gold set), and the on-disk store that builds them once
 and reuses them across epochs, reruns and tries (the kind of target LookaheadKV, arXiv 2603.10899, trains its
-lookahead tokens to)."""
+lookahead tokens to).
+
+`--target recon` asks no answer at all: its target is KVzip's query-agnostic importance (Kim et al. 2025, arXiv
+2505.23416, Sec. 3), the largest attention a prompt key receives while the model repeats the prompt, normalised to a
+distribution, so the queries learn which keys a model needs to reproduce its context."""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import torch
 from ..analysis.quantities import attention_distribution, attention_probs, topk_indices
 from ..errors import DapqError
 from ..hf.capture import PromptState, greedy_answer, prefill_prompt, queries_at, trainable
+from ..methods.kvzip import KVzip
 from ..methods.scoring import aggregate_groups
 from ..safefile import FileLock, ensure_dir, save_torch, write_json
 from .generic import drafts, finish
@@ -61,6 +66,38 @@ def copy_weights(prompt_ids: list[int], answer: list[int]) -> torch.Tensor | Non
     return torch.tensor(w) if any(w) else None
 
 
+RECON_BLOCK = 256  # reconstruction queries scored at a time (bounds the [H_q, block, L] attention in memory)
+
+
+def recon_scores(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:  # [H_kv, L]
+    """KVzip's score of every prompt key: the largest softmax attention (over the prompt keys) it receives from any
+    of the reconstruction queries [H_q, n, D] and any query head of its KV group; keys [H_kv, L, D]."""
+    best = torch.zeros(queries.shape[0], keys.shape[1])
+    for start in range(0, queries.shape[1], RECON_BLOCK):
+        probs = attention_probs(queries[:, start : start + RECON_BLOCK], keys, scaling)  # [H_q, block, L]
+        best = torch.maximum(best, probs.amax(dim=1).cpu())
+    return aggregate_groups(best[None], keys.shape[0], "max")[0]
+
+
+def recon_example(model: Any, tokenizer: Any, prompt: Any, settings: TrainSettings, keep_state: bool) -> Example:
+    """`--target recon`: the model is asked, on the full prompt cache, to repeat the prompt (KVzip's requests and
+    chunks, `KVzip.pass_chunks`), and each layer's target is the keys' reconstruction scores (`recon_scores`, max over
+    the chunks) divided by their sum. Unlike KVzip's own pass, the softmax runs over the prompt keys alone (not the
+    chunk's own keys): a per-query scale that changes which key is largest only across queries, not within one."""
+    state = prefill_prompt(model, prompt.ids, keep_last=1)
+    length = state.length
+    scores: list[torch.Tensor] | None = None
+    for chunk in KVzip(budget=settings.budget).pass_chunks(list(prompt.ids), tokenizer):
+        fed = queries_at(model, state, chunk.ids, range(length, length + len(chunk.ids))).queries
+        layer_scores = [recon_scores(q, state.keys(i), state.scaling[i]) for i, q in enumerate(fed)]
+        scores = layer_scores if scores is None else [torch.maximum(a, b) for a, b in zip(scores, layer_scores)]
+    assert scores is not None  # a prompt has at least one chunk
+    target = [s.clamp_min(1e-12) / s.clamp_min(1e-12).sum(dim=-1, keepdim=True) for s in scores]
+    gold = [topk_indices(t, settings.budget) for t in target]
+    kept = trainable(state) if keep_state else None
+    return Example(prompt.id, list(prompt.ids), kept, target, gold, "")
+
+
 def prompt_state(model: Any, ex: Example) -> PromptState:
     """The example's prompt cache: the kept one, or a fresh prefill (trainable) when none is kept."""
     return ex.state if ex.state is not None else trainable(prefill_prompt(model, ex.ids, keep_last=1))
@@ -69,6 +106,9 @@ def prompt_state(model: Any, ex: Example) -> PromptState:
 def build_example(
     model: Any, tokenizer: Any, prompt: Any, settings: TrainSettings, stops: set[int], keep_state: bool = True
 ) -> Example:
+    """One prompt's targets (`settings.target`): its greedy answer's attention (mean or copy), or `recon_example`."""
+    if settings.target == "recon":
+        return recon_example(model, tokenizer, prompt, settings, keep_state)
     state = prefill_prompt(model, prompt.ids, keep_last=1)
     answer = greedy_answer(model, state, settings.answer_tokens, stops)
     if not answer:  # the model stopped at once: its first non-stop token stands for the answer
