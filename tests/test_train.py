@@ -287,7 +287,7 @@ def test_recon_target_is_kvzips_reconstruction_attention(monkeypatch):
     monkeypatch.setattr(targets, "RECON_BLOCK", 7)  # several blocks of reconstruction queries
     model = build_tiny("llama_eager")
     ids = random_prompt(60, seed=3)
-    settings = TrainSettings(**{**SMALL, "target": "recon", "budget": 16})
+    settings = TrainSettings(**{**SMALL, "target": "recon", "budget": 3})  # below KVzip's sinks: the chunks need none
     prompt = type("P", (), {"id": "p", "ids": ids})()
     ex = targets.build_example(model, TOK, prompt, settings, set(), keep_state=False)
     (chunk,) = get_method("kvzip", budget=16).pass_chunks(ids, TOK)
@@ -299,7 +299,7 @@ def test_recon_target_is_kvzips_reconstruction_attention(monkeypatch):
         rows = rows / rows.sum(-1, keepdim=True)  # softmax over the prompt keys alone
         best = rows.amax(dim=1).view(h_kv, -1, len(ids)).amax(dim=1)  # [H_kv, L]
         assert torch.allclose(ex.target[layer], best / best.sum(-1, keepdim=True), atol=1e-5)
-        top = torch.sort(ex.target[layer], dim=-1, descending=True, stable=True).indices[:, :16]
+        top = torch.sort(ex.target[layer], dim=-1, descending=True, stable=True).indices[:, :3]
         assert torch.equal(ex.gold[layer], top)
     assert ex.answer == "" and ex.state is None
     assert targets.TargetStore(Path("x"), settings, "", "").key["target"] == "recon"

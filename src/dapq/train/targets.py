@@ -87,7 +87,7 @@ def recon_example(model: Any, tokenizer: Any, prompt: Any, settings: TrainSettin
     state = prefill_prompt(model, prompt.ids, keep_last=1)
     length = state.length
     scores: list[torch.Tensor] | None = None
-    for chunk in KVzip(budget=settings.budget).pass_chunks(list(prompt.ids), tokenizer):
+    for chunk in KVzip(budget=1, n_sink=0).pass_chunks(list(prompt.ids), tokenizer):  # the chunks need no budget
         fed = queries_at(model, state, chunk.ids, range(length, length + len(chunk.ids))).queries
         layer_scores = [recon_scores(q, state.keys(i), state.scaling[i]) for i, q in enumerate(fed)]
         scores = layer_scores if scores is None else [torch.maximum(a, b) for a, b in zip(scores, layer_scores)]
