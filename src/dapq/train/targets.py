@@ -82,8 +82,10 @@ def recon_scores(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> t
 def recon_example(model: Any, tokenizer: Any, prompt: Any, settings: TrainSettings, keep_state: bool) -> Example:
     """`--target recon`: the model is asked, on the full prompt cache, to repeat the prompt (KVzip's requests and
     chunks, `KVzip.pass_chunks`), and each layer's target is the keys' reconstruction scores (`recon_scores`, max over
-    the chunks) divided by their sum. Unlike KVzip's own pass, the softmax runs over the prompt keys alone (not the
-    chunk's own keys): a per-query scale that changes which key is largest only across queries, not within one."""
+    the chunks) divided by their sum. One difference from KVzip's own pass (`dapq.methods.kvzip`): the softmax runs
+    over every prompt key, where KVzip's runs over its sinks, the chunk's span and the fed tokens' own keys. For a
+    prompt of one chunk (up to 2,048 tokens after the template prefix) that changes each query's normalisation (the
+    template prefix and the fed keys are left out), not which prompt key a query attends to most."""
     state = prefill_prompt(model, prompt.ids, keep_last=1)
     length = state.length
     scores: list[torch.Tensor] | None = None
