@@ -72,10 +72,10 @@ RECON_BLOCK = 256  # reconstruction queries scored at a time (bounds the [H_q, b
 def recon_scores(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:  # [H_kv, L]
     """KVzip's score of every prompt key: the largest softmax attention (over the prompt keys) it receives from any
     of the reconstruction queries [H_q, n, D] and any query head of its KV group; keys [H_kv, L, D]."""
-    best = torch.zeros(queries.shape[0], keys.shape[1])
+    best = torch.zeros(queries.shape[0], keys.shape[1], device=queries.device)
     for start in range(0, queries.shape[1], RECON_BLOCK):
         probs = attention_probs(queries[:, start : start + RECON_BLOCK], keys, scaling)  # [H_q, block, L]
-        best = torch.maximum(best, probs.amax(dim=1).cpu())
+        best = torch.maximum(best, probs.amax(dim=1))
     return aggregate_groups(best[None], keys.shape[0], "max")[0]
 
 
@@ -94,7 +94,8 @@ def recon_example(model: Any, tokenizer: Any, prompt: Any, settings: TrainSettin
         layer_scores = [recon_scores(q, state.keys(i), state.scaling[i]) for i, q in enumerate(fed)]
         scores = layer_scores if scores is None else [torch.maximum(a, b) for a, b in zip(scores, layer_scores)]
     assert scores is not None  # a prompt has at least one chunk
-    target = [s.clamp_min(1e-12) / s.clamp_min(1e-12).sum(dim=-1, keepdim=True) for s in scores]
+    positive = [s.clamp_min(1e-12) for s in scores]
+    target = [s / s.sum(dim=-1, keepdim=True) for s in positive]
     gold = [topk_indices(t, settings.budget) for t in target]
     kept = trainable(state) if keep_state else None
     return Example(prompt.id, list(prompt.ids), kept, target, gold, "")
