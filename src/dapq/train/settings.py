@@ -11,7 +11,7 @@ from ..checks import finite
 from ..errors import DapqError
 from ..methods.learned import ADAPTABLE
 from .corpus import KINDS
-from .generic import GENERIC_KINDS
+from .generic import DEFAULT_TEXTS, GENERIC_KINDS, check_texts
 
 LOSSES = ("kl", "gold")
 RECIPES = ("generic", "needles")
@@ -37,6 +37,7 @@ class TrainSettings:
     init_text: str = "Answer the question using the text above. The answer is:"
     seed: int = 0
     recipe: str = "generic"  # dapq.train.generic (task-agnostic, the default) or "needles" (dapq.train.corpus)
+    texts: tuple[str, ...] = DEFAULT_TEXTS  # the generic recipe's text sources (dapq.train.generic.TEXTS)
     target: str = "mean"  # the answer's mean attention; "copy": only its steps that continue a run of the prompt;
     # "recon": KVzip's reconstruction importance (no answer at all)
     lora_rank: int = 0  # 0: the embeddings alone; r >= 1: plus rank-r adapters at the pseudo positions only
@@ -66,6 +67,9 @@ class TrainSettings:
         if unknown or not self.lora_modules:
             raise DapqError(f"--lora-modules must be some of {','.join(ADAPTABLE)}; got {','.join(unknown) or 'none'}")
         self.lengths = tuple(self.lengths)  # type: ignore[assignment]
+        self.texts = check_texts(self.texts)
+        if self.recipe != "generic" and self.texts != DEFAULT_TEXTS:
+            raise DapqError("--text chooses the generic recipe's text; the needle recipe has its own: drop --text")
         self.kinds = tuple(self.kinds) or (GENERIC_KINDS if self.recipe == "generic" else KINDS)
 
     def as_dict(self) -> dict[str, Any]:

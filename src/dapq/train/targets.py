@@ -25,7 +25,7 @@ from ..hf.capture import PromptState, greedy_answer, prefill_prompt, queries_at,
 from ..methods.kvzip import KVzip
 from ..methods.scoring import aggregate_groups
 from ..safefile import FileLock, ensure_dir, save_torch, write_json
-from .generic import drafts, finish
+from .generic import DEFAULT_TEXTS, drafts, finish, list_versions
 from .settings import TrainSettings
 
 
@@ -154,6 +154,10 @@ class TargetStore:
         }
         if settings.target != "mean":  # stores of the plain mean keep their old key
             self.key["target"] = settings.target
+        if settings.texts != DEFAULT_TEXTS:  # so do stores of the default text
+            self.key["texts"] = list(settings.texts)
+            if "lists" in settings.texts:
+                self.key["list_versions"] = list_versions()
 
     def _check(self) -> None:
         ensure_dir(self.folder, "the target store")
@@ -211,7 +215,7 @@ class TargetStore:
         processes can fill one store side by side, in order (one GPU holds many): nothing is loaded or returned."""
         self._check()
         s = self.settings
-        planned = drafts(s.n_train + s.n_val, s.lengths, s.seed, s.kinds)
+        planned = drafts(s.n_train + s.n_val, s.lengths, s.seed, s.kinds, s.texts)
         out, built = [], 0
         for i, draft in enumerate(planned):
             if build_only:
