@@ -15,7 +15,7 @@ from dapq.engine import compress
 from dapq.errors import DapqError
 from dapq.hf.capture import prefill_prompt, suffix_attention, trainable
 from dapq.train.corpus import evaluation_files, training_files, training_prompts
-from dapq.train.fit import learned_distribution, train_queries
+from dapq.train.fit import learned_distribution, same_but_epochs, train_queries
 from dapq.train.settings import TrainSettings
 from dapq.train.targets import target_of
 from helpers import TinyTokenizer, build_tiny, random_prompt
@@ -173,6 +173,9 @@ def test_text_option_adds_the_list_sources_and_keeps_the_default_drafts(tmp_path
             TrainSettings(texts=bad)
     with pytest.raises(DapqError, match="drop --text"):
         TrainSettings(recipe="needles", texts=texts)
+    old = {k: v for k, v in TrainSettings().as_dict().items() if k != "texts"}  # a checkpoint from before --text
+    assert same_but_epochs(old, TrainSettings().as_dict())
+    assert not same_but_epochs(old, TrainSettings(texts=texts).as_dict())
 
 
 def test_generic_recipe_builds_its_targets_once_and_resumes(tmp_path, monkeypatch):

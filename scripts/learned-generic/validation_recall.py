@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lengths", default="512-2048")
     ap.add_argument("--by", choices=("kind", "source"), default="kind")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()
     torch.set_num_threads(1)
     model, tok = load_model()
     for p in model.parameters():

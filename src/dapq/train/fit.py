@@ -49,6 +49,7 @@ from ..methods.scoring import aggregate_groups, pool_scores
 from ..prompts import stop_token_ids
 from ..safefile import FileLock, check_target, ensure_dir, save_figure, save_torch, write_json
 from .corpus import N_EVAL_FILES, TRAIN_SEED_BASE, training_files, training_prompts
+from .generic import DEFAULT_TEXTS
 from .settings import EPS, TrainSettings
 from .targets import Example, TargetStore, build_example, prompt_state
 
@@ -125,6 +126,7 @@ def same_but_epochs(recorded: Any, wanted: dict[str, Any]) -> bool:
     uninterrupted run; fewer: the best of the first epochs is written), never under other settings."""
     if not isinstance(recorded, dict):
         return False
+    recorded = {"texts": list(DEFAULT_TEXTS), **recorded}  # checkpoints from before --text used the default text
     return {k: v for k, v in recorded.items() if k != "epochs"} == {k: v for k, v in wanted.items() if k != "epochs"}
 
 
