@@ -199,7 +199,10 @@ def drafts(
             passage = " ".join(words[at : at + PASSAGE_WORDS])
         elif kind == "quote":
             ends = [j for j in range(1, len(words) - 12) if words[j - 1][-1:] in ".!?"]
-            at = rng.choice(ends) if ends else rng.randrange(1, max(2, len(words) - 12))  # lists: no sentences
+            if ends or default:  # the default text: the rule its files were built with
+                at = rng.choice(ends or [1])
+            else:  # a list without sentences: any place
+                at = rng.randrange(1, max(2, len(words) - 12))
             passage = " ".join(words[at : at + 5])
             request = f'Repeat the sentence that contains "{passage}" word for word.'
         elif kind == "continue":
