@@ -132,6 +132,26 @@ def test_runner_skips_done_rows_and_cuts_a_torn_line(tmp_path):
     assert path.read_text() == before, "a finished run must not write again, and the torn line must be cut"
 
 
+def test_resumed_run_counts_only_the_rows_it_writes(tmp_path):
+    """A resumed sweep names the rows it found in one line; its bar (and so its rate and time left) counts only the
+    rows it writes now: rows found on disk counted as progress made a two-hour resume say "2 min left"."""
+    import io
+
+    from rich.console import Console
+
+    model = build_tiny("llama")
+    specs, budgets = SPECS[:2], [16]  # 2 rows per sample
+    run(model, TOK, _samples(2), specs, budgets, tmp_path, config=RunConfig(model="tiny"))
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=False, width=200)
+    run(model, TOK, _samples(3), specs, budgets, tmp_path, config=RunConfig(model="tiny"), console=console)
+    text = buf.getvalue()
+    assert "resuming: 4 of 6 rows are already in" in text, text
+    ends = [line for line in text.splitlines() if line.startswith("toy")]
+    assert ends and ends[-1].split(" (")[0].endswith(": 2/2"), f"the bar counts the 2 new rows only: {text}"
+    assert len(load_rows(tmp_path / "results.jsonl")) == 6
+
+
 SCRIPT = textwrap.dedent(
     """
     import sys

@@ -202,6 +202,14 @@ class _LoggedProgress(Progress):
             self._ended.add(task_id)
 
 
+def add_sweep_task(progress: Progress, label: str, to_do: int, all_rows: int, path: Path) -> Any:
+    """The sweep's one task: the rows this run writes. Rows a resumed run finds in `path` are named in one line,
+    never counted as progress, so the rate and the time left are those of the rows written now."""
+    if all_rows > to_do:
+        progress.console.print(f"resuming: {all_rows - to_do} of {all_rows} rows are already in {escape(str(path))}")
+    return progress.add_task(label, total=to_do)
+
+
 def sweep_progress(console: Console, every: float = 60.0) -> Progress:
     """The one progress bar of a sweep: rows done of all, elapsed, ETA; on a console that is no terminal, a plain
     line every `every` seconds instead."""
@@ -352,12 +360,11 @@ def _run_locked(
     stops = stop_token_ids(tokenizer)
     meta = row_meta(config)
     console = console or Console(stderr=True)
-    jobs_per_sample = rows_per_sample(methods, budgets)
+    todos = [todo_jobs(sample, methods, budgets, fields, done) for sample in samples]
+    all_rows = (total or len(samples)) * rows_per_sample(methods, budgets)
     with open_append(path) as f, sweep_progress(console) as progress:
-        task = progress.add_task("eval", total=(total or len(samples)) * jobs_per_sample)
-        for sample in samples:
-            todo = todo_jobs(sample, methods, budgets, fields, done)
-            progress.advance(task, jobs_per_sample - len(todo))
+        task = add_sweep_task(progress, "eval", sum(len(t) for t in todos), all_rows, path)
+        for sample, todo in zip(samples, todos):
             if not todo:
                 continue
             progress.update(task, description=escape(clean_label(f"{sample.task} {sample.id}")))  # ids from data files

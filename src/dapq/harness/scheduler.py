@@ -39,6 +39,7 @@ from ..tasks.sample import Sample
 from .ray_cluster import ray_module, ray_session
 from .runner import (
     MethodSpec,
+    add_sweep_task,
     evaluate_sample,
     for_model,
     method_fields,
@@ -278,9 +279,9 @@ class Scheduler:
                 if self.todo[i]:
                     self.queue.append(i)
             total = len(sweep.samples) * rows_per_sample(sweep.methods, sweep.budgets)
+            to_do = sum(len(t) for t in self.todo.values())
             with open_append(path) as f, sweep_progress(self.console) as progress:
-                task = progress.add_task(f"eval on {self.n_workers} Ray worker(s)", total=total)
-                progress.advance(task, total - sum(len(t) for t in self.todo.values()))
+                task = add_sweep_task(progress, f"eval on {self.n_workers} Ray worker(s)", to_do, total, path)
 
                 def write(rows: list[dict[str, Any]], info: dict[str, Any]) -> None:
                     for row in rows:
