@@ -205,8 +205,19 @@ def test_generic_recipe_builds_its_targets_once_and_resumes(tmp_path, monkeypatc
     train_queries(model, TOK, settings, out, log=lambda s: None, restart=True)
     assert built == [], "a rerun must read its targets, not build them again"
     bigger = TrainSettings(**{**SMALL, "recipe": "generic", "n_train": 5, "n_val": 2, "epochs": 1})
-    train_queries(model, TOK, bigger, tmp_path / "g.pt", log=lambda s: None, restart=True)
+    bars: dict[str, tuple[int, int]] = {}
+    train_queries(
+        model,
+        TOK,
+        bigger,
+        tmp_path / "g.pt",
+        log=lambda s: None,
+        restart=True,
+        progress=lambda label, done, total: bars.__setitem__(label, (done, total)),
+    )
     assert len(built) == 1  # only the new prompt
+    # the bar of building counts the one prompt built, the stored six apart: a resumed build's time left is real
+    assert bars["targets"] == (1, 1) and bars["targets read"] == (6, 6), bars
     (store / "00001.pt.gz").write_bytes((store / "00001.pt.gz").read_bytes()[:50])
     with pytest.raises(DapqError, match="00001.pt.gz is not a complete target file"):
         train_queries(model, TOK, settings, out, log=lambda s: None, restart=True)

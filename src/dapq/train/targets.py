@@ -217,6 +217,9 @@ class TargetStore:
         s = self.settings
         planned = drafts(s.n_train + s.n_val, s.lengths, s.seed, s.kinds, s.texts)
         out, built = [], 0
+        # a (non-shared) build's bars: prompts read from the store and prompts built now, apart, so that a resumed
+        # build's rate and time left are those of building
+        missing = 0 if build_only else sum(not self.path(i).is_file() for i in range(len(planned)))
         for i, draft in enumerate(planned):
             if build_only:
                 built += self._build_claimed(i, draft, model, tokenizer, stops)
@@ -225,14 +228,16 @@ class TargetStore:
                 continue
             if self.path(i).is_file():
                 out.append(self.load(i))
+                if progress:
+                    progress("targets read", len(out) - built, len(planned) - missing)
             else:
                 prompt = finish(model, tokenizer, draft, s.lengths[1], stops)
                 ex = build_example(model, tokenizer, prompt, s, stops, keep_state=False)
                 self.save(i, ex)
                 out.append(ex)
                 built += 1
-            if progress:
-                progress("targets", i + 1, len(planned))
+                if progress:
+                    progress("targets", built, missing)
         if build_only:
             stored = sum(self.path(i).is_file() for i in range(len(planned)))
             log(f"targets: {built} built by this process; {stored} of {len(planned)} stored in {self.folder}")
