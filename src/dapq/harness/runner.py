@@ -140,7 +140,6 @@ def run(
     *,
     config: RunConfig | None = None,
     console: Console | None = None,
-    total: int | None = None,
     new_run: bool = False,
 ) -> Path:
     """Evaluate every sample with every method and budget; append rows to `out_dir/results.jsonl`; resume.
@@ -158,7 +157,7 @@ def run(
     config = with_method_files(config, methods, budgets).with_model(model)
     out = open_run(out_dir, config, new_run=new_run)
     with RunLock(out):
-        return _run_locked(model, tokenizer, samples, methods, budgets, fields, out, config, console, total)
+        return _run_locked(model, tokenizer, samples, methods, budgets, fields, out, config, console)
 
 
 class _LoggedProgress(Progress):
@@ -352,7 +351,6 @@ def _run_locked(
     out: Path,
     config: RunConfig,
     console: Console | None,
-    total: int | None,
 ) -> Path:
     path = out / RESULTS
     done = done_keys(path)
@@ -360,11 +358,12 @@ def _run_locked(
     stops = stop_token_ids(tokenizer)
     meta = row_meta(config)
     console = console or Console(stderr=True)
-    todos = [todo_jobs(sample, methods, budgets, fields, done) for sample in samples]
-    all_rows = (total or len(samples)) * rows_per_sample(methods, budgets)
+    to_do = sum(len(todo_jobs(sample, methods, budgets, fields, done)) for sample in samples)
+    all_rows = len(samples) * rows_per_sample(methods, budgets)
     with open_append(path) as f, sweep_progress(console) as progress:
-        task = add_sweep_task(progress, "eval", sum(len(t) for t in todos), all_rows, path)
-        for sample, todo in zip(samples, todos):
+        task = add_sweep_task(progress, "eval", to_do, all_rows, path)
+        for sample in samples:
+            todo = todo_jobs(sample, methods, budgets, fields, done)  # again: rows written meanwhile count
             if not todo:
                 continue
             progress.update(task, description=escape(clean_label(f"{sample.task} {sample.id}")))  # ids from data files
