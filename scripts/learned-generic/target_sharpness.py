@@ -29,7 +29,7 @@ from dapq.safefile import write_bytes
 from dapq.train.corpus import KINDS, training_prompts
 from dapq.train.generic import GENERIC_KINDS, drafts
 from dapq.train.settings import TrainSettings
-from dapq.train.targets import TargetStore, build_example
+from dapq.train.targets import Example, TargetStore, build_example
 
 WORD = re.compile(r"[A-Za-z0-9]{4,}")  # words and numbers
 SINK, TAIL = 4, 64
@@ -79,42 +79,40 @@ def main() -> None:
     settings = TrainSettings(n_train=args.n, n_val=1, recipe="generic", texts=texts, seed=args.seed)
     store = TargetStore(Path(args.store), settings, "", "")
     plan = drafts(args.n, (lo, hi), args.seed, GENERIC_KINDS, texts)
-    rows: dict[str, list[tuple[float, ...]]] = {}
-    per_prompt: list[dict[str, object]] = []
     names = ("top_mass", "effective_keys", "document_mass", "effective_document_keys", "answer_in_prompt", "tokens")
+    records: list[dict[str, object]] = []  # one per prompt: the rows file, and the table's groups below
+
+    def record(ex: Example, recipe: str, kind: str, source: str) -> None:
+        values = (*measures(ex.target, args.budget), grounded(ex.answer, tok.decode(ex.ids)), len(ex.ids))
+        records.append({"recipe": recipe, "id": ex.id, "kind": kind, "source": source, **dict(zip(names, values))})
+
     for i, d in enumerate(plan):
-        if not store.path(i).is_file():
-            continue
-        ex = store.load(i)
-        assert ex.id == d.id, "the store holds other prompts: check --texts/--seed/--lengths"
-        m = measures(ex.target, args.budget)
-        g = grounded(ex.answer, tok.decode(ex.ids))
-        for group in ("generic: all", f"generic: {d.kind}", f"generic: {d.source}", f"generic: {d.kind} / {d.source}"):
-            rows.setdefault(group, []).append((*m, g, len(ex.ids)))
-        values = dict(zip(names, (*m, g, len(ex.ids))))
-        per_prompt.append({"recipe": "generic", "id": ex.id, "kind": d.kind, "source": d.source, **values})
+        if store.path(i).is_file():
+            ex = store.load(i)
+            assert ex.id == d.id, "the store holds other prompts: check --texts/--seed/--lengths"
+            record(ex, "generic", d.kind, d.source)
     if args.needles:
         needle = TrainSettings(recipe="needles")
         stops = stop_token_ids(tok)
         for prompt in training_prompts(tok, args.needles, needle.lengths, needle.seed, KINDS):
-            ex = build_example(model, tok, prompt, needle, stops, keep_state=False)
-            m = measures(ex.target, args.budget)
-            g = grounded(ex.answer, tok.decode(ex.ids))
-            for group in ("needles: all", f"needles: {prompt.kind}"):
-                rows.setdefault(group, []).append((*m, g, len(ex.ids)))
-            values = dict(zip(names, (*m, g, len(ex.ids))))
-            per_prompt.append({"recipe": "needles", "id": ex.id, "kind": prompt.kind, "source": "essays", **values})
+            record(build_example(model, tok, prompt, needle, stops, keep_state=False), "needles", prompt.kind, "essays")
+    groups: dict[str, list[dict[str, object]]] = {}  # in the order first met, as the committed table has them
+    for r in records:
+        kind, source = r["kind"], r["source"]
+        keys = ["all", kind] + ([source, f"{kind} / {source}"] if r["recipe"] == "generic" else [])
+        for key in keys:
+            groups.setdefault(f"{r['recipe']}: {key}", []).append(r)
     print(
         f"| prompts | n | top-{args.budget} mass | effective keys | document mass | effective document keys | "
         "answer words in the prompt | tokens |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    for group, vals in rows.items():
-        top, eff, mass, doc_eff, g, n = (statistics.mean(c) for c in zip(*vals))
-        print(f"| {group} | {len(vals)} | {top:.3f} | {eff:.0f} | {mass:.3f} | {doc_eff:.0f} | {g:.2f} | {n:.0f} |")
+    for group, members in groups.items():
+        top, eff, mass, doc_eff, g, n = (statistics.mean(float(r[name]) for r in members) for name in names)
+        print(f"| {group} | {len(members)} | {top:.3f} | {eff:.0f} | {mass:.3f} | {doc_eff:.0f} | {g:.2f} | {n:.0f} |")
 
     if args.rows:
-        text = "".join(json.dumps(r) + "\n" for r in per_prompt)
+        text = "".join(json.dumps(r) + "\n" for r in records)
         write_bytes(args.rows, gzip.compress(text.encode(), compresslevel=9, mtime=0), "gzip")
 
 
